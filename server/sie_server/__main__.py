@@ -1,0 +1,3 @@
+from sie_server.cli import main
+
+main()

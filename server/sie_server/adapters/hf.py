@@ -1,0 +1,77 @@
+"""Helpers shared by the transformers-based adapters: tokenizing with truncation, padding,
+loading with the right device and dtype. torch and transformers are imported lazily."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from sie_server.adapters.base import LoadTarget, TokenizedText
+
+if TYPE_CHECKING:
+    import torch
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_tokenizer(source: str) -> Any:
+    """A fast tokenizer from a hub id (HF cache, HF_HUB_OFFLINE honoured) or a local folder."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source, use_fast=True)
+
+
+def load_pretrained(model_cls: Any, target: LoadTarget, **kwargs: Any) -> Any:
+    """``model_cls.from_pretrained`` on the target's device and dtype, in eval mode."""
+    model = model_cls.from_pretrained(target.source, dtype=torch_dtype(target.dtype), **kwargs)
+    return model.to(target.device).eval()
+
+
+def tokenize_texts(
+    tokenizer: Any, texts: Sequence[str], max_length: int, *, add_special_tokens: bool = True
+) -> list[TokenizedText]:
+    """Token ids per text, cut at ``max_length`` (special tokens included); ``truncated`` is
+    true when the tokenizer dropped tokens."""
+    if not texts:
+        return []
+    enc = tokenizer(
+        list(texts),
+        truncation=True,
+        max_length=max_length,
+        add_special_tokens=add_special_tokens,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+    )
+    ids: list[list[int]] = enc["input_ids"]
+    encodings = enc.encodings or [None] * len(ids)
+    return [
+        TokenizedText(input_ids=list(row), truncated=bool(e is not None and e.overflowing))
+        for row, e in zip(ids, encodings, strict=True)
+    ]
+
+
+def pad_ids(
+    rows: Sequence[Sequence[int]], pad_id: int, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id rows into (input_ids, attention_mask) long tensors on ``device``."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+
+
+def parameter_bytes(model: Any) -> int:
+    """Bytes of a torch module's parameters and buffers."""
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        total += tensor.numel() * tensor.element_size()
+    return int(total)

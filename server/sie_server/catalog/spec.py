@@ -1,0 +1,191 @@
+"""The catalog entry format (one YAML per model) and its validation.
+
+```yaml
+name: BAAI/bge-m3                  # the name clients use
+hf_id: BAAI/bge-m3                 # hub id (HF cache, HF_HUB_OFFLINE honoured) ...
+weights_path: ./bge-m3             # ... or a local folder (relative to the YAML file) ...
+weights_package: pkg/model         # ... or a folder inside an installed Python package
+adapter: bge_m3                    # adapter family (see sie_server.adapters.registry)
+inputs: [text]
+max_sequence_length: 8192
+outputs:                           # what the model produces, with dims and similarity
+  dense: {dims: 1024, similarity: cosine}
+  sparse: {dims: 250002, similarity: dot}
+  multivector: {dims: 1024, similarity: maxsim}
+load_options: {}                   # adapter load-time options (pooling, normalize, ...)
+profiles:                          # named presets, chosen with options.profile
+  default: {output_types: [dense], options: {}}
+default_profile: default           # optional; "default" or the first profile otherwise
+max_batch_tokens: 16384            # optional per-model batching overrides
+max_batch_items: 64
+```
+
+Weights are looked for in that order: ``weights_path``, then ``weights_package`` when that
+package is installed, then ``hf_id``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+OUTPUT_TYPES = ("dense", "sparse", "multivector")
+SIMILARITIES = ("cosine", "dot", "maxsim", "l2", "hamming")
+
+
+class CatalogError(ValueError):
+    """A catalog file is malformed; the message names the file and the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutputSpec:
+    dims: int
+    similarity: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileSpec:
+    name: str
+    output_types: tuple[str, ...]
+    options: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    name: str
+    adapter: str
+    max_sequence_length: int
+    outputs: Mapping[str, OutputSpec]
+    profiles: Mapping[str, ProfileSpec]
+    default_profile: str
+    inputs: tuple[str, ...] = ("text",)
+    hf_id: str | None = None
+    weights_path: Path | None = None
+    weights_package: str | None = None
+    load_options: Mapping[str, Any] = field(default_factory=dict)
+    max_batch_tokens: int | None = None
+    max_batch_items: int | None = None
+    source_file: Path | None = None
+
+    def profile(self, name: str | None) -> ProfileSpec:
+        """The named profile, or the default one when ``name`` is None."""
+        return self.profiles[name or self.default_profile]
+
+    def weights_source(self) -> str:
+        """Where ``from_pretrained`` loads from: a local folder or a hub id."""
+        if self.weights_path is not None:
+            return str(self.weights_path)
+        if self.weights_package is not None:
+            local = _package_folder(self.weights_package)
+            if local is not None:
+                return str(local)
+        if self.hf_id is not None:
+            return self.hf_id
+        raise CatalogError(
+            f"{self.name}: package {self.weights_package!r} is not installed and no hf_id is set"
+        )
+
+
+def _package_folder(ref: str) -> Path | None:
+    package, _, sub = ref.partition("/")
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        return None
+    folder = Path(next(iter(found.submodule_search_locations))) / sub
+    return folder if folder.is_dir() else None
+
+
+def parse_spec(raw: Mapping[str, Any], source_file: Path | None = None) -> ModelSpec:
+    """Validate one catalog entry; raise CatalogError naming the file and field."""
+    where = str(source_file) if source_file else "<catalog>"
+
+    def fail(msg: str) -> CatalogError:
+        return CatalogError(f"{where}: {msg}")
+
+    if not isinstance(raw, Mapping):
+        raise fail("a catalog entry must be a mapping")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise fail("'name' must be a non-empty string")
+    adapter = raw.get("adapter")
+    if not isinstance(adapter, str) or not adapter:
+        raise fail("'adapter' must be a non-empty string")
+    max_len = raw.get("max_sequence_length")
+    if not isinstance(max_len, int) or max_len <= 0:
+        raise fail("'max_sequence_length' must be a positive integer")
+
+    outputs_raw = raw.get("outputs")
+    if not isinstance(outputs_raw, Mapping) or not outputs_raw:
+        raise fail("'outputs' must map output types to {dims, similarity}")
+    outputs: dict[str, OutputSpec] = {}
+    for kind, out in outputs_raw.items():
+        if kind not in OUTPUT_TYPES:
+            raise fail(f"unknown output type {kind!r} (known: {', '.join(OUTPUT_TYPES)})")
+        if not isinstance(out, Mapping) or not isinstance(out.get("dims"), int):
+            raise fail(f"outputs.{kind} needs an integer 'dims'")
+        similarity = out.get("similarity", "cosine")
+        if similarity not in SIMILARITIES:
+            raise fail(f"outputs.{kind}.similarity must be one of {', '.join(SIMILARITIES)}")
+        outputs[kind] = OutputSpec(dims=out["dims"], similarity=similarity)
+
+    profiles_raw = raw.get("profiles") or {"default": {"output_types": [next(iter(outputs))]}}
+    if not isinstance(profiles_raw, Mapping):
+        raise fail("'profiles' must be a mapping")
+    profiles: dict[str, ProfileSpec] = {}
+    for pname, prof in profiles_raw.items():
+        prof = prof or {}
+        types = tuple(prof.get("output_types") or (next(iter(outputs)),))
+        unknown = [t for t in types if t not in outputs]
+        if unknown:
+            raise fail(f"profiles.{pname}.output_types has {unknown}, not among the outputs")
+        options = prof.get("options") or {}
+        if not isinstance(options, Mapping):
+            raise fail(f"profiles.{pname}.options must be a mapping")
+        profiles[str(pname)] = ProfileSpec(str(pname), types, dict(options))
+    default_profile = raw.get("default_profile") or (
+        "default" if "default" in profiles else next(iter(profiles))
+    )
+    if default_profile not in profiles:
+        raise fail(f"default_profile {default_profile!r} is not among the profiles")
+
+    weights_path = raw.get("weights_path")
+    path: Path | None = None
+    if weights_path is not None:
+        path = Path(str(weights_path)).expanduser()
+        if not path.is_absolute() and source_file is not None:
+            path = (source_file.parent / path).resolve()
+    hf_id = raw.get("hf_id")
+    package = raw.get("weights_package")
+    if path is None and hf_id is None and package is None:
+        raise fail("one of 'hf_id', 'weights_path' or 'weights_package' is required")
+    load_options = raw.get("load_options") or {}
+    if not isinstance(load_options, Mapping):
+        raise fail("'load_options' must be a mapping")
+
+    def optional_positive(key: str) -> int | None:
+        value = raw.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, int) or value <= 0:
+            raise fail(f"'{key}' must be a positive integer")
+        return value
+
+    return ModelSpec(
+        name=name,
+        adapter=adapter,
+        max_sequence_length=max_len,
+        outputs=outputs,
+        profiles=profiles,
+        default_profile=str(default_profile),
+        inputs=tuple(raw.get("inputs") or ("text",)),
+        hf_id=str(hf_id) if hf_id is not None else None,
+        weights_path=path,
+        weights_package=str(package) if package is not None else None,
+        load_options=dict(load_options),
+        max_batch_tokens=optional_positive("max_batch_tokens"),
+        max_batch_items=optional_positive("max_batch_items"),
+        source_file=source_file,
+    )

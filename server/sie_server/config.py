@@ -1,0 +1,126 @@
+"""Server settings: read once from flags and ``SIE_*`` environment variables, then frozen.
+
+Precedence: command-line flag > environment variable > default. Nothing else in the server reads
+the environment (the HF libraries still honour their own variables such as HF_HUB_OFFLINE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from sie_server.catalog import BUILTIN_CATALOG_DIR
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "0.0.0.0"
+    port: int = 50051
+    #: Catalog folders (one YAML per model); the built-in catalog when empty.
+    models_dir: tuple[Path, ...] = ()
+    #: Models loaded (and warmed up) before the server reports SERVING.
+    preload: tuple[str, ...] = ()
+    device: str = "auto"
+    dtype: str = "auto"
+    # Batching and admission.
+    max_batch_tokens: int = 16384
+    max_batch_items: int = 64
+    max_pending_tokens: int = 262144
+    max_pending_items: int = 8192
+    max_items_per_request: int = 1024
+    tokenizer_workers: int = 2
+    # Transport.
+    max_message_bytes: int = 64 * MIB
+    keepalive_time_ms: int = 30000
+    keepalive_timeout_ms: int = 10000
+    # Lifecycle.
+    drain_delay_s: float = 1.0
+    grace_period_s: float = 30.0
+    status_interval_ms: int = 200
+    log_level: str = "INFO"
+    catalog_dirs: tuple[Path, ...] = field(init=False, default=())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "catalog_dirs", self.models_dir or (BUILTIN_CATALOG_DIR,))
+
+
+# flag name, type, help. The env var is SIE_<NAME>; list-valued ones are comma separated.
+_OPTIONS: tuple[tuple[str, type, str], ...] = (
+    ("host", str, "address to bind"),
+    ("port", int, "gRPC port (0 picks a free one)"),
+    (
+        "models-dir",
+        Path,
+        "catalog folder of model YAMLs (repeatable; default: the built-in catalog)",
+    ),
+    ("preload", str, "model to load before serving (repeatable)"),
+    ("device", str, "auto (cuda with bf16/fp16 when present, else cpu fp32), cpu, cuda, cuda:N"),
+    ("dtype", str, "auto, float32, bfloat16, float16"),
+    ("max-batch-tokens", int, "token budget of one batch, padded (longest x count)"),
+    ("max-batch-items", int, "items in one batch at most"),
+    ("max-pending-tokens", int, "admitted tokens per model before QUEUE_FULL"),
+    ("max-pending-items", int, "admitted items per model before QUEUE_FULL"),
+    ("max-items-per-request", int, "items in one request at most"),
+    ("tokenizer-workers", int, "threads tokenizing requests"),
+    ("max-message-bytes", int, "largest gRPC message sent or received"),
+    ("keepalive-time-ms", int, "gRPC keepalive ping interval"),
+    ("keepalive-timeout-ms", int, "gRPC keepalive ping timeout"),
+    ("drain-delay-s", float, "on SIGTERM: seconds NOT_SERVING before refusing new calls"),
+    ("grace-period-s", float, "on SIGTERM: seconds in-flight calls get to finish"),
+    ("status-interval-ms", int, "default interval of the status stream"),
+    ("log-level", str, "DEBUG, INFO, WARNING, ERROR"),
+)
+_REPEATABLE = {"models-dir", "preload"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sie-server",
+        description="SIE gRPC inference server. Every flag also reads SIE_<FLAG> from the environment.",
+    )
+    for name, kind, help_text in _OPTIONS:
+        env = "SIE_" + name.upper().replace("-", "_")
+        if name in _REPEATABLE:
+            parser.add_argument(
+                f"--{name}",
+                type=kind,
+                action="append",
+                help=f"{help_text} [{env}, comma separated]",
+            )
+        else:
+            parser.add_argument(f"--{name}", type=kind, help=f"{help_text} [{env}]")
+    return parser
+
+
+def load_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    args = vars(build_parser().parse_args(argv))
+    env = os.environ if environ is None else environ
+    known = {f.name: f for f in fields(Settings) if f.init}
+    values: dict[str, Any] = {}
+    for name, kind, _ in _OPTIONS:
+        attr = name.replace("-", "_")
+        flag = args.get(attr)
+        raw_env = env.get("SIE_" + attr.upper())
+        if name in _REPEATABLE:
+            items = flag if flag else [kind(v) for v in (raw_env or "").split(",") if v.strip()]
+            if items:
+                values[attr] = tuple(items)
+        elif flag is not None:
+            values[attr] = flag
+        elif raw_env is not None:
+            try:
+                values[attr] = kind(raw_env)
+            except ValueError:
+                raise SystemExit(
+                    f"SIE_{attr.upper()}={raw_env!r} is not a valid {kind.__name__}"
+                ) from None
+    assert set(values) <= set(known)
+    return Settings(**values)

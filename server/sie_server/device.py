@@ -1,0 +1,45 @@
+"""Choosing the device and compute dtype once, at startup."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEVICES_HELP = "auto (cuda when present, else cpu), cpu, cuda, cuda:N"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    device: str  # "cpu", "cuda:0"
+    dtype: str  # "float32", "bfloat16", "float16"
+    #: Normalized accelerator type for status ("cpu", "h100", "l4", ...).
+    gpu_type: str = "cpu"
+
+
+def resolve_placement(device: str, dtype: str) -> Placement:
+    """``auto`` picks CUDA with bf16 (fp16 where bf16 is unsupported), else CPU with fp32."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available")
+        index = int(device.split(":", 1)[1]) if ":" in device else torch.cuda.current_device()
+        device = f"cuda:{index}"
+        if dtype == "auto":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return Placement(device, dtype, gpu_type=gpu_type_of(torch.cuda.get_device_name(index)))
+    if device != "cpu":
+        raise ValueError(f"unknown device {device!r}: {DEVICES_HELP}")
+    return Placement("cpu", "float32" if dtype == "auto" else dtype)
+
+
+def gpu_type_of(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100-80gb'; 'NVIDIA L4' -> 'l4'."""
+    words = name.lower().replace("nvidia", "").split()
+    kind = next((w for w in words if any(c.isdigit() for c in w)), words[0] if words else "gpu")
+    memory = next((w for w in words if w.endswith("gb")), None)
+    return f"{kind}-{memory}" if memory else kind

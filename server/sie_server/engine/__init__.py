@@ -1,0 +1,1 @@
+"""The engine: model registry, per-model batching executors, output conversion."""

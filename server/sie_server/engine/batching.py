@@ -1,0 +1,123 @@
+"""The batching policy: which pending items run together. Pure logic, no threads, no loop.
+
+* Items are grouped by key (settings that can share one forward pass).
+* The group of the oldest pending item goes first, and that item is always in the batch, so no
+  item starves.
+* Within the group, items are sorted by cost (token count) and the batch is a contiguous window
+  of that order: similar lengths, little padding.
+* The window respects the token budget on *padded* cost (longest x count) and the item cap, and
+  among the windows holding the oldest item it takes the most items, then the least padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass
+from itertools import accumulate
+
+from sie_server.engine.work import WorkItem
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    max_batch_tokens: int
+    max_batch_items: int
+
+
+@dataclass(slots=True)
+class Batch:
+    items: list[WorkItem]
+
+    @property
+    def tokens(self) -> int:
+        return sum(item.cost for item in self.items)
+
+    @property
+    def padded_tokens(self) -> int:
+        return max((item.cost for item in self.items), default=0) * len(self.items)
+
+
+class PendingQueue:
+    """Admitted items not yet in a batch, grouped by key."""
+
+    def __init__(self) -> None:
+        self._groups: dict[Hashable, list[WorkItem]] = {}
+        self._count = 0
+        self._cost = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def cost(self) -> int:
+        return self._cost
+
+    def push(self, item: WorkItem) -> None:
+        self._groups.setdefault(item.key, []).append(item)
+        self._count += 1
+        self._cost += item.cost
+
+    def __iter__(self) -> Iterator[WorkItem]:
+        for group in self._groups.values():
+            yield from group
+
+    def remove_where(self, predicate: Callable[[WorkItem], bool]) -> list[WorkItem]:
+        """Take out every item the predicate accepts (dead or expired work)."""
+        removed: list[WorkItem] = []
+        for key in list(self._groups):
+            keep: list[WorkItem] = []
+            for item in self._groups[key]:
+                (removed if predicate(item) else keep).append(item)
+            self._set_group(key, keep)
+        return removed
+
+    def has_full_batch(self, limits: BatchLimits) -> bool:
+        """Whether some group could fill a batch on its own (worth preparing ahead)."""
+        for group in self._groups.values():
+            if len(group) >= limits.max_batch_items:
+                return True
+            if sum(i.cost for i in group) >= limits.max_batch_tokens:
+                return True
+        return False
+
+    def take_batch(self, limits: BatchLimits) -> Batch | None:
+        if not self._groups:
+            return None
+        key = min(self._groups, key=lambda k: self._groups[k][0].seq)
+        group = self._groups[key]
+        oldest = group[0]
+        ordered = sorted(group, key=lambda item: item.cost)
+        lo, hi = _best_window([item.cost for item in ordered], ordered.index(oldest), limits)
+        chosen = ordered[lo : hi + 1]
+        taken = {id(item) for item in chosen}
+        self._set_group(key, [item for item in group if id(item) not in taken])
+        return Batch(items=chosen)
+
+    def _set_group(self, key: Hashable, items: list[WorkItem]) -> None:
+        before = self._groups.get(key, [])
+        self._count += len(items) - len(before)
+        self._cost += sum(i.cost for i in items) - sum(i.cost for i in before)
+        if items:
+            self._groups[key] = items
+        else:
+            self._groups.pop(key, None)
+
+
+def _best_window(costs: list[int], must: int, limits: BatchLimits) -> tuple[int, int]:
+    """The window [lo, hi] of sorted ``costs`` holding index ``must`` with the most items under
+    the limits (padded cost = costs[hi] * count), then the least padding."""
+    prefix = [0, *accumulate(costs)]
+    best = (must, must)
+    best_rank = (1, -costs[must])
+    for hi in range(must, len(costs)):
+        by_tokens = max(1, limits.max_batch_tokens // max(costs[hi], 1))
+        width = min(by_tokens, limits.max_batch_items)
+        lo = max(0, hi - width + 1)
+        if lo > must:
+            break  # longer items only shrink the window further
+        count = hi - lo + 1
+        padding = costs[hi] * count - (prefix[hi + 1] - prefix[lo])
+        rank = (count, -padding)
+        if rank > best_rank:
+            best, best_rank = (lo, hi), rank
+    return best

@@ -1,0 +1,364 @@
+"""The per-model ``BatchExecutor``: the one place where the event loop meets threads.
+
+* ``submit`` (event loop) admits items with a real cost, or fails fast with ``QueueFull``.
+* The scheduler task (event loop) forms batches with ``PendingQueue`` and collates them in the
+  prep pool. It is work-conserving: with the model idle it dispatches at once; while the model
+  runs, it prepares the next batch only once a full one is pending, so partial batches keep
+  collecting arrivals until the model frees up. At most two batches are in flight (one running,
+  one ready).
+* The model thread (one per model, named ``sie-model-<name>``) runs forward passes, plus any
+  ``call`` (load, warm-up, unload), strictly one at a time.
+* Every item's future is resolved exactly once: by its batch's result or error, by
+  ``DeadlineExceeded`` when it expires while queued, or by ``ShuttingDown`` on close. Work whose
+  caller cancelled is dropped before it reaches the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Executor
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sie_server.engine.batching import Batch, BatchLimits, PendingQueue
+from sie_server.engine.work import BatchRunner, WorkItem
+from sie_server.errors import (
+    DeadlineExceeded,
+    InferenceError,
+    QueueFull,
+    ResourceExhausted,
+    ShuttingDown,
+    SIEServerError,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorConfig:
+    max_batch_tokens: int = 16384
+    max_batch_items: int = 64
+    #: Admission bound: tokens admitted and not yet resolved, per model.
+    max_pending_tokens: int = 262144
+    max_pending_items: int = 8192
+    #: Retry hint sent with QueueFull.
+    queue_full_retry_s: float = 0.5
+
+    @property
+    def limits(self) -> BatchLimits:
+        return BatchLimits(self.max_batch_tokens, self.max_batch_items)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStats:
+    batch_id: int
+    items: int
+    tokens: int
+    padded_tokens: int
+    inference_ms: float
+    ok: bool
+
+
+@dataclass(slots=True)
+class _BatchJob:
+    batch: Batch
+    inputs: Any
+    batch_id: int
+
+
+@dataclass(slots=True)
+class _CallJob:
+    fn: Callable[[], Any]
+    future: asyncio.Future[Any]
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+class BatchExecutor:
+    def __init__(
+        self,
+        name: str,
+        config: ExecutorConfig,
+        prep_pool: Executor,
+        *,
+        run_context: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self._prep_pool = prep_pool
+        self._run_context = run_context
+        self._on_batch = on_batch
+        self._pending = PendingQueue()
+        self._admitted_items = 0
+        self._admitted_cost = 0
+        self._in_flight = 0
+        self._batch_ids = 0
+        self._closing = False
+        self._jobs: queue.SimpleQueue[_BatchJob | _CallJob | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._model_loop, name=f"sie-model-{name}", daemon=True
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._scheduler: asyncio.Task[None] | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._thread.start()
+        self._scheduler = self._loop.create_task(
+            self._schedule(), name=f"sie-scheduler-{self.name}"
+        )
+
+    async def close(self, timeout_s: float = 30.0) -> None:
+        """Refuse new work, fail what is still queued, finish the running batch, stop the thread."""
+        self._closing = True
+        for item in self._pending.remove_where(lambda _: True):
+            self._fail(item, ShuttingDown("server is shutting down", model=self.name))
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scheduler
+        self._jobs.put(None)
+        if self._thread.is_alive():
+            await asyncio.to_thread(self._thread.join, timeout_s)
+
+    # ---- observation -----------------------------------------------------------------------
+    @property
+    def pending_items(self) -> int:
+        """Items admitted and not yet resolved."""
+        return self._admitted_items
+
+    @property
+    def batches_in_flight(self) -> int:
+        return self._in_flight
+
+    # ---- the model thread's own calls ----------------------------------------------------------
+    def call(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """Run ``fn`` on the model thread (load, warm-up, unload), in order with batches."""
+        assert self._loop is not None, "start() first"
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._jobs.put(_CallJob(fn, future))
+        return future
+
+    # ---- admission ---------------------------------------------------------------------------
+    def check_capacity(self) -> None:
+        """Fail fast before any work is spent on a request (e.g. tokenizing it)."""
+        if self._closing:
+            raise ShuttingDown("server is shutting down", model=self.name)
+        if (
+            self._admitted_cost >= self.config.max_pending_tokens
+            or self._admitted_items >= self.config.max_pending_items
+        ):
+            raise self._queue_full()
+
+    def submit(
+        self,
+        payloads: Sequence[tuple[Any, int]],
+        key: Hashable,
+        runner: BatchRunner,
+        deadline: float | None = None,
+    ) -> list[WorkItem]:
+        """Admit ``(payload, cost)`` pairs sharing ``key``; one work item (with its future and
+        timing) per payload, in order.
+
+        An empty queue admits any request (so one large request still runs); otherwise a request
+        that would push pending cost past the bound is refused whole with ``QueueFull``.
+        """
+        assert self._loop is not None, "start() first"
+        assert self._wake is not None
+        if self._closing:
+            raise ShuttingDown("server is shutting down", model=self.name)
+        cost = sum(c for _, c in payloads)
+        if self._admitted_items and (
+            self._admitted_cost + cost > self.config.max_pending_tokens
+            or self._admitted_items + len(payloads) > self.config.max_pending_items
+        ):
+            raise self._queue_full()
+        items: list[WorkItem] = []
+        for payload, item_cost in payloads:
+            future: asyncio.Future[Any] = self._loop.create_future()
+            item = WorkItem(payload, item_cost, key, runner, future, deadline)
+            future.add_done_callback(functools.partial(self._release, item_cost))
+            self._pending.push(item)
+            items.append(item)
+        self._admitted_items += len(payloads)
+        self._admitted_cost += cost
+        self._wake.set()
+        return items
+
+    def _queue_full(self) -> QueueFull:
+        return QueueFull(
+            f"model {self.name!r} queue is full "
+            f"({self._admitted_items} items, {self._admitted_cost} tokens pending)",
+            model=self.name,
+            retry_after_s=self.config.queue_full_retry_s,
+        )
+
+    def _release(self, cost: int, _future: asyncio.Future[Any]) -> None:
+        self._admitted_items -= 1
+        self._admitted_cost -= cost
+
+    # ---- scheduling (event loop) ---------------------------------------------------------------
+    async def _schedule(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._should_dispatch():
+                batch = self._take_batch()
+                if batch is None:
+                    break
+                await self._dispatch(batch)
+
+    def _should_dispatch(self) -> bool:
+        if not self._pending:
+            return False
+        if self._in_flight == 0:
+            return True
+        return self._in_flight == 1 and self._pending.has_full_batch(self.config.limits)
+
+    def _take_batch(self) -> Batch | None:
+        now = time.monotonic()
+        for item in self._pending.remove_where(lambda it: it.dead or it.expired(now)):
+            self._fail(item, DeadlineExceeded("deadline passed while queued", model=self.name))
+        return self._pending.take_batch(self.config.limits)
+
+    async def _dispatch(self, batch: Batch) -> None:
+        assert self._loop is not None
+        self._batch_ids += 1
+        batch_id = self._batch_ids
+        now = time.monotonic()
+        for item in batch.items:
+            item.timing.queue_ms = (now - item.admitted_at) * 1000.0
+            item.timing.batch_id = batch_id
+        runner = batch.items[0].runner
+        self._in_flight += 1
+        try:
+            inputs = await self._loop.run_in_executor(
+                self._prep_pool, runner.collate, [item.payload for item in batch.items]
+            )
+        except Exception as exc:
+            log.exception("collating a batch of %s failed", self.name)
+            self._in_flight -= 1
+            for item in batch.items:
+                self._fail(
+                    item, InferenceError(f"preparing the batch failed: {exc}", model=self.name)
+                )
+            return
+        self._jobs.put(_BatchJob(batch, inputs, batch_id))
+
+    # ---- the model thread ------------------------------------------------------------------------
+    def _model_loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if isinstance(job, _CallJob):
+                self._run_call(job)
+            else:
+                self._run_batch(job)
+
+    def _run_call(self, job: _CallJob) -> None:
+        assert self._loop is not None
+        try:
+            with self._run_context():
+                result = job.fn()
+        except BaseException as exc:  # delivered to the awaiting caller
+            self._loop.call_soon_threadsafe(_settle, job.future, None, exc)
+        else:
+            self._loop.call_soon_threadsafe(_settle, job.future, result, None)
+
+    def _run_batch(self, job: _BatchJob) -> None:
+        assert self._loop is not None
+        runner = job.batch.items[0].runner
+        payloads = [item.payload for item in job.batch.items]
+        started = time.perf_counter()
+        results: list[Any] | None = None
+        error: BaseException | None = None
+        try:
+            with self._run_context():
+                results = self._forward(runner, job.inputs, payloads)
+        except BaseException as exc:  # resolved into the batch's futures
+            error = exc
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
+        self._loop.call_soon_threadsafe(self._complete, job, results, error, elapsed_ms)
+
+    def _forward(self, runner: BatchRunner, inputs: Any, payloads: list[Any]) -> list[Any]:
+        """Run a batch; on out-of-memory, split it in halves and retry before giving up."""
+        try:
+            return runner.run(inputs)
+        except Exception as exc:
+            if not is_out_of_memory(exc) or len(payloads) == 1:
+                raise
+            log.warning("%s: out of memory on %d items, splitting", self.name, len(payloads))
+            del inputs
+            half = len(payloads) // 2
+            left, right = payloads[:half], payloads[half:]
+            return self._forward(runner, runner.collate(left), left) + self._forward(
+                runner, runner.collate(right), right
+            )
+
+    # ---- resolution (event loop) -------------------------------------------------------------------
+    def _complete(
+        self, job: _BatchJob, results: list[Any] | None, error: BaseException | None, ms: float
+    ) -> None:
+        assert self._wake is not None
+        self._in_flight -= 1
+        items = job.batch.items
+        if error is None and (results is None or len(results) != len(items)):
+            error = InferenceError(
+                f"adapter returned {len(results or [])} results for {len(items)} items"
+            )
+        failure = None if error is None else self._as_domain_error(error)
+        for index, item in enumerate(items):
+            item.timing.inference_ms = ms
+            if failure is not None:
+                self._fail(item, failure)
+            elif not item.future.done():
+                assert results is not None
+                item.future.set_result(results[index])
+        if self._on_batch is not None:
+            self._on_batch(
+                BatchStats(
+                    job.batch_id,
+                    len(items),
+                    job.batch.tokens,
+                    job.batch.padded_tokens,
+                    ms,
+                    failure is None,
+                )
+            )
+        self._wake.set()
+
+    def _as_domain_error(self, error: BaseException) -> SIEServerError:
+        if isinstance(error, SIEServerError):
+            return error
+        if is_out_of_memory(error):
+            return ResourceExhausted(f"out of memory running one item: {error}", model=self.name)
+        log.error("%s: batch failed", self.name, exc_info=error)
+        return InferenceError(f"inference failed: {type(error).__name__}: {error}", model=self.name)
+
+    @staticmethod
+    def _fail(item: WorkItem, error: BaseException) -> None:
+        if not item.future.done():
+            item.future.set_exception(error)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -1,0 +1,58 @@
+"""The executor's unit of work: one item with a cost, a batch key and a future.
+
+The unit is generic on purpose: an encode item carries token ids, a score item will carry a
+(query, document) pair, an extract item a text and its labels. Items share a forward pass only
+when their ``key`` is equal; the ``runner`` knows how to collate and run such a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class BatchRunner(Protocol):
+    """How to turn payloads sharing one key into model inputs and results."""
+
+    def collate(self, payloads: Sequence[Any]) -> Any:
+        """Pad and stack payloads (prep pool; also model thread when a batch is split)."""
+
+    def run(self, inputs: Any) -> list[Any]:
+        """One forward pass (model thread): one result per payload, in order."""
+
+
+@dataclass(slots=True)
+class ItemTiming:
+    """Filled in as the item moves: queue wait and the forward pass of its batch."""
+
+    queue_ms: float = 0.0
+    inference_ms: float = 0.0
+    batch_id: int = -1
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False, slots=True)
+class WorkItem:
+    payload: Any
+    cost: int
+    key: Hashable
+    runner: BatchRunner
+    future: asyncio.Future[Any]
+    deadline: float | None = None  # time.monotonic() seconds
+    admitted_at: float = field(default_factory=time.monotonic)
+    timing: ItemTiming = field(default_factory=ItemTiming)
+    seq: int = field(default_factory=lambda: next(_ids))
+
+    @property
+    def dead(self) -> bool:
+        """Resolved already (the caller cancelled, or an error was set)."""
+        return self.future.done()
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline

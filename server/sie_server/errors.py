@@ -1,0 +1,92 @@
+"""Domain errors of the engine: raised anywhere in ``sie_server``, translated at the transport.
+
+The tree (every class carries a ``reason`` from ``sie.v1.ErrorReason``, without its prefix)::
+
+    SIEServerError                       INTERNAL_ERROR
+    ├── InvalidInput                     INVALID_INPUT
+    │   └── InputTooLong                 INPUT_TOO_LONG
+    ├── ModelNotFound                    MODEL_NOT_FOUND
+    ├── ModelNotLoaded                   MODEL_NOT_LOADED     (retryable)
+    │   └── ModelLoading                 MODEL_LOADING        (retryable)
+    ├── ModelLoadFailed                  MODEL_LOAD_FAILED
+    ├── QueueFull                        QUEUE_FULL           (retryable)
+    ├── ResourceExhausted                RESOURCE_EXHAUSTED   (retryable)
+    ├── DeadlineExceeded                 DEADLINE_EXCEEDED
+    ├── ShuttingDown                     SHUTTING_DOWN        (retryable)
+    ├── InferenceError                   INFERENCE_ERROR
+    └── InternalError                    INTERNAL_ERROR
+
+``sie_server.grpc_api.errors`` maps each reason to a gRPC status code in one table.
+"""
+
+from __future__ import annotations
+
+
+class SIEServerError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+    reason = "INTERNAL_ERROR"
+    #: Seconds after which a retry may succeed; None when retrying does not help.
+    retry_after_s: float | None = None
+
+    def __init__(
+        self, message: str, *, model: str | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.model = model
+        if retry_after_s is not None:
+            self.retry_after_s = retry_after_s
+
+
+class InvalidInput(SIEServerError):
+    reason = "INVALID_INPUT"
+
+
+class InputTooLong(InvalidInput):
+    reason = "INPUT_TOO_LONG"
+
+
+class ModelNotFound(SIEServerError):
+    reason = "MODEL_NOT_FOUND"
+
+
+class ModelNotLoaded(SIEServerError):
+    reason = "MODEL_NOT_LOADED"
+    retry_after_s = 1.0
+
+
+class ModelLoading(ModelNotLoaded):
+    reason = "MODEL_LOADING"
+    retry_after_s = 2.0
+
+
+class ModelLoadFailed(SIEServerError):
+    reason = "MODEL_LOAD_FAILED"
+
+
+class QueueFull(SIEServerError):
+    reason = "QUEUE_FULL"
+    retry_after_s = 0.5
+
+
+class ResourceExhausted(SIEServerError):
+    reason = "RESOURCE_EXHAUSTED"
+    retry_after_s = 1.0
+
+
+class DeadlineExceeded(SIEServerError):
+    reason = "DEADLINE_EXCEEDED"
+
+
+class ShuttingDown(SIEServerError):
+    reason = "SHUTTING_DOWN"
+    retry_after_s = 1.0
+
+
+class InferenceError(SIEServerError):
+    reason = "INFERENCE_ERROR"
+
+
+class InternalError(SIEServerError):
+    reason = "INTERNAL_ERROR"

@@ -1,0 +1,1 @@
+"""The gRPC transport: servicers, error mapping, proto conversion, server assembly."""

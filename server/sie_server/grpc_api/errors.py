@@ -1,0 +1,101 @@
+"""Domain errors -> gRPC statuses: the one mapping table of this transport.
+
+Each error status carries exactly one ``google.rpc.ErrorInfo`` (reason, domain ``sie.v1``,
+metadata with the model) in ``grpc-status-details-bin``; retryable ones add
+``google.rpc.RetryInfo`` and the ``grpc-retry-pushback-ms`` trailer. Unexpected exceptions are
+logged with their traceback and answered INTERNAL, never UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from sie_server.errors import SIEServerError
+
+log = logging.getLogger(__name__)
+
+ERROR_DOMAIN = "sie.v1"
+
+STATUS_BY_REASON: dict[str, grpc.StatusCode] = {
+    "INVALID_INPUT": grpc.StatusCode.INVALID_ARGUMENT,
+    "INPUT_TOO_LONG": grpc.StatusCode.INVALID_ARGUMENT,
+    "MODEL_NOT_FOUND": grpc.StatusCode.NOT_FOUND,
+    "MODEL_NOT_LOADED": grpc.StatusCode.UNAVAILABLE,
+    "MODEL_LOADING": grpc.StatusCode.UNAVAILABLE,
+    "LORA_LOADING": grpc.StatusCode.UNAVAILABLE,
+    "MODEL_LOAD_FAILED": grpc.StatusCode.FAILED_PRECONDITION,
+    "DEPENDENCY_CONFLICT": grpc.StatusCode.FAILED_PRECONDITION,
+    "QUEUE_FULL": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "DEADLINE_EXCEEDED": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "SHUTTING_DOWN": grpc.StatusCode.UNAVAILABLE,
+    "INFERENCE_ERROR": grpc.StatusCode.INTERNAL,
+    "INTERNAL_ERROR": grpc.StatusCode.INTERNAL,
+}
+
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def status_for(
+    error: SIEServerError,
+) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str | bytes], ...]]:
+    """(code, message, trailing metadata) for a domain error."""
+    code = STATUS_BY_REASON.get(error.reason, grpc.StatusCode.INTERNAL)
+    info = error_details_pb2.ErrorInfo(
+        reason=error.reason,
+        domain=ERROR_DOMAIN,
+        metadata={"model": error.model} if error.model else {},
+    )
+    details = [_pack(info)]
+    trailers: list[tuple[str, str | bytes]] = []
+    if error.retry_after_s is not None:
+        millis = int(error.retry_after_s * 1000)
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(millis)
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+        trailers.append((RETRY_PUSHBACK_KEY, str(millis)))
+    status = status_pb2.Status(code=code.value[0], message=error.message, details=details)
+    trailers.insert(0, (STATUS_DETAILS_KEY, status.SerializeToString()))
+    return code, error.message, tuple(trailers)
+
+
+def _pack(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]
+
+
+def translate_errors(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    """Wrap a unary servicer method: domain errors and surprises end in ``context.abort``."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
+        try:
+            return await handler(self, request, context)
+        except SIEServerError as exc:
+            code, message, trailers = status_for(exc)
+            await context.abort(code, message, trailing_metadata=trailers)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            log.exception("unexpected error in %s", handler.__qualname__)
+            code, message, trailers = status_for(
+                SIEServerError(f"internal error: {type(exc).__name__}")
+            )
+            await context.abort(code, message, trailing_metadata=trailers)
+        raise AssertionError("unreachable: abort raises")
+
+    return wrapper

@@ -1,0 +1,167 @@
+"""Assembling the gRPC server (``create_server``) and running it until SIGTERM (``serve``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from sie_sdk.v1 import (
+    encode_pb2,
+    encode_pb2_grpc,
+    extract_pb2,
+    extract_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+    score_pb2,
+    score_pb2_grpc,
+    status_pb2,
+    status_pb2_grpc,
+)
+
+from sie_server.catalog import load_catalog
+from sie_server.config import Settings
+from sie_server.device import resolve_placement
+from sie_server.engine.executor import ExecutorConfig
+from sie_server.engine.registry import EngineConfig, ModelRegistry
+from sie_server.grpc_api.servicers import (
+    EncodeServicer,
+    ExtractServicer,
+    ModelServicer,
+    ScoreServicer,
+)
+from sie_server.grpc_api.status import StatusServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = tuple(
+    module.DESCRIPTOR.services_by_name[name].full_name
+    for module, name in (
+        (encode_pb2, "EncodeService"),
+        (score_pb2, "ScoreService"),
+        (extract_pb2, "ExtractService"),
+        (models_pb2, "ModelService"),
+        (status_pb2, "StatusService"),
+    )
+)
+
+
+@dataclass(slots=True)
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    registry: ModelRegistry
+    health: HealthServicer
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new calls, let in-flight ones finish within ``grace_s``, stop the engine."""
+        await self.set_serving(False)
+        await self.server.stop(grace_s)
+        await self.registry.close()
+
+
+def build_registry(settings: Settings) -> ModelRegistry:
+    catalog = load_catalog(settings.catalog_dirs)
+    unknown = [name for name in settings.preload if name not in catalog]
+    if unknown:
+        raise SystemExit(f"--preload names models not in the catalog: {', '.join(unknown)}")
+    config = EngineConfig(
+        executor=ExecutorConfig(
+            max_batch_tokens=settings.max_batch_tokens,
+            max_batch_items=settings.max_batch_items,
+            max_pending_tokens=settings.max_pending_tokens,
+            max_pending_items=settings.max_pending_items,
+        ),
+        placement=resolve_placement(settings.device, settings.dtype),
+        tokenizer_workers=settings.tokenizer_workers,
+    )
+    return ModelRegistry(catalog, config)
+
+
+async def create_server(settings: Settings, registry: ModelRegistry) -> RunningServer:
+    """Bind and start (health NOT_SERVING until ``set_serving(True)``); returns the bound port."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.keepalive_time_ms", settings.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        ]
+    )
+    encode_pb2_grpc.add_EncodeServiceServicer_to_server(EncodeServicer(registry, settings), server)
+    score_pb2_grpc.add_ScoreServiceServicer_to_server(ScoreServicer(registry), server)
+    extract_pb2_grpc.add_ExtractServiceServicer_to_server(ExtractServicer(registry), server)
+    models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(registry), server)
+    status_pb2_grpc.add_StatusServiceServicer_to_server(
+        StatusServicer(registry, settings.status_interval_ms), server
+    )
+    health_servicer = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            *SERVICE_NAMES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    port = server.add_insecure_port(f"{_host(settings.host)}:{settings.port}")
+    if port == 0:
+        raise SystemExit(f"could not bind {settings.host}:{settings.port}")
+    await server.start()
+    running = RunningServer(server, port, registry, health_servicer)
+    await running.set_serving(False)
+    return running
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT: preload, SERVING, then drain and exit cleanly."""
+    registry = build_registry(settings)
+    running = await create_server(settings, registry)
+    log.info(
+        "sie-server listening on %s:%d (device %s, %s)",
+        settings.host,
+        running.port,
+        registry.config.placement.device,
+        registry.config.placement.dtype,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    for name in settings.preload:
+        log.info("preloading %s", name)
+        await registry.load(name)
+    await running.set_serving(True)
+    log.info(
+        "ready: %d models in the catalog, %d preloaded",
+        len(registry.catalog),
+        len(settings.preload),
+    )
+    await stop.wait()
+    log.info("shutting down: NOT_SERVING, draining for %.1fs", settings.drain_delay_s)
+    await running.set_serving(False)
+    await asyncio.sleep(settings.drain_delay_s)
+    await running.stop(settings.grace_period_s)
+    log.info("stopped")

@@ -1,0 +1,1 @@
+"""Counters and histograms updated where batches form and run."""

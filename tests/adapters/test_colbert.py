@@ -1,0 +1,175 @@
+"""ColBERTAdapter against an independent reference on a tiny random HF_ColBERT checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sie_server.adapters.base import EncodeSettings, ModelAdapter
+from sie_server.catalog import load_catalog
+from sie_server.errors import InvalidInput
+
+from tests.harness import load_adapter, make_spec, run_encode
+from tests.tiny_models.colbert import DIM, build_tiny_colbert, reference_colbert
+
+QUERY_MAXLEN = 12
+DOC_MAXLEN = 24
+QUERY = EncodeSettings(output_types=("multivector",), is_query=True)
+DOCUMENT = EncodeSettings(output_types=("multivector",))
+TEXTS = [
+    "short",
+    "what is late interaction retrieval",
+    "a somewhat longer text about token level embeddings and maxsim scoring",
+]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_colbert(tmp_path_factory.mktemp("colbert"))
+
+
+@pytest.fixture(scope="module")
+def adapter(folder: Path) -> ModelAdapter:
+    spec = make_spec(
+        "tiny-colbert",
+        "colbert",
+        folder,
+        {"multivector": DIM},
+        max_sequence_length=128,
+        load_options={"query_maxlen": QUERY_MAXLEN, "doc_maxlen": DOC_MAXLEN},
+    )
+    return load_adapter(spec)
+
+
+def reference(folder: Path, texts: list[str], *, is_query: bool) -> list[np.ndarray]:
+    return reference_colbert(
+        folder, texts, is_query=is_query, query_maxlen=QUERY_MAXLEN, doc_maxlen=DOC_MAXLEN
+    )
+
+
+def test_queries_match_reference(adapter: ModelAdapter, folder: Path) -> None:
+    outputs = run_encode(adapter, TEXTS, QUERY)
+    expected = reference(folder, TEXTS, is_query=True)
+    for out, ref in zip(outputs, expected, strict=True):
+        assert out.multivector is not None
+        assert out.multivector.dtype == np.float32
+        assert out.multivector.flags.c_contiguous
+        assert out.multivector.shape == (QUERY_MAXLEN, DIM)
+        np.testing.assert_allclose(out.multivector, ref, atol=1e-5)
+
+
+def test_documents_match_reference(adapter: ModelAdapter, folder: Path) -> None:
+    texts = [*TEXTS, "Hello, world! (punctuation: dropped.)"]
+    outputs = run_encode(adapter, texts, DOCUMENT)
+    expected = reference(folder, texts, is_query=False)
+    for out, ref in zip(outputs, expected, strict=True):
+        assert out.multivector is not None
+        assert out.multivector.dtype == np.float32
+        assert out.multivector.shape == ref.shape
+        np.testing.assert_allclose(out.multivector, ref, atol=1e-5)
+
+
+def test_batch_padding_does_not_change_results(adapter: ModelAdapter) -> None:
+    batched = run_encode(adapter, TEXTS, DOCUMENT)
+    for text, out in zip(TEXTS, batched, strict=True):
+        (alone,) = run_encode(adapter, [text], DOCUMENT)
+        assert alone.multivector is not None
+        assert out.multivector is not None
+        np.testing.assert_allclose(out.multivector, alone.multivector, atol=1e-5)
+
+
+def test_query_is_mask_padded(adapter: ModelAdapter) -> None:
+    tokens = adapter.tokenize(["short"], QUERY)[0]
+    tok = adapter.tokenizer  # type: ignore[attr-defined]
+    marker = tok.convert_tokens_to_ids("[unused0]")
+    assert tokens.input_ids[:2] == [tok.cls_token_id, marker]
+    assert len(tokens.input_ids) == QUERY_MAXLEN == tokens.cost
+    assert tokens.input_ids[4:] == [tok.mask_token_id] * (QUERY_MAXLEN - 4)
+    assert not tokens.truncated
+
+
+def test_document_drops_punctuation_rows(adapter: ModelAdapter) -> None:
+    plain, punctuated = run_encode(adapter, ["hello world", "hello, world!"], DOCUMENT)
+    assert plain.multivector is not None
+    assert punctuated.multivector is not None
+    # [CLS] [D] hello world [SEP]: the comma and the exclamation mark leave no rows.
+    assert plain.multivector.shape == (5, DIM)
+    assert punctuated.multivector.shape == (5, DIM)
+    tokens = adapter.tokenize(["hello, world!"], DOCUMENT)[0]
+    tok = adapter.tokenizer  # type: ignore[attr-defined]
+    assert tokens.input_ids[1] == tok.convert_tokens_to_ids("[unused1]")
+    assert len(tokens.input_ids) == 7
+
+
+def test_long_document_is_truncated(adapter: ModelAdapter, folder: Path) -> None:
+    text = " ".join(["retrieval"] * 100)
+    tokens = adapter.tokenize([text], DOCUMENT)[0]
+    assert tokens.truncated
+    assert len(tokens.input_ids) == DOC_MAXLEN == tokens.cost
+    assert tokens.input_ids[-1] == adapter.tokenizer.sep_token_id  # type: ignore[attr-defined]
+    (out,) = run_encode(adapter, [text], DOCUMENT)
+    (ref,) = reference(folder, [text], is_query=False)
+    assert out.multivector is not None
+    assert out.multivector.shape == (DOC_MAXLEN, DIM)
+    np.testing.assert_allclose(out.multivector, ref, atol=1e-5)
+
+
+def test_long_query_is_truncated(adapter: ModelAdapter, folder: Path) -> None:
+    text = " ".join(["retrieval"] * 100)
+    tokens = adapter.tokenize([text], QUERY)[0]
+    assert tokens.truncated
+    assert len(tokens.input_ids) == QUERY_MAXLEN
+    (out,) = run_encode(adapter, [text], QUERY)
+    (ref,) = reference(folder, [text], is_query=True)
+    assert out.multivector is not None
+    np.testing.assert_allclose(out.multivector, ref, atol=1e-5)
+
+
+def test_rows_are_unit_norm(adapter: ModelAdapter) -> None:
+    for settings in (QUERY, DOCUMENT):
+        for out in run_encode(adapter, TEXTS, settings):
+            assert out.multivector is not None
+            norms = np.linalg.norm(out.multivector, axis=1)
+            np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+
+
+def test_rejects_dense(adapter: ModelAdapter) -> None:
+    with pytest.raises(InvalidInput):
+        adapter.check_settings(EncodeSettings(output_types=("dense",)))
+
+
+def test_memory_bytes_and_unload(folder: Path) -> None:
+    spec = make_spec("tiny-colbert-2", "colbert", folder, {"multivector": DIM})
+    adapter = load_adapter(spec)
+    assert adapter.memory_bytes() > 0
+    adapter.unload()
+    assert adapter.memory_bytes() == 0
+
+
+def test_catalog_entry_is_valid() -> None:
+    import sie_server.catalog as catalog
+
+    folder = Path(catalog.__file__).parent / "models"
+    spec = load_catalog([folder])["colbert-ir/colbertv2.0"]
+    assert spec.adapter == "colbert"
+    assert spec.hf_id == "colbert-ir/colbertv2.0"
+    assert spec.outputs["multivector"].dims == 128
+    assert spec.outputs["multivector"].similarity == "maxsim"
+    assert spec.load_options == {"doc_maxlen": 180, "query_maxlen": 32}
+    assert spec.profile(None).output_types == ("multivector",)
+
+
+def test_linear_weight_from_pytorch_model_bin(folder: Path, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+    from sie_server.adapters.colbert import load_linear_weight
+    from sie_server.errors import ModelLoadFailed
+
+    state = load_file(str(folder / "model.safetensors"))
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    weight = load_linear_weight(str(tmp_path), "tiny")
+    torch.testing.assert_close(weight, state["linear.weight"])
+    (tmp_path / "pytorch_model.bin").unlink()
+    with pytest.raises(ModelLoadFailed):
+        load_linear_weight(str(tmp_path), "tiny")
