@@ -39,9 +39,9 @@ def generate(out: Path) -> None:
         f"-I{PROTO_ROOT}",
         f"-I{well_known}",
         f"--python_out={out}",
-        f"--mypy_out={out}",
+        f"--mypy_out=quiet:{out}",
         f"--grpc_python_out={out}",
-        f"--mypy_grpc_out={out}",
+        f"--mypy_grpc_out=quiet:{out}",
         *protos,
     ]
     if protoc.main(args) != 0:

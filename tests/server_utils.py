@@ -1,0 +1,75 @@
+"""Starting a real sie-server in the test's event loop on 127.0.0.1:0."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+from sie_server.config import Settings
+from sie_server.grpc_api.server import RunningServer, build_registry, create_server
+
+
+@dataclass
+class ServerHandle:
+    running: RunningServer
+    channel: grpc.aio.Channel
+    address: str
+
+
+@asynccontextmanager
+async def serving(
+    models_dir: Sequence[Path] = (), preload: Sequence[str] = (), **overrides: Any
+) -> AsyncIterator[ServerHandle]:
+    """A started server (preloaded models loaded, health SERVING) and a channel to it."""
+    settings = Settings(
+        host="127.0.0.1",
+        port=0,
+        models_dir=tuple(models_dir),
+        preload=tuple(preload),
+        device="cpu",
+        **overrides,
+    )
+    registry = build_registry(settings)
+    running = await create_server(settings, registry)
+    try:
+        for name in preload:
+            await registry.load(name)
+        await running.set_serving(True)
+        address = f"127.0.0.1:{running.port}"
+        async with grpc.aio.insecure_channel(address) as channel:
+            yield ServerHandle(running, channel, address)
+    finally:
+        await running.stop(1.0)
+
+
+def write_catalog_entry(folder: Path, entry: dict[str, Any]) -> Path:
+    """Write one catalog YAML into ``folder`` (created), named after the model."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (str(entry["name"]).replace("/", "__") + ".yaml")
+    path.write_text(yaml.safe_dump(entry, sort_keys=False))
+    return path
+
+
+def error_info(exc: grpc.RpcError) -> tuple[str, dict[str, str], float | None]:
+    """(ErrorInfo.reason, ErrorInfo.metadata, RetryInfo delay in seconds or None) of a failed call."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    trailers = exc.trailing_metadata() or ()  # type: ignore[attr-defined]
+    raw = next(v for k, v in trailers if k == "grpc-status-details-bin")
+    status = status_pb2.Status.FromString(raw)
+    reason, metadata, retry = "", {}, None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason, metadata = info.reason, dict(info.metadata)
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            delay = error_details_pb2.RetryInfo()
+            detail.Unpack(delay)
+            retry = delay.retry_delay.ToTimedelta().total_seconds()
+    return reason, metadata, retry

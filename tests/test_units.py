@@ -1,0 +1,217 @@
+"""Units: settings, catalog parsing, output dtypes, tensors, import direction."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sie_sdk.tensors import TensorError, from_tensor, to_tensor
+from sie_sdk.v1 import common_pb2
+from sie_server.catalog import BUILTIN_CATALOG_DIR, CatalogError, load_catalog
+from sie_server.catalog.spec import parse_spec
+from sie_server.config import Settings, load_settings
+from sie_server.engine.output_dtype import convert, sparse_dtype
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- settings ----------------------------------------------------------------------------------
+
+
+def test_settings_defaults() -> None:
+    settings = load_settings([], environ={})
+    assert settings == Settings()
+    assert settings.port == 50051
+    assert settings.device == "auto"
+    assert settings.catalog_dirs == (BUILTIN_CATALOG_DIR,)
+
+
+def test_flags_override_env_and_env_overrides_defaults(tmp_path: Path) -> None:
+    env = {
+        "SIE_PORT": "6000",
+        "SIE_DEVICE": "cpu",
+        "SIE_PRELOAD": "a,b",
+        "SIE_MODELS_DIR": str(tmp_path),
+    }
+    from_env = load_settings([], environ=env)
+    assert from_env.port == 6000
+    assert from_env.device == "cpu"
+    assert from_env.preload == ("a", "b")
+    assert from_env.catalog_dirs == (tmp_path,)
+    flags = load_settings(
+        ["--port", "7000", "--preload", "c", "--max-batch-tokens", "99"], environ=env
+    )
+    assert flags.port == 7000
+    assert flags.preload == ("c",)
+    assert flags.max_batch_tokens == 99
+    assert flags.device == "cpu"
+
+
+def test_bad_env_value_is_a_clear_error() -> None:
+    with pytest.raises(SystemExit, match="SIE_PORT='x' is not a valid int"):
+        load_settings([], environ={"SIE_PORT": "x"})
+
+
+# ---- catalog -------------------------------------------------------------------------------------
+
+
+def test_builtin_catalog_has_the_required_families() -> None:
+    catalog = load_catalog([BUILTIN_CATALOG_DIR])
+    assert {
+        "sentence-transformers/all-MiniLM-L6-v2",
+        "BAAI/bge-m3",
+        "BAAI/bge-small-en-v1.5",
+        "intfloat/e5-base-v2",
+        "naver/splade-cocondenser-ensembledistil",
+        "colbert-ir/colbertv2.0",
+    } <= set(catalog)
+    bge = catalog["BAAI/bge-m3"]
+    assert set(bge.outputs) == {"dense", "sparse", "multivector"}
+    assert bge.outputs["sparse"].dims == 250002
+    minilm = catalog["sentence-transformers/all-MiniLM-L6-v2"]
+    # The embedded default resolves to the package's folder, not the hub.
+    assert Path(minilm.weights_source()).is_dir()
+
+
+BASE = {
+    "name": "m",
+    "adapter": "dense",
+    "hf_id": "org/m",
+    "max_sequence_length": 8,
+    "outputs": {"dense": {"dims": 4}},
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"name": ""}, "'name'"),
+        ({"max_sequence_length": 0}, "max_sequence_length"),
+        ({"outputs": {"colour": {"dims": 4}}}, "unknown output type 'colour'"),
+        ({"outputs": {"dense": {}}}, "outputs.dense needs an integer 'dims'"),
+        ({"profiles": {"p": {"output_types": ["sparse"]}}}, "not among the outputs"),
+        ({"default_profile": "zzz"}, "default_profile"),
+        ({"hf_id": None}, "one of 'hf_id', 'weights_path' or 'weights_package'"),
+        ({"max_batch_tokens": -1}, "max_batch_tokens"),
+    ],
+)
+def test_bad_catalog_entries_name_the_field(change: dict[str, object], message: str) -> None:
+    raw = {**BASE, **change}
+    raw = {k: v for k, v in raw.items() if v is not None}
+    with pytest.raises(CatalogError, match=message):
+        parse_spec(raw, source_file=Path("x.yaml"))
+
+
+def test_weights_path_is_relative_to_the_yaml(tmp_path: Path) -> None:
+    spec = parse_spec({**BASE, "weights_path": "weights"}, source_file=tmp_path / "m.yaml")
+    assert spec.weights_source() == str(tmp_path / "weights")
+
+
+def test_duplicate_names_and_bad_yaml_are_rejected(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(
+        "name: m\nadapter: dense\nhf_id: x\nmax_sequence_length: 8\noutputs: {dense: {dims: 4}}\n"
+    )
+    (tmp_path / "b.yaml").write_text((tmp_path / "a.yaml").read_text())
+    with pytest.raises(CatalogError, match="already in"):
+        load_catalog([tmp_path])
+    (tmp_path / "b.yaml").write_text("name: [unclosed")
+    with pytest.raises(CatalogError, match="not valid YAML"):
+        load_catalog([tmp_path])
+
+
+# ---- output dtypes -------------------------------------------------------------------------------
+
+
+def test_int8_is_per_row_symmetric() -> None:
+    x = np.array([[0.5, -1.0, 0.25], [2.0, 1.0, -0.5]], dtype=np.float32)
+    q = convert(x, "int8")
+    assert q.dtype == np.int8
+    np.testing.assert_array_equal(q, [[64, -127, 32], [127, 64, -32]])
+
+
+def test_uint8_is_per_row_min_max() -> None:
+    x = np.array([[0.0, 1.0, 0.5], [-2.0, 2.0, 0.0]], dtype=np.float32)
+    q = convert(x, "uint8")
+    assert q.dtype == np.uint8
+    np.testing.assert_array_equal(q, [[0, 255, 128], [0, 255, 128]])
+
+
+def test_binary_packs_positive_bits() -> None:
+    x = np.array([1, -1, 0, 2, 3, -4, 5, 6, 7, -1], dtype=np.float32)
+    q = convert(x, "binary")
+    np.testing.assert_array_equal(q, np.packbits(x > 0))
+    assert q.shape == (2,)
+
+
+def test_constant_rows_do_not_divide_by_zero() -> None:
+    zeros = np.zeros((2, 4), dtype=np.float32)
+    np.testing.assert_array_equal(convert(zeros, "int8"), 0)
+    np.testing.assert_array_equal(convert(zeros, "uint8"), 0)
+
+
+def test_sparse_keeps_floats() -> None:
+    assert sparse_dtype("int8") == "float32"
+    assert sparse_dtype("binary") == "float32"
+    assert sparse_dtype("float16") == "float16"
+
+
+# ---- tensors ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("array", "dtype"),
+    [
+        (np.arange(12, dtype=np.float32).reshape(3, 4), common_pb2.DTYPE_FLOAT32),
+        (np.arange(6, dtype=np.float16), common_pb2.DTYPE_FLOAT16),
+        (np.array([-127, 0, 127], dtype=np.int8), common_pb2.DTYPE_INT8),
+        (np.array([1, 5, 9], dtype=np.int32), common_pb2.DTYPE_INT32),
+    ],
+)
+def test_tensor_round_trip(array: np.ndarray, dtype: int) -> None:
+    tensor = to_tensor(array, dtype)  # type: ignore[arg-type]
+    assert list(tensor.shape) == list(array.shape)
+    assert len(tensor.data) == array.nbytes
+    np.testing.assert_array_equal(from_tensor(tensor), array)
+
+
+def test_tensor_with_wrong_byte_count_is_rejected() -> None:
+    tensor = common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT32, shape=[3], data=b"\x00" * 8)
+    with pytest.raises(TensorError, match="needs 12 bytes"):
+        from_tensor(tensor)
+
+
+# ---- packaging -------------------------------------------------------------------------------------
+
+
+def test_sdk_imports_without_torch_or_server() -> None:
+    code = (
+        "import sys, sie_sdk, sie_sdk.tensors, sie_sdk.v1.encode_pb2_grpc; "
+        "bad = [m for m in ('torch', 'transformers', 'sie_server', 'sie_bridge') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_import_direction() -> None:
+    """sie_sdk imports nothing of ours; server and bridge never import each other."""
+    rules = {
+        "sdk/sie_sdk": ("sie_server", "sie_bridge"),
+        "server/sie_server": ("sie_bridge",),
+        "http_bridge/sie_bridge": ("sie_server",),
+    }
+    offenders = []
+    for folder, banned in rules.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            text = path.read_text()
+            offenders += [
+                f"{path.relative_to(ROOT)} imports {b}"
+                for b in banned
+                if f"import {b}" in text or f"from {b}" in text
+            ]
+    assert offenders == []
