@@ -392,4 +392,3 @@ def _weights(catalog_dir: Path, name: str) -> Path:
 
     entry = yaml.safe_load((catalog_dir / (name.replace("/", "__") + ".yaml")).read_text())
     return Path(entry["weights_path"])
-
