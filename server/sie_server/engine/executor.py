@@ -68,6 +68,13 @@ class BatchStats:
     ok: bool
 
 
+@dataclass(frozen=True, slots=True)
+class ItemFailed:
+    """In a batch's results: this one item failed (the others did not)."""
+
+    error: SIEServerError
+
+
 @dataclass(slots=True)
 class _BatchJob:
     batch: Batch
@@ -251,6 +258,11 @@ class BatchExecutor:
             inputs = await self._loop.run_in_executor(
                 self._prep_pool, runner.collate, [item.payload for item in batch.items]
             )
+        except asyncio.CancelledError:  # close() while collating: the batch never runs
+            self._in_flight -= 1
+            for item in batch.items:
+                self._fail(item, ShuttingDown("server is shutting down", model=self.name))
+            raise
         except Exception as exc:
             log.exception("collating a batch of %s failed", self.name)
             self._in_flight -= 1
@@ -295,12 +307,16 @@ class BatchExecutor:
         self._loop.call_soon_threadsafe(self._complete, job, results, error, elapsed_ms)
 
     def _forward(self, runner: BatchRunner, inputs: Any, payloads: list[Any]) -> list[Any]:
-        """Run a batch; on out-of-memory, split it in halves and retry before giving up."""
+        """Run a batch; on out-of-memory, split it in halves and retry. An item that runs out
+        of memory alone gets ``ItemFailed`` in its slot; its batch mates keep their results."""
         try:
             return runner.run(inputs)
         except Exception as exc:
-            if not is_out_of_memory(exc) or len(payloads) == 1:
+            if not is_out_of_memory(exc):
                 raise
+            if len(payloads) == 1:
+                error = ResourceExhausted(f"out of memory running one item: {exc}", model=self.name)
+                return [ItemFailed(error)]
             log.warning("%s: out of memory on %d items, splitting", self.name, len(payloads))
             del inputs
             half = len(payloads) // 2
@@ -325,9 +341,13 @@ class BatchExecutor:
             item.timing.inference_ms = ms
             if failure is not None:
                 self._fail(item, failure)
+                continue
+            assert results is not None
+            result = results[index]
+            if isinstance(result, ItemFailed):
+                self._fail(item, result.error)
             elif not item.future.done():
-                assert results is not None
-                item.future.set_result(results[index])
+                item.future.set_result(result)
         if self._on_batch is not None:
             self._on_batch(
                 BatchStats(

@@ -1,0 +1,284 @@
+"""The batching policy on its own: PendingQueue and its length-sorted window (no loop, no threads)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Hashable
+from typing import Any, cast
+
+import pytest
+from sie_server.engine.batching import Batch, BatchLimits, PendingQueue, _best_window
+from sie_server.engine.executor import ExecutorConfig
+from sie_server.engine.work import WorkItem
+
+# The policy never touches an item's runner or future, so the tests leave them out.
+_NO_RUNNER = cast(Any, None)
+_NO_FUTURE = cast(Any, None)
+
+
+def item(cost: int, key: Hashable = "k", payload: Any = None) -> WorkItem:
+    return WorkItem(payload, cost, key, _NO_RUNNER, _NO_FUTURE)
+
+
+def fill(queue: PendingQueue, costs: list[int], key: Hashable = "k") -> list[WorkItem]:
+    items = [item(c, key) for c in costs]
+    for it in items:
+        queue.push(it)
+    return items
+
+
+def check_batch(batch: Batch, before: list[WorkItem], limits: BatchLimits) -> None:
+    """Every invariant one batch must hold, given the queue's items just before it was taken."""
+    assert batch.items, "a non-empty queue yields a non-empty batch"
+    oldest = min(before, key=lambda it: it.seq)
+    assert oldest in batch.items, "the oldest pending item is always in the batch"
+    keys = {it.key for it in batch.items}
+    assert keys == {oldest.key}, "a batch holds one key, the oldest item's"
+    assert len(batch.items) <= limits.max_batch_items
+    if len(batch.items) > 1:
+        assert batch.padded_tokens <= limits.max_batch_tokens
+    assert batch.padded_tokens == max(it.cost for it in batch.items) * len(batch.items)
+    # Contiguous in length order: no item of the group left behind lies strictly inside the
+    # batch's cost range.
+    lo, hi = min(it.cost for it in batch.items), max(it.cost for it in batch.items)
+    chosen = {id(it) for it in batch.items}
+    left = [it for it in before if it.key == oldest.key and id(it) not in chosen]
+    assert not [it.cost for it in left if lo < it.cost < hi]
+
+
+def drain(queue: PendingQueue, limits: BatchLimits) -> list[Batch]:
+    batches = []
+    while len(queue):
+        before = list(queue)
+        batch = queue.take_batch(limits)
+        assert batch is not None
+        check_batch(batch, before, limits)
+        assert len(queue) == len(before) - len(batch.items)
+        batches.append(batch)
+    assert queue.take_batch(limits) is None
+    assert queue.cost == 0
+    return batches
+
+
+# ---- the window ---------------------------------------------------------------------------------
+
+
+def brute_force_rank(costs: list[int], must: int, limits: BatchLimits) -> tuple[int, int]:
+    """(count, -padding) of the best window holding ``must``, by trying every window."""
+    best = (1, -0)
+    for lo in range(must + 1):
+        for hi in range(must, len(costs)):
+            count = hi - lo + 1
+            if count > limits.max_batch_items:
+                continue
+            if count > 1 and costs[hi] * count > limits.max_batch_tokens:
+                continue
+            padding = costs[hi] * count - sum(costs[lo : hi + 1])
+            best = max(best, (count, -padding))
+    return best
+
+
+def test_best_window_is_the_largest_then_tightest_window_holding_the_oldest() -> None:
+    rng = random.Random(7)
+    for _ in range(400):
+        costs = sorted(rng.randint(1, 60) for _ in range(rng.randint(1, 24)))
+        must = rng.randrange(len(costs))
+        limits = BatchLimits(rng.randint(20, 300), rng.randint(1, 10))
+        lo, hi = _best_window(costs, must, limits)
+        assert lo <= must <= hi
+        count = hi - lo + 1
+        assert count <= limits.max_batch_items
+        assert count == 1 or costs[hi] * count <= limits.max_batch_tokens
+        padding = costs[hi] * count - sum(costs[lo : hi + 1])
+        assert (count, -padding) == brute_force_rank(costs, must, limits), (costs, must, limits)
+
+
+def test_similar_lengths_batch_together() -> None:
+    queue = PendingQueue()
+    # Arrival order interleaves short and long; the oldest is short.
+    fill(queue, [10, 500, 12, 480, 11, 490, 9, 510])
+    limits = BatchLimits(max_batch_tokens=4096, max_batch_items=4)
+    first = queue.take_batch(limits)
+    assert first is not None
+    assert sorted(it.cost for it in first.items) == [9, 10, 11, 12]
+    second = queue.take_batch(limits)
+    assert second is not None
+    assert sorted(it.cost for it in second.items) == [480, 490, 500, 510]
+
+
+def test_oldest_item_is_always_in_the_batch_even_when_an_outlier() -> None:
+    queue = PendingQueue()
+    items = fill(queue, [300, *([10] * 20)])
+    limits = BatchLimits(max_batch_tokens=1000, max_batch_items=8)
+    batch = queue.take_batch(limits)
+    assert batch is not None
+    assert items[0] in batch.items
+    # The longest item fixes the padded width: 300 x 3 fits, 300 x 4 does not.
+    assert len(batch.items) == 3
+    assert batch.padded_tokens == 900
+
+
+def test_padded_budget_and_item_cap_are_respected() -> None:
+    rng = random.Random(11)
+    for max_tokens, max_items in [(256, 64), (1000, 3), (4096, 16), (16384, 64)]:
+        queue = PendingQueue()
+        fill(queue, [rng.randint(2, 200) for _ in range(300)])
+        limits = BatchLimits(max_tokens, max_items)
+        batches = drain(queue, limits)
+        assert sum(len(b.items) for b in batches) == 300
+
+
+def test_an_item_over_the_budget_runs_alone() -> None:
+    queue = PendingQueue()
+    big = item(5000)
+    queue.push(big)
+    fill(queue, [10, 10, 10])
+    limits = BatchLimits(max_batch_tokens=1024, max_batch_items=64)
+    first = queue.take_batch(limits)
+    assert first is not None
+    assert first.items == [big]
+    second = queue.take_batch(limits)
+    assert second is not None
+    assert [it.cost for it in second.items] == [10, 10, 10]
+
+
+def test_keys_never_mix_and_the_oldest_key_goes_first() -> None:
+    queue = PendingQueue()
+    rng = random.Random(3)
+    for _ in range(200):
+        queue.push(item(rng.randint(2, 64), key=rng.choice(["a", "b", "c"])))
+    limits = BatchLimits(max_batch_tokens=2048, max_batch_items=16)
+    batches = drain(queue, limits)  # check_batch asserts one key per batch, the oldest's
+    assert {b.items[0].key for b in batches} == {"a", "b", "c"}
+
+
+def test_random_load_keeps_every_invariant() -> None:
+    rng = random.Random(2024)
+    queue = PendingQueue()
+    limits = BatchLimits(max_batch_tokens=2048, max_batch_items=32)
+    taken = 0
+    for _ in range(300):
+        for _ in range(rng.randint(0, 12)):
+            queue.push(item(rng.randint(2, 300), key=rng.choice(["q", "d"])))
+        if len(queue):
+            before = list(queue)
+            batch = queue.take_batch(limits)
+            assert batch is not None
+            check_batch(batch, before, limits)
+            taken += len(batch.items)
+    taken += sum(len(b.items) for b in drain(queue, limits))
+    assert taken > 1000
+
+
+def padding_ratio(batches: list[Batch]) -> float:
+    padded = sum(b.padded_tokens for b in batches)
+    return (padded - sum(b.tokens for b in batches)) / padded
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mixed_lengths_under_load_pad_little(seed: int) -> None:
+    """With the queue held at the admission bound (the server's defaults), length-sorted
+    windows keep padding under 15% of the computed tokens; arrival order would not."""
+    config = ExecutorConfig()
+    limits = config.limits
+    rng = random.Random(seed)
+
+    def length() -> int:  # half short queries, half documents up to 512 tokens
+        return rng.randint(8, 40) if rng.random() < 0.5 else rng.randint(40, 512)
+
+    arrivals = [length() for _ in range(15000)]
+    queue = PendingQueue()
+    batches: list[Batch] = []
+    pos = 0
+    while pos < len(arrivals):
+        while pos < len(arrivals) and queue.cost < config.max_pending_tokens:
+            queue.push(item(arrivals[pos]))
+            pos += 1
+        batch = queue.take_batch(limits)
+        assert batch is not None
+        batches.append(batch)
+    batches += drain(queue, limits)
+    assert sum(len(b.items) for b in batches) == len(arrivals)
+    assert padding_ratio(batches) <= 0.15
+
+    # The same stream batched in arrival order pads far more: the policy is what saves it.
+    fifo: list[Batch] = []
+    current: list[WorkItem] = []
+    for cost in arrivals:
+        widest = max([cost, *(it.cost for it in current)])
+        if current and (
+            len(current) == limits.max_batch_items
+            or widest * (len(current) + 1) > limits.max_batch_tokens
+        ):
+            fifo.append(Batch(current))
+            current = []
+        current.append(item(cost))
+    fifo.append(Batch(current))
+    assert padding_ratio(fifo) > 0.3
+
+
+# ---- queue bookkeeping ----------------------------------------------------------------------------
+
+
+def test_has_full_batch_by_items_or_tokens_within_one_group() -> None:
+    limits = BatchLimits(max_batch_tokens=100, max_batch_items=4)
+    queue = PendingQueue()
+    assert not queue.has_full_batch(limits)
+    fill(queue, [5, 5, 5])
+    assert not queue.has_full_batch(limits)
+    fill(queue, [5])
+    assert queue.has_full_batch(limits), "four items reach the item cap"
+
+    by_tokens = PendingQueue()
+    fill(by_tokens, [60])
+    assert not by_tokens.has_full_batch(limits)
+    fill(by_tokens, [40])
+    assert by_tokens.has_full_batch(limits), "100 tokens reach the token budget"
+
+    split = PendingQueue()
+    fill(split, [5, 5, 5], key="a")
+    fill(split, [5, 5, 5], key="b")
+    fill(split, [90], key="c")
+    assert not split.has_full_batch(limits), "groups never add up across keys"
+
+
+def test_remove_where_keeps_len_and_cost_exact() -> None:
+    queue = PendingQueue()
+    a = fill(queue, [3, 7, 11], key="a")
+    b = fill(queue, [5, 13], key="b")
+    assert len(queue) == 5
+    assert queue.cost == 39
+
+    removed = queue.remove_where(lambda it: it.cost in (7, 13))
+    assert {id(it) for it in removed} == {id(a[1]), id(b[1])}
+    assert len(queue) == 3
+    assert queue.cost == 19
+    assert sorted(it.cost for it in queue) == [3, 5, 11]
+
+    # Emptying a whole group drops it: the next batch comes from the other key.
+    queue.remove_where(lambda it: it.key == "a")
+    assert len(queue) == 1
+    assert queue.cost == 5
+    batch = queue.take_batch(BatchLimits(100, 10))
+    assert batch is not None
+    assert batch.items == [b[0]]
+    assert len(queue) == 0
+    assert queue.cost == 0
+    assert queue.remove_where(lambda _: True) == []
+    assert queue.take_batch(BatchLimits(100, 10)) is None
+
+
+def test_take_batch_accounting_matches_the_items_left() -> None:
+    rng = random.Random(5)
+    queue = PendingQueue()
+    fill(queue, [rng.randint(2, 90) for _ in range(120)], key="x")
+    fill(queue, [rng.randint(2, 90) for _ in range(80)], key="y")
+    limits = BatchLimits(max_batch_tokens=512, max_batch_items=8)
+    while len(queue):
+        queue.take_batch(limits)
+        assert queue.cost == sum(it.cost for it in queue)
+        assert len(queue) == len(list(queue))
+        if rng.random() < 0.2:
+            queue.remove_where(lambda it: it.cost % 7 == 0)
+            assert queue.cost == sum(it.cost for it in queue)
+            assert len(queue) == len(list(queue))

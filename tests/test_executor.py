@@ -1,0 +1,563 @@
+"""BatchExecutor driven directly, in the running loop, with the fake adapter as its model.
+
+Every test runs under a loop exception handler that records what the loop reports (a future
+resolved twice raises InvalidStateError inside a loop callback; an exception nobody retrieved is
+reported when its future is collected): the fixture asserts the loop reported nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sie_server.adapters.base import EncodeOutput, EncodeSettings, LoadTarget
+from sie_server.engine.encode import EncodeCall, EncodeRunner, run_encode
+from sie_server.engine.executor import BatchExecutor, BatchStats, ExecutorConfig
+from sie_server.engine.work import WorkItem
+from sie_server.errors import (
+    DeadlineExceeded,
+    InferenceError,
+    QueueFull,
+    ResourceExhausted,
+    ShuttingDown,
+)
+
+from tests.fakes import FakeAdapter, OutOfMemoryError, expected_vector
+from tests.harness import make_spec
+
+HERE = Path(__file__).parent
+DOCS = EncodeSettings(output_types=("dense",))
+QUERIES = EncodeSettings(output_types=("dense",), is_query=True)
+HANG_GUARD_S = 10.0
+
+
+# ---- fixtures and helpers -----------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        yield errors
+        gc.collect()  # report futures whose exception was never retrieved
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(previous)
+    assert [(c.get("message"), repr(c.get("exception"))) for c in errors] == []
+
+
+@pytest.fixture(scope="module")
+def prep_pool() -> Iterator[ThreadPoolExecutor]:
+    pool = ThreadPoolExecutor(1, thread_name_prefix="test-prep")
+    yield pool
+    pool.shutdown(wait=True)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_pool() -> Iterator[ThreadPoolExecutor]:
+    pool = ThreadPoolExecutor(2, thread_name_prefix="test-tokenize")
+    yield pool
+    pool.shutdown(wait=True)
+
+
+def fake(**load_options: Any) -> FakeAdapter:
+    spec = make_spec(
+        "fake/model", "tests.fakes:FakeAdapter", HERE, {"dense": 2}, load_options=load_options
+    )
+    adapter = FakeAdapter(spec)
+    adapter.load(LoadTarget(str(HERE), "cpu", "float32"))
+    return adapter
+
+
+@asynccontextmanager
+async def running(
+    pool: ThreadPoolExecutor,
+    on_batch: Callable[[BatchStats], None] | None = None,
+    **config: Any,
+) -> AsyncIterator[BatchExecutor]:
+    executor = BatchExecutor("fake/model", ExecutorConfig(**config), pool, on_batch=on_batch)
+    executor.start()
+    try:
+        yield executor
+    finally:
+        await executor.close(timeout_s=HANG_GUARD_S)
+
+
+def submit(
+    executor: BatchExecutor,
+    adapter: FakeAdapter,
+    texts: Sequence[str],
+    settings: EncodeSettings = DOCS,
+    *,
+    runner: EncodeRunner | None = None,
+    deadline: float | None = None,
+) -> list[WorkItem]:
+    tokens = adapter.tokenize(texts, settings)
+    return executor.submit(
+        [(t, t.cost) for t in tokens],
+        key=("encode", settings.batch_key()),
+        runner=runner or EncodeRunner(adapter, settings),
+        deadline=deadline,
+    )
+
+
+async def outcomes(items: Sequence[WorkItem]) -> list[Any]:
+    """Each item's result or exception; fails (instead of hanging) if any stays unresolved."""
+    return await asyncio.wait_for(
+        asyncio.gather(*(it.future for it in items), return_exceptions=True), HANG_GUARD_S
+    )
+
+
+def assert_correct(texts: Sequence[str], results: Sequence[Any]) -> None:
+    assert len(results) == len(texts)
+    for text, out in zip(texts, results, strict=True):
+        assert isinstance(out, EncodeOutput), (text, out)
+        assert out.dense is not None
+        assert out.dense.tolist() == expected_vector(text).tolist(), text
+
+
+async def eventually(condition: Callable[[], bool], what: str) -> None:
+    """Wait (polling the loop) until ``condition`` holds; a hang guard, not a timing check."""
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        await asyncio.sleep(0.005)
+
+
+def words(tag: str, n: int) -> str:
+    """A text of ``n`` words, unique per tag (cost n + 2)."""
+    return " ".join([tag, *(f"w{i}" for i in range(n - 1))])
+
+
+# ---- failures stay with their batch ---------------------------------------------------------------
+
+
+async def test_a_failing_batch_fails_only_its_own_request(prep_pool: ThreadPoolExecutor) -> None:
+    adapter = fake(fail_word="boom")
+    bad_texts = ["this one goes boom", "innocent bystander in the same request"]
+    good_texts = ["a fine query", "another fine query", "third"]
+    async with running(prep_pool) as executor:
+        bad = submit(executor, adapter, bad_texts, DOCS)
+        good = submit(executor, adapter, good_texts, QUERIES)  # another key: another batch
+        bad_out, good_out = await outcomes(bad), await outcomes(good)
+    assert all(isinstance(out, InferenceError) for out in bad_out), bad_out
+    assert_correct(good_texts, good_out)
+    by_outcome = {p.outcome: set(p.texts) for p in adapter.passes}
+    assert by_outcome == {"error": set(bad_texts), "ok": set(good_texts)}
+    assert executor.pending_items == 0
+
+
+class FlakyRunner(EncodeRunner):
+    """Raises on its ``fail_on``-th forward pass; remembers which payloads were in it."""
+
+    def __init__(self, adapter: FakeAdapter, settings: EncodeSettings, fail_on: int) -> None:
+        super().__init__(adapter, settings)
+        self.fail_on = fail_on
+        self.runs = 0
+        self.failed_texts: list[str] = []
+        self._lock = threading.Lock()
+
+    def run(self, inputs: Any) -> list[Any]:
+        with self._lock:
+            self.runs += 1
+            if self.runs == self.fail_on:
+                self.failed_texts = list(inputs.texts)
+                raise RuntimeError("the adapter broke on this batch")
+        return super().run(inputs)
+
+
+async def test_an_adapter_raising_on_its_third_batch_leaves_nobody_hanging(
+    prep_pool: ThreadPoolExecutor,
+) -> None:
+    adapter = fake()
+    runner = FlakyRunner(adapter, DOCS, fail_on=3)
+    texts = [words(f"caller{i}", 1 + i % 4) for i in range(9)]
+    async with running(prep_pool, max_batch_items=2) as executor:
+        calls = [submit(executor, adapter, [text], runner=runner) for text in texts]
+        results = [(await outcomes(items))[0] for items in calls]
+        assert executor.pending_items == 0
+    assert runner.runs == 5  # 9 single-item calls in batches of at most 2
+    assert len(runner.failed_texts) == 2
+    for text, out in zip(texts, results, strict=True):
+        if text in runner.failed_texts:
+            assert isinstance(out, InferenceError), out
+            assert "the adapter broke" in str(out)
+        else:
+            assert_correct([text], [out])
+
+
+async def test_results_of_the_wrong_length_fail_the_batch(prep_pool: ThreadPoolExecutor) -> None:
+    class Short(EncodeRunner):
+        def run(self, inputs: Any) -> list[Any]:
+            return super().run(inputs)[:-1]
+
+    adapter = fake()
+    async with running(prep_pool) as executor:
+        out = await outcomes(submit(executor, adapter, ["a", "b c"], runner=Short(adapter, DOCS)))
+    assert all(isinstance(o, InferenceError) for o in out), out
+
+
+# ---- work that must never reach the model -----------------------------------------------------------
+
+
+async def test_a_cancelled_call_never_reaches_the_model(prep_pool: ThreadPoolExecutor) -> None:
+    adapter = fake()
+    cancelled_texts = ["cancel me please", "me too"]
+    async with running(prep_pool) as executor:
+        adapter.hold()
+        try:
+            first = submit(executor, adapter, ["saturating first batch"])
+            await eventually(lambda: adapter.passes_started == 1, "the model is busy")
+
+            submitted: list[WorkItem] = []
+
+            async def caller() -> list[Any]:
+                submitted.extend(submit(executor, adapter, cancelled_texts))
+                return list(await asyncio.gather(*(it.future for it in submitted)))
+
+            task = asyncio.create_task(caller())
+            await eventually(lambda: executor.pending_items == 3, "the caller is queued")
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert all(it.future.cancelled() for it in submitted)
+            assert executor.pending_items == 1  # cancelled work no longer counts
+            later = submit(executor, adapter, ["submitted after the cancel"])
+        finally:
+            adapter.release()
+        assert_correct(["saturating first batch"], await outcomes(first))
+        assert_correct(["submitted after the cancel"], await outcomes(later))
+        assert executor.pending_items == 0
+    assert not adapter.seen_texts() & set(cancelled_texts)
+    assert [p.texts for p in adapter.passes] == [
+        ("saturating first batch",),
+        ("submitted after the cancel",),
+    ]
+
+
+async def test_an_item_expiring_while_queued_fails_without_reaching_the_model(
+    prep_pool: ThreadPoolExecutor,
+) -> None:
+    adapter = fake()
+    async with running(prep_pool) as executor:
+        adapter.hold()
+        try:
+            first = submit(executor, adapter, ["busy busy"])
+            await eventually(lambda: adapter.passes_started == 1, "the model is busy")
+            deadline = time.monotonic() + 0.05
+            doomed = submit(executor, adapter, ["too late"], deadline=deadline)
+            patient = submit(executor, adapter, ["no deadline"])
+            await eventually(lambda: time.monotonic() > deadline, "the deadline has passed")
+        finally:
+            adapter.release()
+        (expired,) = await outcomes(doomed)
+        assert isinstance(expired, DeadlineExceeded)
+        assert_correct(["busy busy"], await outcomes(first))
+        assert_correct(["no deadline"], await outcomes(patient))
+
+        # Already past its deadline with the model idle: still refused before the model.
+        (stale,) = await outcomes(
+            submit(executor, adapter, ["born late"], deadline=time.monotonic() - 1.0)
+        )
+        assert isinstance(stale, DeadlineExceeded)
+    assert "too late" not in adapter.seen_texts()
+    assert "born late" not in adapter.seen_texts()
+    assert adapter.seen_texts() == {"busy busy", "no deadline"}
+
+
+# ---- admission --------------------------------------------------------------------------------------
+
+
+async def test_queue_full_is_immediate_and_admission_recovers(
+    prep_pool: ThreadPoolExecutor,
+) -> None:
+    adapter = fake()
+    five = words("five", 3)  # 3 words: cost 5
+    async with running(prep_pool, max_pending_tokens=30, queue_full_retry_s=0.25) as executor:
+        # An empty queue admits a request larger than the bound, so it can run at all.
+        big = [words(f"big{i}", 18) for i in range(3)]  # 3 x 20 tokens > 30
+        assert_correct(big, await outcomes(submit(executor, adapter, big)))
+        assert executor.pending_items == 0
+
+        adapter.hold()
+        try:
+            running_now = submit(executor, adapter, [five])
+            await eventually(lambda: adapter.passes_started == 2, "the model is busy")
+            queued = submit(executor, adapter, [words("q1", 8), words("q2", 8)])  # 5 + 20 = 25
+            executor.check_capacity()  # 25 < 30: there is room
+
+            with pytest.raises(QueueFull) as refused:
+                submit(executor, adapter, [words("over", 8)])  # 25 + 10 > 30
+            assert refused.value.retry_after_s == 0.25
+            assert refused.value.model == "fake/model"
+            assert executor.pending_items == 3, "a refused request admits none of its items"
+
+            exact = submit(executor, adapter, [words("fits", 3)])  # 25 + 5 = 30: at the bound
+            with pytest.raises(QueueFull):
+                executor.check_capacity()
+            with pytest.raises(QueueFull):
+                submit(executor, adapter, ["x"])  # even the smallest item (cost 3)
+        finally:
+            adapter.release()
+        for items in (running_now, queued, exact):
+            assert all(isinstance(o, EncodeOutput) for o in await outcomes(items))
+        assert executor.pending_items == 0
+        executor.check_capacity()
+        assert_correct(
+            ["admitted again"], await outcomes(submit(executor, adapter, ["admitted again"]))
+        )
+    assert words("over", 8) not in adapter.seen_texts()
+
+
+async def test_the_item_bound_refuses_too(prep_pool: ThreadPoolExecutor) -> None:
+    adapter = fake()
+    async with running(prep_pool, max_pending_items=3) as executor:
+        adapter.hold()
+        try:
+            held = submit(executor, adapter, ["one", "two"])
+            await eventually(lambda: adapter.passes_started == 1, "the model is busy")
+            with pytest.raises(QueueFull):
+                submit(executor, adapter, ["three", "four"])
+            third = submit(executor, adapter, ["three"])
+            with pytest.raises(QueueFull):
+                executor.check_capacity()
+        finally:
+            adapter.release()
+        assert len(await outcomes(held + third)) == 3
+        assert executor.pending_items == 0
+        executor.check_capacity()
+
+
+# ---- batching under concurrency ------------------------------------------------------------------------
+
+
+async def test_64_concurrent_callers_share_forward_passes(
+    prep_pool: ThreadPoolExecutor, tokenizer_pool: ThreadPoolExecutor
+) -> None:
+    adapter = fake()
+    texts = [words(f"caller{i}", 1 + i % 9) for i in range(64)]
+    async with running(prep_pool) as executor:
+
+        async def caller(text: str) -> list[float]:
+            outcome = await run_encode(
+                adapter,
+                executor,
+                EncodeCall(texts=[text], settings=DOCS),
+                tokenizer_pool=tokenizer_pool,
+                postprocess_pool=tokenizer_pool,
+            )
+            (result,) = outcome.items
+            assert result.num_tokens == len(text.split()) + 2
+            assert result.dense is not None
+            return list(result.dense.tolist())
+
+        adapter.hold()
+        try:
+            tasks = [asyncio.create_task(caller(text)) for text in texts]
+            await eventually(lambda: executor.pending_items == 64, "every caller is admitted")
+        finally:
+            adapter.release()
+        vectors = await asyncio.wait_for(asyncio.gather(*tasks), HANG_GUARD_S)
+        assert executor.pending_items == 0
+    for text, vector in zip(texts, vectors, strict=True):
+        assert vector == expected_vector(text).tolist()
+    passes = adapter.passes
+    # One batch ran while the rest queued; at most one ready batch can wait behind it, and
+    # the queue (< 64 items, few tokens) is not full, so everything else went in one more pass.
+    assert len(passes) <= 2 < len(texts)
+    assert sorted(t for p in passes for t in p.texts) == sorted(texts)
+
+
+# ---- out of memory ---------------------------------------------------------------------------------------
+
+
+async def test_an_oom_batch_is_split_until_it_fits(prep_pool: ThreadPoolExecutor) -> None:
+    adapter = fake(oom_above=2)
+    texts = [words(f"item{i}", 1 + i) for i in range(8)]
+    stats: list[BatchStats] = []
+    async with running(prep_pool, on_batch=stats.append) as executor:
+        results = await outcomes(submit(executor, adapter, texts))
+    assert_correct(texts, results)
+    passes = adapter.passes
+    assert passes[0].outcome == "oom"
+    assert len(passes[0].texts) == 8
+    ok = [p for p in passes if p.outcome == "ok"]
+    assert all(len(p.texts) <= 2 for p in ok)
+    assert sorted(t for p in ok for t in p.texts) == sorted(texts)
+    assert [(len(p.texts), p.outcome) for p in passes] == [
+        (8, "oom"),
+        (4, "oom"),
+        (2, "ok"),
+        (2, "ok"),
+        (4, "oom"),
+        (2, "ok"),
+        (2, "ok"),
+    ]
+    (batch,) = stats  # the split is one batch as far as the executor reports
+    assert batch.items == 8
+    assert batch.ok
+
+
+async def test_a_single_item_that_ooms_is_resource_exhausted(
+    prep_pool: ThreadPoolExecutor,
+) -> None:
+    adapter = fake(oom_above=0)
+    async with running(prep_pool) as executor:
+        (out,) = await outcomes(submit(executor, adapter, ["far too big"]))
+        assert isinstance(out, ResourceExhausted)
+        assert out.retry_after_s is not None
+        assert executor.pending_items == 0
+    assert [(p.texts, p.outcome) for p in adapter.passes] == [(("far too big",), "oom")]
+
+
+class OomOn(EncodeRunner):
+    """Runs out of memory on any batch holding ``text``, however small the batch."""
+
+    def __init__(self, adapter: FakeAdapter, settings: EncodeSettings, text: str) -> None:
+        super().__init__(adapter, settings)
+        self.text = text
+
+    def run(self, inputs: Any) -> list[Any]:
+        if self.text in inputs.texts:
+            raise OutOfMemoryError(f"{len(inputs.texts)} items with {self.text!r}")
+        return super().run(inputs)
+
+
+async def test_an_item_that_ooms_alone_does_not_fail_its_batch_mates(
+    prep_pool: ThreadPoolExecutor,
+) -> None:
+    adapter = fake()
+    runner = OomOn(adapter, DOCS, "the huge one")
+    async with running(prep_pool) as executor:
+        # Three callers, one key: one batch.
+        calls = [
+            submit(executor, adapter, [text], runner=runner)
+            for text in ("small one", "small two", "the huge one")
+        ]
+        first, second, huge = [(await outcomes(items))[0] for items in calls]
+    assert isinstance(huge, ResourceExhausted)
+    assert adapter.seen_texts() == {"small one", "small two"}  # their passes did succeed
+    assert_correct(["small one", "small two"], [first, second])
+
+
+# ---- shutdown ------------------------------------------------------------------------------------------------
+
+
+async def test_close_fails_queued_work_and_finishes_the_running_batch(
+    prep_pool: ThreadPoolExecutor,
+) -> None:
+    adapter = fake()
+    executor = BatchExecutor("fake/model", ExecutorConfig(), prep_pool)
+    executor.start()
+    adapter.hold()
+    try:
+        on_model = submit(executor, adapter, ["on the model"])
+        await eventually(lambda: adapter.passes_started == 1, "the model is busy")
+        queued = submit(executor, adapter, ["queued one", "queued two"], QUERIES)
+        closing = asyncio.create_task(executor.close(timeout_s=HANG_GUARD_S))
+        await eventually(lambda: all(it.future.done() for it in queued), "queued work fails")
+        assert all(isinstance(o, ShuttingDown) for o in await outcomes(queued))
+        assert not on_model[0].future.done(), "the running batch is not abandoned"
+        assert not closing.done(), "close waits for the running batch"
+        with pytest.raises(ShuttingDown):
+            executor.check_capacity()
+        with pytest.raises(ShuttingDown):
+            submit(executor, adapter, ["after close"])
+    finally:
+        adapter.release()
+    await asyncio.wait_for(closing, HANG_GUARD_S)
+    assert_correct(["on the model"], await outcomes(on_model))
+    assert executor.pending_items == 0
+    assert adapter.seen_texts() == {"on the model"}
+
+
+class SlowCollate(EncodeRunner):
+    """Collation parks in the prep pool until ``proceed`` is set."""
+
+    def __init__(self, adapter: FakeAdapter, settings: EncodeSettings) -> None:
+        super().__init__(adapter, settings)
+        self.collating = threading.Event()
+        self.proceed = threading.Event()
+
+    def collate(self, payloads: Sequence[Any]) -> Any:
+        self.collating.set()
+        self.proceed.wait(HANG_GUARD_S)
+        return super().collate(payloads)
+
+
+async def test_close_during_collation_resolves_the_batch(prep_pool: ThreadPoolExecutor) -> None:
+    adapter = fake()
+    runner = SlowCollate(adapter, DOCS)
+    executor = BatchExecutor("fake/model", ExecutorConfig(), prep_pool)
+    executor.start()
+    try:
+        items = submit(executor, adapter, ["caught mid collation"], runner=runner)
+        await eventually(runner.collating.is_set, "the batch is being collated")
+        await executor.close(timeout_s=HANG_GUARD_S)
+    finally:
+        runner.proceed.set()
+    await asyncio.sleep(0)
+    try:
+        assert items[0].future.done(), "the item's caller would wait forever"
+    finally:
+        items[0].future.cancel()  # do not leave the future behind for later tests
+
+
+# ---- exactly once, under everything at once ---------------------------------------------------------------
+
+
+async def test_every_future_resolves_exactly_once_under_mixed_trouble(
+    prep_pool: ThreadPoolExecutor,
+) -> None:
+    """Cancellations, deadlines, failing batches and OOM splits together: every call ends with
+    its results or a domain error, the loop reports nothing, the executor keeps serving."""
+    rng = random.Random(1234)
+    adapter = fake(fail_word="boom", oom_above=6, delay_s=0.002)
+    async with running(prep_pool, max_batch_items=8, max_batch_tokens=256) as executor:
+        all_items: list[WorkItem] = []
+
+        async def caller(index: int) -> list[Any]:
+            await asyncio.sleep(rng.random() * 0.02)
+            texts = [
+                words(f"c{index}i{j}", rng.randint(1, 12))
+                + (" boom" if rng.random() < 0.05 else "")
+                for j in range(rng.randint(1, 4))
+            ]
+            deadline = time.monotonic() + 0.01 if rng.random() < 0.15 else None
+            settings = DOCS if rng.random() < 0.7 else QUERIES
+            items = submit(executor, adapter, texts, settings, deadline=deadline)
+            all_items.extend(items)
+            results = await asyncio.gather(*(it.future for it in items))
+            assert_correct(texts, results)
+            return results
+
+        tasks = [asyncio.create_task(caller(i)) for i in range(80)]
+        for task in rng.sample(tasks, 20):  # the first before it even starts, then spread out
+            task.cancel()
+            await asyncio.sleep(rng.random() * 0.005)
+        done = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), HANG_GUARD_S)
+        allowed = (list, asyncio.CancelledError, InferenceError, DeadlineExceeded)
+        for out in done:
+            assert isinstance(out, allowed), out
+        assert sum(isinstance(out, list) for out in done) > 0
+        assert sum(isinstance(out, asyncio.CancelledError) for out in done) > 0
+        # A caller that failed on one item stops waiting; its other items still resolve.
+        await outcomes(all_items)
+        assert executor.pending_items == 0
+
+        # Still serving afterwards.
+        assert_correct(["still here"], await outcomes(submit(executor, adapter, ["still here"])))
+    assert any(p.outcome == "oom" for p in adapter.passes)
