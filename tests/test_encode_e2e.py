@@ -392,3 +392,37 @@ def _weights(catalog_dir: Path, name: str) -> Path:
 
     entry = yaml.safe_load((catalog_dir / (name.replace("/", "__") + ".yaml")).read_text())
     return Path(entry["weights_path"])
+
+
+async def test_a_model_that_fails_to_load_answers_model_load_failed(tmp_path: Path) -> None:
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    catalog = tmp_path / "catalog"
+    write_catalog_entry(
+        catalog,
+        {
+            "name": "broken/model",
+            "adapter": "dense",
+            "weights_path": str(empty),
+            "max_sequence_length": 8,
+            "outputs": {"dense": {"dims": 4}},
+        },
+    )
+    async with serving([catalog]) as handle:
+        stub = encode_pb2_grpc.EncodeServiceStub(handle.channel)
+        reasons = []
+        for _ in range(200):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Encode(request("broken/model", ["x"]))
+            reasons.append(error_info(caught.value)[0])
+            if reasons[-1] != "MODEL_LOADING":
+                break
+            await asyncio.sleep(0.05)
+        assert reasons[0] == "MODEL_LOADING"
+        assert reasons[-1] == "MODEL_LOAD_FAILED"
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "loading broken/model failed" in (caught.value.details() or "")
+        models = models_pb2_grpc.ModelServiceStub(handle.channel)
+        info = (await models.GetModel(models_pb2.GetModelRequest(name="broken/model"))).model
+        assert info.state == models_pb2.MODEL_STATE_FAILED
+        assert info.error
