@@ -31,6 +31,7 @@ from sie_server.adapters.base import (
 from sie_server.adapters.hf import (
     load_pretrained,
     load_tokenizer,
+    model_file,
     pad_ids,
     parameter_bytes,
     tokenize_texts,
@@ -147,14 +148,8 @@ def load_head(target: LoadTarget, filename: str, hidden: int) -> torch.nn.Linear
 
 
 def head_path(source: str, filename: str) -> Path:
-    """The head file in a local model folder, else from the hub (HF cache and offline mode
-    honoured)."""
-    local = Path(source)
-    if local.is_dir():
-        path = local / filename
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: a BGE-M3 folder needs {filename}")
-        return path
-    from huggingface_hub import hf_hub_download
-
-    return Path(hf_hub_download(source, filename))
+    """The head file next to the weights (local folder or hub cache)."""
+    path = model_file(source, filename)
+    if path is None:
+        raise FileNotFoundError(f"{filename} not found in {source}: a BGE-M3 model needs it")
+    return path

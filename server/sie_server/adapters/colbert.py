@@ -34,6 +34,7 @@ from sie_server.adapters.base import (
 from sie_server.adapters.hf import (
     load_pretrained,
     load_tokenizer,
+    model_file,
     parameter_bytes,
     tokenize_texts,
     torch_dtype,
@@ -175,32 +176,18 @@ class ColBERTAdapter(ModelAdapter):
 
 
 # ---- checkpoint ---------------------------------------------------------------------------------
-def _model_file(source: str, filename: str) -> Path | None:
-    """A file from a local folder or a hub repo (HF cache, HF_HUB_OFFLINE honoured)."""
-    local = Path(source)
-    if local.is_dir():
-        path = local / filename
-        return path if path.is_file() else None
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(source, filename))
-    except Exception:  # missing file, offline without cache: try the next candidate
-        return None
-
-
 def load_linear_weight(source: str, model_name: str) -> Any:
     """The ``linear.weight`` projection tensor [dim, hidden] of an HF_ColBERT checkpoint,
     from ``model.safetensors`` (single or sharded) or else ``pytorch_model.bin``."""
     import torch
 
     candidates: list[Path | None] = []
-    index = _model_file(source, "model.safetensors.index.json")
+    index = model_file(source, "model.safetensors.index.json")
     if index is not None:
         shard = json.loads(index.read_text()).get("weight_map", {}).get(LINEAR_KEY)
         if shard:
-            candidates.append(_model_file(source, str(shard)))
-    candidates.append(_model_file(source, "model.safetensors"))
+            candidates.append(model_file(source, str(shard)))
+    candidates.append(model_file(source, "model.safetensors"))
     for path in candidates:
         if path is None:
             continue
@@ -209,7 +196,7 @@ def load_linear_weight(source: str, model_name: str) -> Any:
         with safe_open(str(path), framework="pt") as f:
             if LINEAR_KEY in f.keys():  # noqa: SIM118 - safe_open handles have no __contains__
                 return f.get_tensor(LINEAR_KEY)
-    binary = _model_file(source, "pytorch_model.bin")
+    binary = model_file(source, "pytorch_model.bin")
     if binary is not None:
         state = torch.load(str(binary), map_location="cpu", weights_only=True)
         if LINEAR_KEY in state:

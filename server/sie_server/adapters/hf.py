@@ -4,6 +4,7 @@ loading with the right device and dtype. torch and transformers are imported laz
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sie_server.adapters.base import LoadTarget, TokenizedText
@@ -25,8 +26,26 @@ def load_tokenizer(source: str) -> Any:
     return AutoTokenizer.from_pretrained(source, use_fast=True)
 
 
+def model_file(source: str, filename: str) -> Path | None:
+    """One file of a model: from a local folder, or from a hub repo through the HF cache
+    (HF_HUB_OFFLINE honoured). None when the file is not there."""
+    local = Path(source)
+    if local.is_dir():
+        path = local / filename
+        return path if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(source, filename))
+    except Exception:  # not in the repo, or offline without it cached
+        return None
+
+
 def load_pretrained(model_cls: Any, target: LoadTarget, **kwargs: Any) -> Any:
     """``model_cls.from_pretrained`` on the target's device and dtype, in eval mode."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # the server logs loads
     model = model_cls.from_pretrained(target.source, dtype=torch_dtype(target.dtype), **kwargs)
     return model.to(target.device).eval()
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from sie_server.adapters.hf import model_file
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,18 +17,9 @@ class STDefaults:
 
 
 def read_model_file(source: str, filename: str) -> Any | None:
-    """A JSON file from a local model folder or a hub repo (cache and offline mode honoured);
-    None when the file does not exist."""
-    local = Path(source)
-    if local.is_dir():
-        path = local / filename
-        return json.loads(path.read_text()) if path.is_file() else None
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return json.loads(Path(hf_hub_download(source, filename)).read_text())
-    except Exception:  # missing file, offline without cache: no defaults from it
-        return None
+    """A JSON file of the model (local folder or hub cache); None when it does not exist."""
+    path = model_file(source, filename)
+    return json.loads(path.read_text()) if path is not None else None
 
 
 def sentence_transformers_defaults(source: str) -> STDefaults:
