@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,3 +75,15 @@ def error_info(exc: grpc.RpcError) -> tuple[str, dict[str, str], float | None]:
             detail.Unpack(delay)
             retry = delay.retry_delay.ToTimedelta().total_seconds()
     return reason, metadata, retry
+
+
+HANG_GUARD_S = 10.0
+
+
+async def eventually(condition: Callable[[], bool], what: str) -> None:
+    """Wait (polling the loop) until ``condition`` holds; a hang guard, not a timing check."""
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        await asyncio.sleep(0.005)

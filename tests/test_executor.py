@@ -33,6 +33,7 @@ from sie_server.errors import (
 
 from tests.fakes import FakeAdapter, OutOfMemoryError, expected_vector
 from tests.harness import make_spec
+from tests.server_utils import eventually
 
 HERE = Path(__file__).parent
 DOCS = EncodeSettings(output_types=("dense",))
@@ -126,15 +127,6 @@ def assert_correct(texts: Sequence[str], results: Sequence[Any]) -> None:
         assert isinstance(out, EncodeOutput), (text, out)
         assert out.dense is not None
         assert out.dense.tolist() == expected_vector(text).tolist(), text
-
-
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    """Wait (polling the loop) until ``condition`` holds; a hang guard, not a timing check."""
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        await asyncio.sleep(0.005)
 
 
 def words(tag: str, n: int) -> str:

@@ -7,24 +7,27 @@ whatever answers while it is held answered before the saturating calls could fin
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import cast
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sie_sdk.tensors import from_tensor
 from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc
 from sie_server.engine.executor import BatchExecutor
 
 from tests.fakes import FakeAdapter, expected_vector
-from tests.server_utils import ServerHandle, serving, write_catalog_entry
+from tests.server_utils import (
+    HANG_GUARD_S,
+    ServerHandle,
+    error_info,
+    eventually,
+    serving,
+    write_catalog_entry,
+)
 
 MODEL = "fake/overload"
-HANG_GUARD_S = 10.0
 
 
 @pytest.fixture
@@ -69,36 +72,6 @@ def assert_vectors(response: encode_pb2.EncodeResponse, texts: Sequence[str]) ->
         assert from_tensor(item.dense.values).tolist() == expected_vector(text).tolist()
 
 
-def status_details(error: grpc.aio.AioRpcError) -> tuple[str, float | None, dict[str, str]]:
-    """(ErrorInfo reason, RetryInfo delay in seconds, trailers) of a failed call."""
-    trailers = dict(error.trailing_metadata() or ())
-    status = status_pb2.Status.FromString(cast(bytes, trailers["grpc-status-details-bin"]))
-    assert status.code == error.code().value[0]
-    reason, retry = "", None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            assert info.domain == "sie.v1"
-            assert info.metadata["model"] == MODEL
-            reason = info.reason
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            delay = error_details_pb2.RetryInfo()
-            detail.Unpack(delay)
-            retry = delay.retry_delay.ToTimedelta().total_seconds()
-    text = {k: v for k, v in trailers.items() if isinstance(v, str)}
-    return reason, retry, text
-
-
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    """Wait (polling the loop) until ``condition`` holds; a hang guard, not a timing check."""
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        await asyncio.sleep(0.005)
-
-
 async def test_saturated_server_sheds_load_stays_healthy_and_drops_cancelled_work(
     catalog: Path,
 ) -> None:
@@ -133,8 +106,10 @@ async def test_saturated_server_sheds_load_stays_healthy_and_drops_cancelled_wor
             assert not running.done()
             assert not queued.done()
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            reason, retry_s, trailers = status_details(refused.value)
+            reason, metadata, retry_s = error_info(refused.value)
+            trailers = dict(refused.value.trailing_metadata() or ())
             assert reason == "QUEUE_FULL"
+            assert metadata == {"model": MODEL}
             assert retry_s is not None
             assert retry_s > 0
             assert trailers["grpc-retry-pushback-ms"] == str(int(retry_s * 1000))
