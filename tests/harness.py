@@ -6,7 +6,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sie_server.adapters.base import EncodeOutput, EncodeSettings, LoadTarget, ModelAdapter
+from sie_server.adapters.base import (
+    EncodeOutput,
+    EncodeSettings,
+    InputItem,
+    LoadTarget,
+    ModelAdapter,
+)
 from sie_server.adapters.registry import create_adapter
 from sie_server.catalog.spec import ModelSpec, parse_spec
 
@@ -43,11 +49,10 @@ def load_adapter(spec: ModelSpec, device: str = "cpu", dtype: str = "float32") -
 def run_encode(
     adapter: ModelAdapter, texts: Sequence[str], settings: EncodeSettings
 ) -> list[EncodeOutput]:
-    """format -> tokenize -> collate -> encode_batch, as one batch."""
+    """prepare (templates, tokenize) -> collate -> encode_batch, as one batch."""
     import torch
 
     adapter.check_settings(settings)
-    formatted = [adapter.format_text(t, settings) for t in texts]
-    tokens = adapter.tokenize(formatted, settings)
+    tokens = adapter.prepare([InputItem(text=t) for t in texts], settings)
     with torch.inference_mode():
         return adapter.encode_batch(adapter.collate(tokens, settings), settings)

@@ -316,6 +316,22 @@ async def test_output_dtypes(stub: Any, dtype: str, enum: int) -> None:
         (request("tiny/dense", TEXTS[:1], output_dtype="int4"), "unknown output_dtype"),
         (request("tiny/dense", ["t"] * 17), "exceed the limit of 16"),
         (request("tiny/colbert", TEXTS[:1], output_types=["dense"]), "does not produce dense"),
+        (
+            encode_pb2.EncodeRequest(
+                model="tiny/dense",
+                items=[common_pb2.Item(text="t", images=[common_pb2.ImageInput(data=b"\x89PNG")])],
+            ),
+            "accepts text only",
+        ),
+        (
+            encode_pb2.EncodeRequest(
+                model="tiny/dense",
+                items=[
+                    common_pb2.Item(document=common_pb2.DocumentInput(data=b"%PDF", format="pdf"))
+                ],
+            ),
+            "does not parse documents",
+        ),
     ],
 )
 async def test_invalid_input(stub: Any, req: encode_pb2.EncodeRequest, fragment: str) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sie_server.adapters.base import EncodeOutput, EncodeSettings, LoadTarget
+from sie_server.adapters.base import EncodeOutput, EncodeSettings, InputItem, LoadTarget
 from sie_server.engine.encode import EncodeCall, EncodeRunner, run_encode
 from sie_server.engine.executor import BatchExecutor, BatchStats, ExecutorConfig
 from sie_server.engine.work import WorkItem
@@ -347,7 +347,7 @@ async def test_64_concurrent_callers_share_forward_passes(
             outcome = await run_encode(
                 adapter,
                 executor,
-                EncodeCall(texts=[text], settings=DOCS),
+                EncodeCall(items=[InputItem(text=text)], settings=DOCS),
                 tokenizer_pool=tokenizer_pool,
                 postprocess_pool=tokenizer_pool,
             )

@@ -53,6 +53,20 @@ def _freeze(value: Any) -> Any:
     return value
 
 
+@dataclass(frozen=True, slots=True)
+class ImageData:
+    data: bytes
+    format: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class InputItem:
+    """One request item as the engine sees it (transport-neutral)."""
+
+    text: str | None = None
+    images: tuple[ImageData, ...] = ()
+
+
 @dataclass(slots=True)
 class TokenizedText:
     """One item after tokenization: ids with special tokens, cut at max length."""
@@ -116,7 +130,22 @@ class ModelAdapter(ABC):
         """Bytes held by parameters and buffers (0 when unknown)."""
         return 0
 
-    # ---- text preparation (tokenizer pool) ----------------------------------------------
+    # ---- input preparation (tokenizer pool) ---------------------------------------------
+    def prepare(self, items: Sequence[InputItem], settings: EncodeSettings) -> list[TokenizedText]:
+        """Turn request items into costed payloads. Text families use this default (templates,
+        then ``tokenize``); multimodal families override it to decode and preprocess images
+        here, off the event loop and off the model thread."""
+        texts: list[str] = []
+        for index, item in enumerate(items):
+            if item.images:
+                raise InvalidInput(
+                    f"item {index}: model {self.spec.name} accepts text only", model=self.spec.name
+                )
+            if item.text is None:
+                raise InvalidInput(f"item {index} has no text", model=self.spec.name)
+            texts.append(self.format_text(item.text, settings))
+        return self.tokenize(texts, settings)
+
     def format_text(self, text: str, settings: EncodeSettings) -> str:
         """Apply instruction and query/document templates from the options.
 

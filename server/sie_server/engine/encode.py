@@ -1,4 +1,5 @@
-"""The encode pipeline of one request: resolve settings, tokenize off the loop, batch, convert.
+"""The encode pipeline of one request: resolve settings, prepare (tokenize) off the loop, batch,
+convert.
 
 Transport-agnostic: servicers turn protos into ``EncodeCall`` and ``EncodeOutcome`` back.
 """
@@ -15,7 +16,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from sie_server.adapters.base import EncodeOutput, EncodeSettings, ModelAdapter, TokenizedText
+from sie_server.adapters.base import (
+    EncodeOutput,
+    EncodeSettings,
+    InputItem,
+    ModelAdapter,
+    TokenizedText,
+)
 from sie_server.catalog import ModelSpec
 from sie_server.catalog.spec import OUTPUT_TYPES
 from sie_server.engine.executor import BatchExecutor
@@ -27,7 +34,7 @@ from sie_server.errors import InvalidInput, SIEServerError
 class EncodeCall:
     """One validated encode request."""
 
-    texts: Sequence[str]
+    items: Sequence[InputItem]
     settings: EncodeSettings
     output_dtype: str = "float32"
     deadline: float | None = None  # time.monotonic() seconds
@@ -128,12 +135,6 @@ class EncodeRunner:
         return list(self.adapter.encode_batch(inputs, self.settings))
 
 
-def tokenize(
-    adapter: ModelAdapter, texts: Sequence[str], settings: EncodeSettings
-) -> list[TokenizedText]:
-    return adapter.tokenize([adapter.format_text(t, settings) for t in texts], settings)
-
-
 async def run_encode(
     adapter: ModelAdapter,
     executor: BatchExecutor,
@@ -147,9 +148,7 @@ async def run_encode(
     adapter.check_settings(call.settings)
     executor.check_capacity()
 
-    tokens = await loop.run_in_executor(
-        tokenizer_pool, tokenize, adapter, call.texts, call.settings
-    )
+    tokens = await loop.run_in_executor(tokenizer_pool, adapter.prepare, call.items, call.settings)
     tokenized = time.perf_counter()
 
     work = executor.submit(

@@ -18,11 +18,11 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sie_server.adapters.base import EncodeSettings, LoadTarget, ModelAdapter
+from sie_server.adapters.base import EncodeSettings, InputItem, LoadTarget, ModelAdapter
 from sie_server.adapters.registry import adapter_class, create_adapter
 from sie_server.catalog import Catalog, ModelSpec
 from sie_server.device import Placement
-from sie_server.engine.encode import EncodeCall, EncodeOutcome, EncodeRunner, run_encode, tokenize
+from sie_server.engine.encode import EncodeCall, EncodeOutcome, EncodeRunner, run_encode
 from sie_server.engine.executor import BatchExecutor, BatchStats, ExecutorConfig
 from sie_server.errors import (
     InvalidInput,
@@ -224,4 +224,4 @@ def _warm_up(adapter: ModelAdapter, spec: ModelSpec) -> None:
     profile = spec.profile(None)
     settings = EncodeSettings(output_types=profile.output_types, options=dict(profile.options))
     runner = EncodeRunner(adapter, settings)
-    runner.run(runner.collate(tokenize(adapter, ["warm up"], settings)))
+    runner.run(runner.collate(adapter.prepare([InputItem(text="warm up")], settings)))

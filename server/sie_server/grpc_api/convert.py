@@ -10,6 +10,7 @@ from google.protobuf import json_format, struct_pb2
 from sie_sdk.tensors import DTYPE_BY_NAME, to_tensor
 from sie_sdk.v1 import common_pb2, encode_pb2, models_pb2
 
+from sie_server.adapters.base import ImageData, InputItem
 from sie_server.catalog import ModelSpec
 from sie_server.engine.encode import EncodeCall, EncodeOutcome, ItemResult, Timing, resolve_settings
 from sie_server.engine.registry import ModelEntry, ModelState
@@ -35,15 +36,18 @@ def encode_call(
             f"{len(request.items)} items exceed the limit of {max_items} per request",
             model=spec.name,
         )
-    texts: list[str] = []
     for index, item in enumerate(request.items):
-        if (item.images or item.HasField("document")) and "image" not in spec.inputs:
+        if item.HasField("document"):
             raise InvalidInput(
-                f"item {index}: model {spec.name} accepts text only", model=spec.name
+                f"item {index}: model {spec.name} does not parse documents", model=spec.name
             )
-        if not item.HasField("text"):
-            raise InvalidInput(f"item {index} has no text", model=spec.name)
-        texts.append(item.text)
+    items = [
+        InputItem(
+            text=item.text if item.HasField("text") else None,
+            images=tuple(ImageData(image.data, image.format) for image in item.images),
+        )
+        for item in request.items
+    ]
     params = request.params
     settings, dtype = resolve_settings(
         spec,
@@ -53,7 +57,7 @@ def encode_call(
         options=struct_to_dict(params.options),
         output_dtype=params.output_dtype,
     )
-    return EncodeCall(texts=texts, settings=settings, output_dtype=dtype, deadline=deadline)
+    return EncodeCall(items=items, settings=settings, output_dtype=dtype, deadline=deadline)
 
 
 def timing_pb(timing: Timing) -> common_pb2.Timing:
