@@ -107,6 +107,9 @@ def test_bad_catalog_entries_name_the_field(change: dict[str, object], message: 
 
 def test_weights_path_is_relative_to_the_yaml(tmp_path: Path) -> None:
     spec = parse_spec({**BASE, "weights_path": "weights"}, source_file=tmp_path / "m.yaml")
+    with pytest.raises(CatalogError, match="is not a folder"):
+        spec.weights_source()
+    (tmp_path / "weights").mkdir()
     assert spec.weights_source() == str(tmp_path / "weights")
 
 

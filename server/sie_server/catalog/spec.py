@@ -77,6 +77,8 @@ class ModelSpec:
     def weights_source(self) -> str:
         """Where ``from_pretrained`` loads from: a local folder or a hub id."""
         if self.weights_path is not None:
+            if not self.weights_path.is_dir():
+                raise CatalogError(f"{self.name}: weights_path {self.weights_path} is not a folder")
             return str(self.weights_path)
         if self.weights_package is not None:
             local = _package_folder(self.weights_package)

@@ -29,6 +29,7 @@ from sie_server.config import Settings
 from sie_server.device import resolve_placement
 from sie_server.engine.executor import ExecutorConfig
 from sie_server.engine.registry import EngineConfig, ModelRegistry
+from sie_server.errors import SIEServerError
 from sie_server.grpc_api.servicers import (
     EncodeServicer,
     ExtractServicer,
@@ -152,7 +153,12 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     for name in settings.preload:
         log.info("preloading %s", name)
-        await registry.load(name)
+        try:
+            await registry.load(name)
+        except SIEServerError as exc:
+            log.error("preload failed, exiting: %s", exc.message)
+            await running.stop(0)
+            raise SystemExit(1) from None
     await running.set_serving(True)
     log.info(
         "ready: %d models in the catalog, %d preloaded",
