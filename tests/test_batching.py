@@ -74,6 +74,8 @@ def brute_force_rank(costs: list[int], must: int, limits: BatchLimits) -> tuple[
             if count > 1 and costs[hi] * count > limits.max_batch_tokens:
                 continue
             padding = costs[hi] * count - sum(costs[lo : hi + 1])
+            if count > 1 and padding > limits.max_padding * costs[hi] * count:
+                continue
             best = max(best, (count, -padding))
     return best
 
@@ -83,13 +85,15 @@ def test_best_window_is_the_largest_then_tightest_window_holding_the_oldest() ->
     for _ in range(400):
         costs = sorted(rng.randint(1, 60) for _ in range(rng.randint(1, 24)))
         must = rng.randrange(len(costs))
-        limits = BatchLimits(rng.randint(20, 300), rng.randint(1, 10))
+        cap = rng.choice([1.0, 0.5, 0.15, 0.0])
+        limits = BatchLimits(rng.randint(20, 300), rng.randint(1, 10), cap)
         lo, hi = _best_window(costs, must, limits)
         assert lo <= must <= hi
         count = hi - lo + 1
         assert count <= limits.max_batch_items
         assert count == 1 or costs[hi] * count <= limits.max_batch_tokens
         padding = costs[hi] * count - sum(costs[lo : hi + 1])
+        assert count == 1 or padding <= cap * costs[hi] * count
         assert (count, -padding) == brute_force_rank(costs, must, limits), (costs, must, limits)
 
 

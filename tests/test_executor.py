@@ -88,6 +88,9 @@ async def running(
     on_batch: Callable[[BatchStats], None] | None = None,
     **config: Any,
 ) -> AsyncIterator[BatchExecutor]:
+    # These tests are about the executor's mechanics; the padding cap of the batching policy
+    # (tests/test_batching.py) would split the fake's varied lengths, so it is off unless asked.
+    config = {"max_batch_padding": 1.0, **config}
     executor = BatchExecutor("fake/model", ExecutorConfig(**config), pool, on_batch=on_batch)
     executor.start()
     try:

@@ -31,6 +31,7 @@ class Settings:
     # Batching and admission.
     max_batch_tokens: int = 16384
     max_batch_items: int = 64
+    max_batch_padding: float = 0.15
     max_pending_tokens: int = 262144
     max_pending_items: int = 8192
     max_items_per_request: int = 1024
@@ -64,6 +65,11 @@ _OPTIONS: tuple[tuple[str, type, str], ...] = (
     ("dtype", str, "auto, float32, bfloat16, float16"),
     ("max-batch-tokens", int, "token budget of one batch, padded (longest x count)"),
     ("max-batch-items", int, "items in one batch at most"),
+    (
+        "max-batch-padding",
+        float,
+        "largest share of a batch's padded tokens that may be padding (1 = no cap)",
+    ),
     ("max-pending-tokens", int, "admitted tokens per model before QUEUE_FULL"),
     ("max-pending-items", int, "admitted items per model before QUEUE_FULL"),
     ("max-items-per-request", int, "items in one request at most"),

@@ -5,8 +5,10 @@
   item starves.
 * Within the group, items are sorted by cost (token count) and the batch is a contiguous window
   of that order: similar lengths, little padding.
-* The window respects the token budget on *padded* cost (longest x count) and the item cap, and
-  among the windows holding the oldest item it takes the most items, then the least padding.
+* The window respects the token budget on *padded* cost (longest x count), the item cap and the
+  padding cap (padding at most ``max_padding`` of the padded tokens), and among the windows
+  holding the oldest item it takes the most items, then the least padding. Items left out wait
+  for a batch of lengths like theirs.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from sie_server.engine.work import WorkItem
 class BatchLimits:
     max_batch_tokens: int
     max_batch_items: int
+    #: Largest share of a batch's padded tokens that may be padding (1.0: no cap).
+    max_padding: float = 1.0
 
 
 @dataclass(slots=True)
@@ -105,19 +109,22 @@ class PendingQueue:
 
 def _best_window(costs: list[int], must: int, limits: BatchLimits) -> tuple[int, int]:
     """The window [lo, hi] of sorted ``costs`` holding index ``must`` with the most items under
-    the limits (padded cost = costs[hi] * count), then the least padding."""
+    the limits (padded cost = costs[hi] * count), then the least padding. A window of one is
+    always allowed. The scan is bounded by the item cap: O(max_batch_items^2) at worst."""
     prefix = [0, *accumulate(costs)]
     best = (must, must)
-    best_rank = (1, -costs[must])
-    for hi in range(must, len(costs)):
+    best_rank = (1, 0)
+    for hi in range(must, min(len(costs), must + limits.max_batch_items)):
         by_tokens = max(1, limits.max_batch_tokens // max(costs[hi], 1))
         width = min(by_tokens, limits.max_batch_items)
-        lo = max(0, hi - width + 1)
-        if lo > must:
-            break  # longer items only shrink the window further
-        count = hi - lo + 1
-        padding = costs[hi] * count - (prefix[hi + 1] - prefix[lo])
-        rank = (count, -padding)
-        if rank > best_rank:
-            best, best_rank = (lo, hi), rank
+        # Fewer, longer items pad less: the first lo under the padding cap is the widest.
+        for lo in range(max(0, hi - width + 1), must + 1):
+            count = hi - lo + 1
+            padded = costs[hi] * count
+            padding = padded - (prefix[hi + 1] - prefix[lo])
+            if count == 1 or padding <= limits.max_padding * padded:
+                rank = (count, -padding)
+                if rank > best_rank:
+                    best, best_rank = (lo, hi), rank
+                break
     return best

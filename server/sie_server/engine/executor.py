@@ -47,6 +47,8 @@ T = TypeVar("T")
 class ExecutorConfig:
     max_batch_tokens: int = 16384
     max_batch_items: int = 64
+    #: Largest share of a batch's padded tokens that may be padding (1.0: no cap).
+    max_batch_padding: float = 0.15
     #: Admission bound: tokens admitted and not yet resolved, per model.
     max_pending_tokens: int = 262144
     max_pending_items: int = 8192
@@ -55,7 +57,7 @@ class ExecutorConfig:
 
     @property
     def limits(self) -> BatchLimits:
-        return BatchLimits(self.max_batch_tokens, self.max_batch_items)
+        return BatchLimits(self.max_batch_tokens, self.max_batch_items, self.max_batch_padding)
 
 
 @dataclass(frozen=True, slots=True)

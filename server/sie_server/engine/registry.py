@@ -188,6 +188,7 @@ class ModelRegistry:
         return ExecutorConfig(
             max_batch_tokens=spec.max_batch_tokens or base.max_batch_tokens,
             max_batch_items=spec.max_batch_items or base.max_batch_items,
+            max_batch_padding=base.max_batch_padding,
             max_pending_tokens=base.max_pending_tokens,
             max_pending_items=base.max_pending_items,
             queue_full_retry_s=base.queue_full_retry_s,

@@ -84,6 +84,7 @@ def build_registry(settings: Settings) -> ModelRegistry:
         executor=ExecutorConfig(
             max_batch_tokens=settings.max_batch_tokens,
             max_batch_items=settings.max_batch_items,
+            max_batch_padding=settings.max_batch_padding,
             max_pending_tokens=settings.max_pending_tokens,
             max_pending_items=settings.max_pending_items,
         ),
