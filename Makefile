@@ -56,6 +56,7 @@ lint: $(DEV_STAMP)
 
 types: $(DEV_STAMP)
 	$(PY) -m mypy
+	$(PY) -m mypy --strict bench/encode_bench.py bench/bench_*.py
 
 $(BUF):
 	npm install --silent --no-audit --no-fund --no-save --prefix .tools @bufbuild/buf@$(BUF_VERSION)
