@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +43,10 @@ def put_in_hub_cache(cache: Path, repo_id: str, files: Path) -> None:
     (repo / "refs" / "main").write_text(revision)
 
 
-def run_offline(cache: Path, entry: dict[str, object]) -> dict[str, object]:
+def load_offline(cache: Path, entry: dict[str, object]) -> subprocess.CompletedProcess[str]:
+    """Load ``entry`` in a fresh process whose HF cache is ``cache``, offline."""
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", SCRIPT, json.dumps(entry)],
         capture_output=True,
         text=True,
@@ -53,51 +55,54 @@ def run_offline(cache: Path, entry: dict[str, object]) -> dict[str, object]:
         timeout=120,
         check=False,
     )
+
+
+def run_offline(cache: Path, entry: dict[str, object]) -> dict[str, object]:
+    result = load_offline(cache, entry)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-def test_dense_model_loads_by_hub_id_from_the_offline_cache(tmp_path: Path) -> None:
-    files = dense.build_tiny_dense(tmp_path / "build")
-    cache = tmp_path / "hub"
-    put_in_hub_cache(cache, "tiny-org/tiny-dense", files)
-    entry = {
-        "name": "tiny-org/tiny-dense",
-        "adapter": "dense",
-        "hf_id": "tiny-org/tiny-dense",
-        "max_sequence_length": 128,
-        "outputs": {"dense": {"dims": dense.HIDDEN}},
-    }
-    got = run_offline(cache, entry)
-    assert got["source"] == "tiny-org/tiny-dense"
-    # Pooling and normalization came from the cached sentence-transformers files.
-    want = dense.reference_dense(files, ["Hello, world!"])[0]
-    np.testing.assert_allclose(np.asarray(got["dense"]), want, atol=1e-5)
+def dense_reference(files: Path) -> np.ndarray:
+    # Pooling and normalization come from the cached sentence-transformers files.
+    return dense.reference_dense(files, ["Hello, world!"])[0]
 
 
-def test_bge_m3_heads_load_from_the_offline_cache(tmp_path: Path) -> None:
-    files = bge_m3.build_tiny_bge_m3(tmp_path / "build")
+def bge_m3_reference(files: Path) -> np.ndarray:
+    return np.asarray(bge_m3.reference_bge_m3(files, ["Hello, world!"], 128)[0]["dense"])
+
+
+@pytest.mark.parametrize(
+    ("adapter", "build", "dims", "reference"),
+    [
+        ("dense", dense.build_tiny_dense, dense.HIDDEN, dense_reference),
+        ("bge_m3", bge_m3.build_tiny_bge_m3, bge_m3.HIDDEN, bge_m3_reference),
+    ],
+)
+def test_model_loads_by_hub_id_from_the_offline_cache(
+    tmp_path: Path,
+    adapter: str,
+    build: Callable[[Path], Path],
+    dims: int,
+    reference: Callable[[Path], np.ndarray],
+) -> None:
+    files = build(tmp_path / "build")
+    repo_id = f"tiny-org/tiny-{adapter}"
     cache = tmp_path / "hub"
-    put_in_hub_cache(cache, "tiny-org/tiny-bge-m3", files)
+    put_in_hub_cache(cache, repo_id, files)
     entry = {
-        "name": "tiny-org/tiny-bge-m3",
-        "adapter": "bge_m3",
-        "hf_id": "tiny-org/tiny-bge-m3",
+        "name": repo_id,
+        "adapter": adapter,
+        "hf_id": repo_id,
         "max_sequence_length": 128,
-        "outputs": {"dense": {"dims": bge_m3.HIDDEN}},
+        "outputs": {"dense": {"dims": dims}},
     }
     got = run_offline(cache, entry)
-    want = bge_m3.reference_bge_m3(files, ["Hello, world!"], 128)[0]["dense"]
-    np.testing.assert_allclose(np.asarray(got["dense"]), want, atol=1e-5)
+    assert got["source"] == repo_id
+    np.testing.assert_allclose(np.asarray(got["dense"]), reference(files), atol=1e-5)
 
 
 def test_missing_model_offline_fails_clearly(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "HF_HUB_CACHE": str(tmp_path),
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(ROOT),
-    }
     entry = {
         "name": "nobody/nothing",
         "adapter": "dense",
@@ -105,14 +110,6 @@ def test_missing_model_offline_fails_clearly(tmp_path: Path) -> None:
         "max_sequence_length": 8,
         "outputs": {"dense": {"dims": 4}},
     }
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps(entry)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=120,
-        check=False,
-    )
+    result = load_offline(tmp_path, entry)
     assert result.returncode != 0
     assert "offline mode" in result.stderr  # not a network timeout: a clear offline miss

@@ -53,6 +53,7 @@ class ModelEntry:
     failed_at: float = 0.0
     load_task: asyncio.Task[None] | None = field(default=None, repr=False)
     memory_bytes: int = 0
+    tasks: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,10 +91,12 @@ class ModelRegistry:
 
     def require_task(self, name: str, task: str) -> ModelSpec:
         """The spec of a model whose adapter family serves ``task`` (else InvalidInput)."""
-        spec = self.entry(name).spec
-        if task not in adapter_class(spec.adapter).tasks:
+        entry = self.entry(name)
+        if entry.tasks is None:  # resolved once; adapter modules import no torch at import time
+            entry.tasks = adapter_class(entry.spec.adapter).tasks
+        if task not in entry.tasks:
             raise InvalidInput(f"model {name} does not support {task}", model=name)
-        return spec
+        return entry.spec
 
     def ready(self, name: str) -> tuple[ModelAdapter, BatchExecutor]:
         """The loaded model, or a retryable ModelLoading after starting its load."""
