@@ -46,7 +46,7 @@ from bench_load import LoadResult, concurrent_load, paired_latency, server_vecto
 from bench_report import render, summarize_targets, write_json
 from bench_server import ServerProcess
 
-DEFAULT_CORPUS = ROOT.parent / "shared/data/bench-texts.json"
+DEFAULT_CORPUS = ROOT / "bench/data/bench-texts.json"
 DEFAULT_OUT = ROOT / "bench/results/latest.json"
 SEED = 1234
 

@@ -25,15 +25,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
-from sie_server.adapters.base import (
-    F32,
-    EncodeOutput,
-    EncodeSettings,
-    LoadTarget,
-    ModelAdapter,
-    TokenizedText,
-)
+from sie_server.adapters.base import Encoder, require_texts
 from sie_server.catalog import ModelSpec
+from sie_server.domain import F32, EncodeOutput, InputItem, LoadTarget, TokenizedText
+from sie_server.tasks.encode import EncodeSettings, format_text
 
 BOS, EOS = 1, 2
 VOCAB = 30000
@@ -79,7 +74,7 @@ class ForwardPass:
     outcome: str
 
 
-class FakeAdapter(ModelAdapter):
+class FakeAdapter(Encoder[TokenizedText]):
     output_types: ClassVar[frozenset[str]] = frozenset({"dense"})
 
     def __init__(self, spec: ModelSpec) -> None:
@@ -123,19 +118,26 @@ class FakeAdapter(ModelAdapter):
     def load(self, target: LoadTarget) -> None:
         self.loaded = True
 
-    def tokenize(self, texts: Sequence[str], settings: EncodeSettings) -> list[TokenizedText]:
+    def tokenize(self, texts: Sequence[str]) -> list[TokenizedText]:
         out = []
         for text in texts:
             ids, truncated = token_ids(text, self.max_length)
             out.append(TokenizedText(ids, truncated=truncated, extra=text))
         return out
 
-    def collate(self, batch: Sequence[TokenizedText], settings: EncodeSettings) -> Any:
+    def prepare_encode(
+        self, items: Sequence[InputItem], settings: EncodeSettings
+    ) -> list[TokenizedText]:
+        texts = require_texts(items, self.spec.name)
+        return self.tokenize([format_text(t, settings) for t in texts])
+
+    def collate_encode(self, payloads: Sequence[TokenizedText], settings: EncodeSettings) -> Any:
         return FakeInputs(
-            texts=tuple(str(t.extra) for t in batch), ids=tuple(tuple(t.input_ids) for t in batch)
+            texts=tuple(str(t.extra) for t in payloads),
+            ids=tuple(tuple(t.input_ids) for t in payloads),
         )
 
-    def encode_batch(self, inputs: Any, settings: EncodeSettings) -> list[EncodeOutput]:
+    def run_encode(self, inputs: Any, settings: EncodeSettings) -> list[EncodeOutput]:
         assert isinstance(inputs, FakeInputs)
         with self._lock:
             self._started += 1

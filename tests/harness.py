@@ -6,15 +6,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sie_server.adapters.base import (
-    EncodeOutput,
-    EncodeSettings,
-    InputItem,
-    LoadTarget,
-    ModelAdapter,
-)
+from sie_server.adapters.base import Encoder, ModelAdapter
 from sie_server.adapters.registry import create_adapter
 from sie_server.catalog.spec import ModelSpec, parse_spec
+from sie_server.domain import EncodeOutput, InputItem, LoadTarget, TokenizedText
+from sie_server.tasks.encode import EncodeSettings
 
 
 def make_spec(
@@ -46,13 +42,25 @@ def load_adapter(spec: ModelSpec, device: str = "cpu", dtype: str = "float32") -
     return adapter
 
 
+def encoder(adapter: ModelAdapter) -> Encoder[TokenizedText]:
+    assert isinstance(adapter, Encoder)
+    return adapter
+
+
+def prepare(
+    adapter: ModelAdapter, texts: Sequence[str], settings: EncodeSettings
+) -> list[TokenizedText]:
+    """The encode payloads (templates, tokens) of ``texts``, as the tokenizer pool makes them."""
+    return encoder(adapter).prepare_encode([InputItem(text=t) for t in texts], settings)
+
+
 def run_encode(
     adapter: ModelAdapter, texts: Sequence[str], settings: EncodeSettings
 ) -> list[EncodeOutput]:
-    """prepare (templates, tokenize) -> collate -> encode_batch, as one batch."""
+    """prepare (templates, tokenize) -> collate -> run, as one batch."""
     import torch
 
-    adapter.check_settings(settings)
-    tokens = adapter.prepare([InputItem(text=t) for t in texts], settings)
+    model = encoder(adapter)
+    tokens = model.prepare_encode([InputItem(text=t) for t in texts], settings)
     with torch.inference_mode():
-        return adapter.encode_batch(adapter.collate(tokens, settings), settings)
+        return model.run_encode(model.collate_encode(tokens, settings), settings)

@@ -16,6 +16,7 @@ from sie_sdk.tensors import from_tensor
 from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc
 
 from tests.server_utils import ServerHandle, serving
+from tests.texts import corpus
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -56,11 +57,7 @@ async def test_hello_world_equals_sentence_transformers(
 async def test_batch_equals_sentence_transformers(
     server: ServerHandle, reference_model: Any
 ) -> None:
-    import json
-    from pathlib import Path
-
-    corpus = json.loads((Path(__file__).parents[2] / "shared/data/bench-texts.json").read_text())
-    texts = corpus["short"][:8] + corpus["medium"][:8] + corpus["long"][:4]
+    texts = corpus()["short"][:8] + corpus()["medium"][:8] + corpus()["long"][:4]
     got = await encode(server, texts)
     want = reference_model.encode(texts)
     np.testing.assert_allclose(got, want, atol=2e-5)
@@ -126,15 +123,26 @@ async def test_status_stream_reports_the_loaded_model(server: ServerHandle) -> N
     assert snapshots[1].timestamp > first.timestamp
 
 
-async def test_score_on_an_embedding_model_is_invalid(server: ServerHandle) -> None:
+async def test_scoring_ranks_the_relevant_text_first(server: ServerHandle) -> None:
+    """The embedded model scores by cosine (so `make run` can score), as sentence-transformers'
+    cos_sim of the same vectors would, and ranks the relevant text first."""
     from sie_sdk.v1 import score_pb2, score_pb2_grpc
 
     stub = score_pb2_grpc.ScoreServiceStub(server.channel)
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.Score(
-            score_pb2.ScoreRequest(
-                model=MODEL, query=common_pb2.Item(text="q"), items=[common_pb2.Item(text="d")]
-            )
+    query = "What is machine learning?"
+    docs = ["The weather is sunny today.", "ML uses algorithms to learn from data."]
+    response = await stub.Score(
+        score_pb2.ScoreRequest(
+            model=MODEL,
+            query=common_pb2.Item(id="q", text=query),
+            items=[common_pb2.Item(id="weather", text=docs[0]), common_pb2.Item(text=docs[1])],
         )
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "does not support score" in (caught.value.details() or "")
+    )
+    assert response.query_id == "q"
+    assert [(s.item_id, s.rank) for s in response.scores] == [("item-1", 0), ("weather", 1)]
+    vectors = await encode(server, [query, *docs])
+    cosines = vectors[1:] @ vectors[0]
+    by_id = {s.item_id: s.score for s in response.scores}
+    assert by_id["weather"] == pytest.approx(float(cosines[0]), abs=1e-5)
+    assert by_id["item-1"] == pytest.approx(float(cosines[1]), abs=1e-5)
+    assert by_id["item-1"] > by_id["weather"] + 0.2

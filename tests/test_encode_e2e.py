@@ -14,7 +14,7 @@ import pytest
 import pytest_asyncio
 from sie_sdk.tensors import from_tensor
 from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc, models_pb2, models_pb2_grpc
-from sie_server.engine.output_dtype import convert
+from sie_server.tasks.output_dtype import convert
 
 from tests.server_utils import ServerHandle, error_info, serving, write_catalog_entry
 from tests.tiny_models import bge_m3, colbert, dense, splade

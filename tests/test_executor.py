@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sie_server.adapters.base import EncodeOutput, EncodeSettings, InputItem, LoadTarget
-from sie_server.engine.encode import EncodeCall, EncodeRunner, run_encode
+from sie_server.domain import EncodeOutput, InputItem, LoadTarget
 from sie_server.engine.executor import BatchExecutor, BatchStats, ExecutorConfig
+from sie_server.engine.pipeline import run_job
 from sie_server.engine.work import WorkItem
 from sie_server.errors import (
     DeadlineExceeded,
@@ -30,6 +30,7 @@ from sie_server.errors import (
     ResourceExhausted,
     ShuttingDown,
 )
+from sie_server.tasks.encode import EncodeCall, EncodeSettings
 
 from tests.fakes import FakeAdapter, OutOfMemoryError, expected_vector
 from tests.harness import make_spec
@@ -42,6 +43,20 @@ HANG_GUARD_S = 10.0
 
 
 # ---- fixtures and helpers -----------------------------------------------------------------------
+
+
+class EncodeRunner:
+    """The fake adapter's encode hooks bound to fixed settings (tests subclass it to misbehave)."""
+
+    def __init__(self, adapter: FakeAdapter, settings: EncodeSettings) -> None:
+        self.adapter = adapter
+        self.settings = settings
+
+    def collate(self, payloads: Sequence[Any]) -> Any:
+        return self.adapter.collate_encode(payloads, self.settings)
+
+    def run(self, inputs: Any) -> list[Any]:
+        return list(self.adapter.run_encode(inputs, self.settings))
 
 
 @pytest.fixture(autouse=True)
@@ -108,7 +123,7 @@ def submit(
     runner: EncodeRunner | None = None,
     deadline: float | None = None,
 ) -> list[WorkItem]:
-    tokens = adapter.tokenize(texts, settings)
+    tokens = adapter.tokenize(texts)
     return executor.submit(
         [(t, t.cost) for t in tokens],
         key=("encode", settings.batch_key()),
@@ -347,14 +362,15 @@ async def test_64_concurrent_callers_share_forward_passes(
     async with running(prep_pool) as executor:
 
         async def caller(text: str) -> list[float]:
-            outcome = await run_encode(
-                adapter,
+            call = EncodeCall(items=[InputItem(text=text)], settings=DOCS)
+            outcome = await run_job(
                 executor,
-                EncodeCall(items=[InputItem(text=text)], settings=DOCS),
-                tokenizer_pool=tokenizer_pool,
-                postprocess_pool=tokenizer_pool,
+                lambda: adapter.encode_job(call),
+                deadline=None,
+                prepare_pool=tokenizer_pool,
+                finish_pool=tokenizer_pool,
             )
-            (result,) = outcome.items
+            (result,) = outcome.result
             assert result.num_tokens == len(text.split()) + 2
             assert result.dense is not None
             return list(result.dense.tolist())

@@ -22,8 +22,8 @@ pytestmark = pytest.mark.slow
 SCRIPT = """
 import json, sys
 import numpy as np
-from sie_server.adapters.base import EncodeSettings
-from tests.harness import load_adapter, make_spec, run_encode
+from sie_server.tasks.encode import EncodeSettings
+from tests.harness import load_adapter, make_spec, prepare, run_encode
 from sie_server.catalog.spec import parse_spec
 
 raw = json.loads(sys.argv[1])

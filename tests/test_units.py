@@ -13,7 +13,7 @@ from sie_sdk.v1 import common_pb2
 from sie_server.catalog import BUILTIN_CATALOG_DIR, CatalogError, load_catalog
 from sie_server.catalog.spec import parse_spec
 from sie_server.config import Settings, load_settings
-from sie_server.engine.output_dtype import convert, sparse_dtype
+from sie_server.tasks.output_dtype import convert, sparse_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,7 @@ BASE = {
         ({"name": ""}, "'name'"),
         ({"max_sequence_length": 0}, "max_sequence_length"),
         ({"outputs": {"colour": {"dims": 4}}}, "unknown output type 'colour'"),
-        ({"outputs": {"dense": {}}}, "outputs.dense needs an integer 'dims'"),
+        ({"outputs": {"dense": {}}}, "outputs.dense needs a positive integer 'dims'"),
         ({"profiles": {"p": {"output_types": ["sparse"]}}}, "not among the outputs"),
         ({"default_profile": "zzz"}, "default_profile"),
         ({"hf_id": None}, "one of 'hf_id', 'weights_path' or 'weights_package'"),

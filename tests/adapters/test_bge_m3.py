@@ -7,13 +7,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from sie_server.adapters.base import EncodeOutput, EncodeSettings, ModelAdapter
+from sie_server.adapters.base import ModelAdapter
 from sie_server.adapters.bge_m3 import BGEM3Adapter
 from sie_server.adapters.hf import parameter_bytes
 from sie_server.catalog import BUILTIN_CATALOG_DIR, load_catalog
+from sie_server.domain import EncodeOutput, InputItem
 from sie_server.errors import InvalidInput
+from sie_server.tasks.encode import EncodeParams, EncodeSettings, resolve_encode
 
-from tests.harness import load_adapter, make_spec, run_encode
+from tests.harness import load_adapter, make_spec, prepare, run_encode
 from tests.tiny_models.bge_m3 import HIDDEN, build_tiny_bge_m3, reference_bge_m3
 
 MAX_LEN = 128
@@ -99,7 +101,7 @@ def test_sparse_drops_special_tokens_and_keeps_max_per_token(
 ) -> None:
     tokenizer = adapter.tokenizer  # type: ignore[attr-defined]
     text = TEXTS[3]
-    ids = adapter.tokenize([text], EncodeSettings(output_types=("sparse",)))[0].input_ids
+    ids = prepare(adapter, [text], EncodeSettings(output_types=("sparse",)))[0].input_ids
     assert tokenizer.unk_token_id in ids, "the test text must contain an unknown token"
     assert len(set(ids)) < len(ids), "the test text must repeat a token"
     (out,) = run_encode(adapter, [text], EncodeSettings(output_types=("sparse",)))
@@ -139,7 +141,7 @@ def test_truncation(folder: Path) -> None:
     short = load_adapter(spec)
     long_text = TEXTS[2]
     settings = EncodeSettings(output_types=ALL)
-    tokens = short.tokenize([long_text, "x"], settings)
+    tokens = prepare(short, [long_text, "x"], settings)
     assert tokens[0].truncated
     assert tokens[0].cost == 8
     assert tokens[0].input_ids[0] == 0
@@ -154,10 +156,24 @@ def test_truncation(folder: Path) -> None:
     assert_sparse_equal(out, ref["sparse"])
 
 
-def test_check_settings_rejects_unknown_output_type(adapter: ModelAdapter) -> None:
-    adapter.check_settings(EncodeSettings(output_types=ALL))
+def test_unknown_output_type_is_refused_before_any_work(folder: Path) -> None:
+    spec = make_spec("tiny/bge-m3", "bge_m3", folder, {"dense": HIDDEN, "sparse": 1000})
     with pytest.raises(InvalidInput, match="colbert"):
-        adapter.check_settings(EncodeSettings(output_types=("dense", "colbert")))
+        resolve_encode(
+            spec,
+            [InputItem(text="x")],
+            EncodeParams(output_types=("dense", "colbert")),
+            accepted_options=(),
+            max_items=4,
+        )
+    with pytest.raises(InvalidInput, match="does not produce multivector"):
+        resolve_encode(
+            spec,
+            [InputItem(text="x")],
+            EncodeParams(output_types=("multivector",)),
+            accepted_options=(),
+            max_items=4,
+        )
 
 
 def test_missing_head_file_fails_load(folder: Path, tmp_path: Path) -> None:

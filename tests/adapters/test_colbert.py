@@ -6,11 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sie_server.adapters.base import EncodeSettings, ModelAdapter
-from sie_server.catalog import load_catalog
-from sie_server.errors import InvalidInput
+from sie_server.adapters.base import ModelAdapter
+from sie_server.adapters.registry import create_adapter
+from sie_server.catalog import CatalogError, load_catalog
+from sie_server.tasks.encode import EncodeSettings
 
-from tests.harness import load_adapter, make_spec, run_encode
+from tests.harness import load_adapter, make_spec, prepare, run_encode
 from tests.tiny_models.colbert import DIM, build_tiny_colbert, reference_colbert
 
 QUERY_MAXLEN = 12
@@ -80,7 +81,7 @@ def test_batch_padding_does_not_change_results(adapter: ModelAdapter) -> None:
 
 
 def test_query_is_mask_padded(adapter: ModelAdapter) -> None:
-    tokens = adapter.tokenize(["short"], QUERY)[0]
+    tokens = prepare(adapter, ["short"], QUERY)[0]
     tok = adapter.tokenizer  # type: ignore[attr-defined]
     marker = tok.convert_tokens_to_ids("[unused0]")
     assert tokens.input_ids[:2] == [tok.cls_token_id, marker]
@@ -96,7 +97,7 @@ def test_document_drops_punctuation_rows(adapter: ModelAdapter) -> None:
     # [CLS] [D] hello world [SEP]: the comma and the exclamation mark leave no rows.
     assert plain.multivector.shape == (5, DIM)
     assert punctuated.multivector.shape == (5, DIM)
-    tokens = adapter.tokenize(["hello, world!"], DOCUMENT)[0]
+    tokens = prepare(adapter, ["hello, world!"], DOCUMENT)[0]
     tok = adapter.tokenizer  # type: ignore[attr-defined]
     assert tokens.input_ids[1] == tok.convert_tokens_to_ids("[unused1]")
     assert len(tokens.input_ids) == 7
@@ -104,7 +105,7 @@ def test_document_drops_punctuation_rows(adapter: ModelAdapter) -> None:
 
 def test_long_document_is_truncated(adapter: ModelAdapter, folder: Path) -> None:
     text = " ".join(["retrieval"] * 100)
-    tokens = adapter.tokenize([text], DOCUMENT)[0]
+    tokens = prepare(adapter, [text], DOCUMENT)[0]
     assert tokens.truncated
     assert len(tokens.input_ids) == DOC_MAXLEN == tokens.cost
     assert tokens.input_ids[-1] == adapter.tokenizer.sep_token_id  # type: ignore[attr-defined]
@@ -117,7 +118,7 @@ def test_long_document_is_truncated(adapter: ModelAdapter, folder: Path) -> None
 
 def test_long_query_is_truncated(adapter: ModelAdapter, folder: Path) -> None:
     text = " ".join(["retrieval"] * 100)
-    tokens = adapter.tokenize([text], QUERY)[0]
+    tokens = prepare(adapter, [text], QUERY)[0]
     assert tokens.truncated
     assert len(tokens.input_ids) == QUERY_MAXLEN
     (out,) = run_encode(adapter, [text], QUERY)
@@ -134,9 +135,10 @@ def test_rows_are_unit_norm(adapter: ModelAdapter) -> None:
             np.testing.assert_allclose(norms, 1.0, atol=1e-5)
 
 
-def test_rejects_dense(adapter: ModelAdapter) -> None:
-    with pytest.raises(InvalidInput):
-        adapter.check_settings(EncodeSettings(output_types=("dense",)))
+def test_a_catalog_entry_with_dense_fails_to_load(folder: Path) -> None:
+    spec = make_spec("tiny-colbert-bad", "colbert", folder, {"multivector": DIM, "dense": DIM})
+    with pytest.raises(CatalogError, match="cannot produce dense"):
+        create_adapter(spec).check_spec()
 
 
 def test_memory_bytes_and_unload(folder: Path) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from sie_server.adapters.base import EncodeSettings
+from sie_server.tasks.encode import EncodeSettings
 
 from tests.harness import load_adapter, make_spec, run_encode
 from tests.tiny_models import bge_m3, colbert, dense

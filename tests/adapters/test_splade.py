@@ -6,12 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sie_server.adapters.base import EncodeOutput, EncodeSettings, ModelAdapter
+from sie_server.adapters.base import ModelAdapter
+from sie_server.adapters.registry import create_adapter
 from sie_server.adapters.splade import SpladeAdapter
-from sie_server.catalog import BUILTIN_CATALOG_DIR, load_catalog
-from sie_server.errors import InvalidInput
+from sie_server.catalog import BUILTIN_CATALOG_DIR, CatalogError, load_catalog
+from sie_server.domain import EncodeOutput
+from sie_server.tasks.encode import EncodeSettings
 
-from tests.harness import load_adapter, make_spec, run_encode
+from tests.harness import load_adapter, make_spec, prepare, run_encode
 from tests.tiny_models.splade import build_tiny_splade, reference_splade
 
 MAX_LEN = 128
@@ -68,7 +70,7 @@ def test_truncation(folder: Path) -> None:
         "tiny/splade-short", "splade", folder, {"sparse": VOCAB}, max_sequence_length=8
     )
     short = load_adapter(spec)
-    tokens = short.tokenize([TEXTS[2], "x"], SPARSE)
+    tokens = prepare(short, [TEXTS[2], "x"], SPARSE)
     assert tokens[0].truncated
     assert tokens[0].cost == 8
     assert tokens[0].input_ids[-1] == short.tokenizer.sep_token_id  # type: ignore[attr-defined]
@@ -78,11 +80,11 @@ def test_truncation(folder: Path) -> None:
     assert_sparse_equal(out, ref)
 
 
-def test_check_settings_rejects_other_output_types(adapter: ModelAdapter) -> None:
-    adapter.check_settings(SPARSE)
+def test_a_catalog_entry_with_outputs_splade_lacks_fails_to_load(folder: Path) -> None:
     for kind in ("dense", "multivector"):
-        with pytest.raises(InvalidInput, match=kind):
-            adapter.check_settings(EncodeSettings(output_types=("sparse", kind)))
+        spec = make_spec("tiny/splade-bad", "splade", folder, {"sparse": VOCAB, kind: 8})
+        with pytest.raises(CatalogError, match=f"cannot produce {kind}"):
+            create_adapter(spec).check_spec()
 
 
 def test_unload(folder: Path) -> None:

@@ -6,14 +6,14 @@ with its own code: it shares nothing with ``sie_server.adapters.bge_m3``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-BENCH_TEXTS = Path(__file__).parents[3] / "shared/data/bench-texts.json"
+from tests.texts import corpus
+
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # XLM-R ids 0..4
 HIDDEN = 32
 
@@ -23,7 +23,7 @@ def _train_tokenizer() -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import XLMRobertaTokenizerFast
 
-    data = json.loads(BENCH_TEXTS.read_text())
+    data = corpus()
     texts = [t for kind in ("short", "medium", "long") for t in data[kind]]
     tok = Tokenizer(models.Unigram())
     tok.pre_tokenizer = pre_tokenizers.Metaspace()

@@ -58,7 +58,9 @@ class ExtractParams(_message.Message):
     instruction: _builtins.str
     @_builtins.property
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Entity types or class labels."""
+        """Entity types or class labels (required by GLiNER, GLiClass and NLI
+        zero-shot classifiers).
+        """
 
     @_builtins.property
     def output_schema(self) -> _struct_pb2.Struct:
@@ -66,7 +68,7 @@ class ExtractParams(_message.Message):
 
     @_builtins.property
     def options(self) -> _struct_pb2.Struct:
-        """Adapter options, e.g. {"overflow_policy": "truncate_text"}."""
+        """Adapter options, e.g. {"threshold": 0.3}, {"overflow_policy": "truncate_text"}."""
 
     def __init__(
         self,
@@ -115,6 +117,8 @@ Global___ExtractResponse: _TypeAlias = ExtractResponse  # noqa: Y015
 
 @_typing.final
 class ExtractResult(_message.Message):
+    """Every list is present (empty when there is nothing of that kind)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
@@ -124,6 +128,7 @@ class ExtractResult(_message.Message):
     OBJECTS_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The item's id, or "item-<index>" when it had none."""
     @_builtins.property
     def entities(self) -> _containers.RepeatedCompositeFieldContainer[Global___Entity]: ...
     @_builtins.property

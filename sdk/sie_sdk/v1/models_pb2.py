@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13sie/v1/models.proto\x12\x06sie.v1\"\x13\n\x11ListModelsRequest\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.sie.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"4\n\x10GetModelResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.sie.v1.ModelInfo\"\xfa\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x0f\n\x07outputs\x18\x03 \x03(\t\x12)\n\x04\x64ims\x18\x04 \x03(\x0b\x32\x1b.sie.v1.ModelInfo.DimsEntry\x12\x0e\n\x06loaded\x18\x05 \x01(\x08\x12\x1b\n\x13max_sequence_length\x18\x06 \x01(\x05\x12\x31\n\x08profiles\x18\x07 \x03(\x0b\x32\x1f.sie.v1.ModelInfo.ProfilesEntry\x12!\n\x05state\x18\x08 \x01(\x0e\x32\x12.sie.v1.ModelState\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\r\n\x05\x65rror\x18\n \x01(\t\x1a+\n\tDimsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\x1a\x44\n\rProfilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.sie.v1.ProfileInfo:\x02\x38\x01\"\xb6\x01\n\x0bProfileInfo\x12\x12\n\nis_default\x18\x01 \x01(\x08\x12\x14\n\x0coutput_types\x18\x02 \x03(\t\x12\x44\n\x11output_similarity\x18\x03 \x03(\x0b\x32).sie.v1.ProfileInfo.OutputSimilarityEntry\x1a\x37\n\x15OutputSimilarityEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xa8\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15MODEL_STATE_AVAILABLE\x10\x01\x12\x17\n\x13MODEL_STATE_LOADING\x10\x02\x12\x16\n\x12MODEL_STATE_LOADED\x10\x03\x12\x19\n\x15MODEL_STATE_UNLOADING\x10\x04\x12\x16\n\x12MODEL_STATE_FAILED\x10\x05\x32\x92\x01\n\x0cModelService\x12\x43\n\nListModels\x12\x19.sie.v1.ListModelsRequest\x1a\x1a.sie.v1.ListModelsResponse\x12=\n\x08GetModel\x12\x17.sie.v1.GetModelRequest\x1a\x18.sie.v1.GetModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13sie/v1/models.proto\x12\x06sie.v1\"\x13\n\x11ListModelsRequest\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.sie.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"4\n\x10GetModelResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.sie.v1.ModelInfo\"\x89\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x0f\n\x07outputs\x18\x03 \x03(\t\x12)\n\x04\x64ims\x18\x04 \x03(\x0b\x32\x1b.sie.v1.ModelInfo.DimsEntry\x12\x0e\n\x06loaded\x18\x05 \x01(\x08\x12\x1b\n\x13max_sequence_length\x18\x06 \x01(\x05\x12\x31\n\x08profiles\x18\x07 \x03(\x0b\x32\x1f.sie.v1.ModelInfo.ProfilesEntry\x12!\n\x05state\x18\x08 \x01(\x0e\x32\x12.sie.v1.ModelState\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\r\n\x05tasks\x18\x0b \x03(\t\x1a+\n\tDimsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\x1a\x44\n\rProfilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.sie.v1.ProfileInfo:\x02\x38\x01\"\xb6\x01\n\x0bProfileInfo\x12\x12\n\nis_default\x18\x01 \x01(\x08\x12\x14\n\x0coutput_types\x18\x02 \x03(\t\x12\x44\n\x11output_similarity\x18\x03 \x03(\x0b\x32).sie.v1.ProfileInfo.OutputSimilarityEntry\x1a\x37\n\x15OutputSimilarityEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xa8\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15MODEL_STATE_AVAILABLE\x10\x01\x12\x17\n\x13MODEL_STATE_LOADING\x10\x02\x12\x16\n\x12MODEL_STATE_LOADED\x10\x03\x12\x19\n\x15MODEL_STATE_UNLOADING\x10\x04\x12\x16\n\x12MODEL_STATE_FAILED\x10\x05\x32\x92\x01\n\x0cModelService\x12\x43\n\nListModels\x12\x19.sie.v1.ListModelsRequest\x1a\x1a.sie.v1.ListModelsResponse\x12=\n\x08GetModel\x12\x17.sie.v1.GetModelRequest\x1a\x18.sie.v1.GetModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFO_PROFILESENTRY']._serialized_options = b'8\001'
   _globals['_PROFILEINFO_OUTPUTSIMILARITYENTRY']._loaded_options = None
   _globals['_PROFILEINFO_OUTPUTSIMILARITYENTRY']._serialized_options = b'8\001'
-  _globals['_MODELSTATE']._serialized_start=763
-  _globals['_MODELSTATE']._serialized_end=931
+  _globals['_MODELSTATE']._serialized_start=778
+  _globals['_MODELSTATE']._serialized_end=946
   _globals['_LISTMODELSREQUEST']._serialized_start=31
   _globals['_LISTMODELSREQUEST']._serialized_end=50
   _globals['_LISTMODELSRESPONSE']._serialized_start=52
@@ -48,15 +48,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELRESPONSE']._serialized_start=142
   _globals['_GETMODELRESPONSE']._serialized_end=194
   _globals['_MODELINFO']._serialized_start=197
-  _globals['_MODELINFO']._serialized_end=575
-  _globals['_MODELINFO_DIMSENTRY']._serialized_start=462
-  _globals['_MODELINFO_DIMSENTRY']._serialized_end=505
-  _globals['_MODELINFO_PROFILESENTRY']._serialized_start=507
-  _globals['_MODELINFO_PROFILESENTRY']._serialized_end=575
-  _globals['_PROFILEINFO']._serialized_start=578
-  _globals['_PROFILEINFO']._serialized_end=760
-  _globals['_PROFILEINFO_OUTPUTSIMILARITYENTRY']._serialized_start=705
-  _globals['_PROFILEINFO_OUTPUTSIMILARITYENTRY']._serialized_end=760
-  _globals['_MODELSERVICE']._serialized_start=934
-  _globals['_MODELSERVICE']._serialized_end=1080
+  _globals['_MODELINFO']._serialized_end=590
+  _globals['_MODELINFO_DIMSENTRY']._serialized_start=477
+  _globals['_MODELINFO_DIMSENTRY']._serialized_end=520
+  _globals['_MODELINFO_PROFILESENTRY']._serialized_start=522
+  _globals['_MODELINFO_PROFILESENTRY']._serialized_end=590
+  _globals['_PROFILEINFO']._serialized_start=593
+  _globals['_PROFILEINFO']._serialized_end=775
+  _globals['_PROFILEINFO_OUTPUTSIMILARITYENTRY']._serialized_start=720
+  _globals['_PROFILEINFO_OUTPUTSIMILARITYENTRY']._serialized_end=775
+  _globals['_MODELSERVICE']._serialized_start=949
+  _globals['_MODELSERVICE']._serialized_end=1095
 # @@protoc_insertion_point(module_scope)

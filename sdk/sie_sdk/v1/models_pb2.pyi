@@ -176,6 +176,7 @@ class ModelInfo(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    TASKS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     loaded: _builtins.bool
     max_sequence_length: _builtins.int
@@ -190,14 +191,18 @@ class ModelInfo(_message.Message):
 
     @_builtins.property
     def outputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """"dense", "sparse", "multivector", "score", "extract"."""
+        """"dense", "sparse", "multivector", "score", "json"."""
 
     @_builtins.property
     def dims(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
-        """Dimension per output type."""
+        """Dimension per vector output type (empty for score and json)."""
 
     @_builtins.property
     def profiles(self) -> _containers.MessageMap[_builtins.str, Global___ProfileInfo]: ...
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The RPCs the model serves: "encode", "score", "extract"."""
+
     def __init__(
         self,
         *,
@@ -211,10 +216,11 @@ class ModelInfo(_message.Message):
         state: Global___ModelState.ValueType = ...,
         device: _builtins.str = ...,
         error: _builtins.str = ...,
+        tasks: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dims", b"dims", "error", b"error", "inputs", b"inputs", "loaded", b"loaded", "max_sequence_length", b"max_sequence_length", "name", b"name", "outputs", b"outputs", "profiles", b"profiles", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dims", b"dims", "error", b"error", "inputs", b"inputs", "loaded", b"loaded", "max_sequence_length", b"max_sequence_length", "name", b"name", "outputs", b"outputs", "profiles", b"profiles", "state", b"state", "tasks", b"tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -31,12 +31,17 @@ class ScoreRequest(_message.Message):
     OPTIONS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     instruction: _builtins.str
+    """Prepended to the query text (instruction-tuned rerankers and encoders)."""
     @_builtins.property
-    def query(self) -> _common_pb2.Item: ...
+    def query(self) -> _common_pb2.Item:
+        """The query: text, or a precomputed multivector (late-interaction models)."""
+
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Item]: ...
     @_builtins.property
-    def options(self) -> _struct_pb2.Struct: ...
+    def options(self) -> _struct_pb2.Struct:
+        """Runtime options: "profile", "score_mode", "score_weights", ..."""
+
     def __init__(
         self,
         *,
@@ -66,9 +71,12 @@ class ScoreResponse(_message.Message):
     TIMING_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     query_id: _builtins.str
+    """The query's id, echoed."""
     @_builtins.property
     def scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScoreEntry]:
-        """Sorted by score, descending; rank 0 is the most relevant."""
+        """Every item exactly once, sorted by score descending (ties keep request
+        order); rank 0 is the most relevant.
+        """
 
     @_builtins.property
     def timing(self) -> _common_pb2.Timing: ...
@@ -96,6 +104,7 @@ class ScoreEntry(_message.Message):
     SCORE_FIELD_NUMBER: _builtins.int
     RANK_FIELD_NUMBER: _builtins.int
     item_id: _builtins.str
+    """The item's id, or "item-<index>" when it had none."""
     score: _builtins.float
     rank: _builtins.int
     def __init__(

@@ -48,6 +48,9 @@ class ScoreServiceServicer:
 
     def Score(self, request, context):
         """Score items against one query; entries sorted by score, descending.
+        Rerankers (cross-encoders) score each (query, item) pair; embedding
+        models score by similarity (options.score_mode: "dense", "sparse",
+        "colbert" or "hybrid" with options.score_weights).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

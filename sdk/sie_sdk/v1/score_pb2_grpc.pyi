@@ -34,7 +34,11 @@ class ScoreServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ScoreServiceAsyncStub: ...
     Score: _grpc.UnaryUnaryMultiCallable[_score_pb2.ScoreRequest, _score_pb2.ScoreResponse]
-    """Score items against one query; entries sorted by score, descending."""
+    """Score items against one query; entries sorted by score, descending.
+    Rerankers (cross-encoders) score each (query, item) pair; embedding
+    models score by similarity (options.score_mode: "dense", "sparse",
+    "colbert" or "hybrid" with options.score_weights).
+    """
 
 @_typing.type_check_only
 class ScoreServiceAsyncStub(ScoreServiceStub):
@@ -42,7 +46,11 @@ class ScoreServiceAsyncStub(ScoreServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Score: _aio.UnaryUnaryMultiCallable[_score_pb2.ScoreRequest, _score_pb2.ScoreResponse]  # type: ignore[assignment]
-    """Score items against one query; entries sorted by score, descending."""
+    """Score items against one query; entries sorted by score, descending.
+    Rerankers (cross-encoders) score each (query, item) pair; embedding
+    models score by similarity (options.score_mode: "dense", "sparse",
+    "colbert" or "hybrid" with options.score_weights).
+    """
 
 class ScoreServiceServicer(metaclass=_abc_1.ABCMeta):
     """Reranking: score items against a query."""
@@ -53,6 +61,10 @@ class ScoreServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _score_pb2.ScoreRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_score_pb2.ScoreResponse, _abc.Awaitable[_score_pb2.ScoreResponse]]:
-        """Score items against one query; entries sorted by score, descending."""
+        """Score items against one query; entries sorted by score, descending.
+        Rerankers (cross-encoders) score each (query, item) pair; embedding
+        models score by similarity (options.score_mode: "dense", "sparse",
+        "colbert" or "hybrid" with options.score_weights).
+        """
 
 def add_ScoreServiceServicer_to_server(servicer: ScoreServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -22,26 +22,39 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13sie/v1/status.proto\x12\x06sie.v1\x1a\x1cgoogle/protobuf/struct.proto\")\n\x12WatchStatusRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\"\x8e\x02\n\x13WatchStatusResponse\x12\x11\n\ttimestamp\x18\x01 \x01(\x01\x12\x0b\n\x03gpu\x18\x02 \x01(\t\x12\x15\n\rloaded_models\x18\x03 \x03(\t\x12\"\n\x06server\x18\x04 \x01(\x0b\x32\x12.sie.v1.ServerInfo\x12\x1f\n\x04gpus\x18\x05 \x03(\x0b\x32\x11.sie.v1.GpuStatus\x12#\n\x06models\x18\x06 \x03(\x0b\x32\x13.sie.v1.ModelStatus\x12)\n\x08\x63ounters\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\nhistograms\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\"e\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x02 \x01(\x03\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x13\n\x0bworking_dir\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\x05\"\xc3\x01\n\tGpuStatus\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08gpu_type\x18\x03 \x01(\t\x12\x1b\n\x13utilization_percent\x18\x04 \x01(\x01\x12\x19\n\x11memory_used_bytes\x18\x05 \x01(\x03\x12\x1a\n\x12memory_total_bytes\x18\x06 \x01(\x03\x12\x1c\n\x14memory_threshold_pct\x18\x07 \x01(\x01\x12\x15\n\rtemperature_c\x18\x08 \x01(\x05\"\xab\x01\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x03\x12\x13\n\x0bqueue_depth\x18\x05 \x01(\x05\x12\x1b\n\x13queue_pending_items\x18\x06 \x01(\x05\x12\'\n\x06\x63onfig\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct2Y\n\rStatusService\x12H\n\x0bWatchStatus\x12\x1a.sie.v1.WatchStatusRequest\x1a\x1b.sie.v1.WatchStatusResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13sie/v1/status.proto\x12\x06sie.v1\")\n\x12WatchStatusRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\"\x8c\x02\n\x13WatchStatusResponse\x12\x11\n\ttimestamp\x18\x01 \x01(\x01\x12\x0b\n\x03gpu\x18\x02 \x01(\t\x12\x15\n\rloaded_models\x18\x03 \x03(\t\x12\"\n\x06server\x18\x04 \x01(\x0b\x32\x12.sie.v1.ServerInfo\x12\x1f\n\x04gpus\x18\x05 \x03(\x0b\x32\x11.sie.v1.GpuStatus\x12#\n\x06models\x18\x06 \x03(\x0b\x32\x13.sie.v1.ModelStatus\x12\'\n\x08\x63ounters\x18\x07 \x03(\x0b\x32\x15.sie.v1.CounterSample\x12+\n\nhistograms\x18\x08 \x03(\x0b\x32\x17.sie.v1.HistogramSample\"\x8e\x01\n\rCounterSample\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x31\n\x06labels\x18\x02 \x03(\x0b\x32!.sie.v1.CounterSample.LabelsEntry\x12\r\n\x05value\x18\x03 \x01(\x04\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbf\x01\n\x0fHistogramSample\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x33\n\x06labels\x18\x02 \x03(\x0b\x32#.sie.v1.HistogramSample.LabelsEntry\x12\x0e\n\x06\x62ounds\x18\x03 \x03(\x01\x12\x0e\n\x06\x63ounts\x18\x04 \x03(\x04\x12\x0b\n\x03sum\x18\x05 \x01(\x01\x12\r\n\x05\x63ount\x18\x06 \x01(\x04\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"e\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x02 \x01(\x03\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x13\n\x0bworking_dir\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\x05\"\xc3\x01\n\tGpuStatus\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08gpu_type\x18\x03 \x01(\t\x12\x1b\n\x13utilization_percent\x18\x04 \x01(\x01\x12\x19\n\x11memory_used_bytes\x18\x05 \x01(\x03\x12\x1a\n\x12memory_total_bytes\x18\x06 \x01(\x03\x12\x1c\n\x14memory_threshold_pct\x18\x07 \x01(\x01\x12\x15\n\rtemperature_c\x18\x08 \x01(\x05\"\xa7\x01\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x03\x12\x13\n\x0bqueue_depth\x18\x05 \x01(\x05\x12\x1b\n\x13queue_pending_items\x18\x06 \x01(\x05\x12#\n\x06\x63onfig\x18\x07 \x01(\x0b\x32\x13.sie.v1.ModelConfig\"t\n\x0bModelConfig\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x1b\n\x13max_sequence_length\x18\x02 \x01(\x05\x12\x0f\n\x07outputs\x18\x03 \x03(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_profile\x18\x04 \x01(\t\x12\r\n\x05tasks\x18\x05 \x03(\t2Y\n\rStatusService\x12H\n\x0bWatchStatus\x12\x1a.sie.v1.WatchStatusRequest\x1a\x1b.sie.v1.WatchStatusResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sie.v1.status_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WATCHSTATUSREQUEST']._serialized_start=61
-  _globals['_WATCHSTATUSREQUEST']._serialized_end=102
-  _globals['_WATCHSTATUSRESPONSE']._serialized_start=105
-  _globals['_WATCHSTATUSRESPONSE']._serialized_end=375
-  _globals['_SERVERINFO']._serialized_start=377
-  _globals['_SERVERINFO']._serialized_end=478
-  _globals['_GPUSTATUS']._serialized_start=481
-  _globals['_GPUSTATUS']._serialized_end=676
-  _globals['_MODELSTATUS']._serialized_start=679
-  _globals['_MODELSTATUS']._serialized_end=850
-  _globals['_STATUSSERVICE']._serialized_start=852
-  _globals['_STATUSSERVICE']._serialized_end=941
+  _globals['_COUNTERSAMPLE_LABELSENTRY']._loaded_options = None
+  _globals['_COUNTERSAMPLE_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_HISTOGRAMSAMPLE_LABELSENTRY']._loaded_options = None
+  _globals['_HISTOGRAMSAMPLE_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_WATCHSTATUSREQUEST']._serialized_start=31
+  _globals['_WATCHSTATUSREQUEST']._serialized_end=72
+  _globals['_WATCHSTATUSRESPONSE']._serialized_start=75
+  _globals['_WATCHSTATUSRESPONSE']._serialized_end=343
+  _globals['_COUNTERSAMPLE']._serialized_start=346
+  _globals['_COUNTERSAMPLE']._serialized_end=488
+  _globals['_COUNTERSAMPLE_LABELSENTRY']._serialized_start=443
+  _globals['_COUNTERSAMPLE_LABELSENTRY']._serialized_end=488
+  _globals['_HISTOGRAMSAMPLE']._serialized_start=491
+  _globals['_HISTOGRAMSAMPLE']._serialized_end=682
+  _globals['_HISTOGRAMSAMPLE_LABELSENTRY']._serialized_start=443
+  _globals['_HISTOGRAMSAMPLE_LABELSENTRY']._serialized_end=488
+  _globals['_SERVERINFO']._serialized_start=684
+  _globals['_SERVERINFO']._serialized_end=785
+  _globals['_GPUSTATUS']._serialized_start=788
+  _globals['_GPUSTATUS']._serialized_end=983
+  _globals['_MODELSTATUS']._serialized_start=986
+  _globals['_MODELSTATUS']._serialized_end=1153
+  _globals['_MODELCONFIG']._serialized_start=1155
+  _globals['_MODELCONFIG']._serialized_end=1271
+  _globals['_STATUSSERVICE']._serialized_start=1273
+  _globals['_STATUSSERVICE']._serialized_end=1362
 # @@protoc_insertion_point(module_scope)

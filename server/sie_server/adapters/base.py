@@ -1,123 +1,106 @@
-"""The adapter contract: what the engine asks of a model family.
+"""The adapter contract: a ``ModelAdapter`` (load, unload, memory) plus the capabilities it
+implements, declared as types.
 
-An adapter is driven in three places, never anywhere else:
+* ``Encoder``: dense / sparse / multivector vectors. Every encoder also scores, by similarity
+  between the query's and the items' vectors (``Scorer``).
+* ``PairScorer``: a reranker that scores each (query, item) pair in one forward pass.
+* ``Extractor``: entities, classifications, ... from text and labels.
 
-* ``tokenize`` runs in the tokenizer pool (HF fast tokenizers release the GIL). It turns texts
-  into token ids, truncated at the model's max length; the token count is the item's cost.
-* ``collate`` runs in the prep pool while the previous batch is on the model: padding, tensors.
-* ``encode_batch`` runs only on the model's own thread, under ``torch.inference_mode``, and
-  returns one ``EncodeOutput`` of float32 numpy arrays per item. Output dtype conversion
-  (float16/int8/uint8/binary) is the engine's job, not the adapter's.
+Each capability has typed hooks, and the engine drives them in fixed places only:
+
+* ``prepare_*`` runs in the tokenizer pool: templates, tokenization (HF fast tokenizers release
+  the GIL), windows. Each payload's ``cost`` is its real token count.
+* ``collate_*`` runs in the prep pool while the previous batch is on the model: padding, tensors.
+* ``run_*`` runs only on the model's own thread, under ``torch.inference_mode``: one raw output
+  per payload (float32 arrays, floats).
+* ``postprocess_*`` runs in a worker pool once all of a request's payloads ran.
+
+``encode_job`` / ``score_job`` / ``extract_job`` assemble those hooks into a ``Job`` and are the
+only entry points the engine calls; a family overrides hooks, not jobs. Payloads share a forward
+pass only when their batch key is equal, and a batch runs with the settings of its first
+request: a key must therefore hold every setting that changes collate or run (decoding options
+that only postprocessing reads do not belong in it).
 
 ``load`` happens on the model thread too; heavy imports (torch, transformers) live inside it.
 """
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
-import numpy as np
-import numpy.typing as npt
-
-from sie_server.catalog import ModelSpec
+from sie_server.adapters.similarity import score_pair
+from sie_server.catalog import CatalogError, ModelSpec
+from sie_server.domain import EncodeOutput, InputItem, Job, LoadTarget, WorkGroup
 from sie_server.errors import InvalidInput
-
-F32 = npt.NDArray[np.float32]
-I32 = npt.NDArray[np.int32]
-
-
-@dataclass(frozen=True, slots=True)
-class EncodeSettings:
-    """Per-request encode settings after profile resolution. Items share a forward pass only
-    when their settings are equal (``batch_key``)."""
-
-    output_types: tuple[str, ...]
-    is_query: bool = False
-    instruction: str | None = None
-    #: Profile options merged with request options (request wins).
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-    def batch_key(self) -> tuple[object, ...]:
-        # The instruction is folded into the tokens already, so it does not split batches.
-        return (self.output_types, self.is_query, _freeze(self.options))
+from sie_server.tasks.encode import (
+    EncodeCall,
+    EncodedItem,
+    EncodeSettings,
+    convert_outputs,
+    freeze,
+)
+from sie_server.tasks.extract import ExtractCall, ExtractedItem, ExtractSettings, ExtractSupport
+from sie_server.tasks.score import ScoreCall, ScoreSettings, resolve_score_mode
 
 
-def _freeze(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
-    if isinstance(value, list | tuple):
-        return tuple(_freeze(v) for v in value)
-    return value
-
-
-@dataclass(frozen=True, slots=True)
-class ImageData:
-    data: bytes
-    format: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class InputItem:
-    """One request item as the engine sees it (transport-neutral)."""
-
-    text: str | None = None
-    images: tuple[ImageData, ...] = ()
-
-
-@dataclass(slots=True)
-class TokenizedText:
-    """One item after tokenization: ids with special tokens, cut at max length."""
-
-    input_ids: list[int]
-    truncated: bool = False
-    #: Adapter-specific extras (e.g. a ColBERT document's skip mask).
-    extra: Any = None
+class Prepared(Protocol):
+    """What every payload reports: the tokens it costs and whether its input was cut."""
 
     @property
-    def cost(self) -> int:
-        return len(self.input_ids)
+    def cost(self) -> int: ...
+
+    @property
+    def truncated(self) -> bool: ...
 
 
-@dataclass(slots=True)
-class SparseOutput:
-    indices: I32  # ascending vocabulary ids
-    values: F32
-
-
-@dataclass(slots=True)
-class EncodeOutput:
-    dense: F32 | None = None
-    sparse: SparseOutput | None = None
-    multivector: F32 | None = None  # [num_tokens, dim]
+P = TypeVar("P", bound=Prepared)
 
 
 @dataclass(frozen=True, slots=True)
-class LoadTarget:
-    """Where and how to load: ``device`` as torch names it, ``dtype`` 'float32'|'bfloat16'|'float16'."""
+class BoundRunner:
+    """A ``BatchRunner`` made of a family's collate and run hooks bound to one request's settings."""
 
-    source: str
-    device: str
-    dtype: str
+    collate: Callable[[Sequence[Any]], Any]
+    run: Callable[[Any], list[Any]]
+
+
+def work_group(
+    payloads: Sequence[Prepared],
+    key: Hashable,
+    collate: Callable[[Sequence[Any]], Any],
+    run: Callable[[Any], list[Any]],
+) -> WorkGroup:
+    return WorkGroup(payloads, [p.cost for p in payloads], key, BoundRunner(collate, run))
+
+
+def require_texts(items: Sequence[InputItem], model: str) -> list[str]:
+    """The items' texts; text-only families refuse images and items without text."""
+    texts: list[str] = []
+    for index, item in enumerate(items):
+        if item.images:
+            raise InvalidInput(f"item {index}: model {model} accepts text only", model=model)
+        if item.text is None:
+            raise InvalidInput(f"item {index} has no text", model=model)
+        texts.append(item.text)
+    return texts
 
 
 class ModelAdapter(ABC):
-    """Base of every model family. Subclasses set ``output_types`` and implement the hooks."""
+    """Base of every model family: lifecycle and memory. Capabilities come from mixing in
+    ``Encoder``, ``PairScorer`` or ``Extractor``."""
 
-    #: Output types this family can produce; the catalog lists the subset a model has.
-    output_types: ClassVar[frozenset[str]]
-    #: Tasks this family serves ("encode" for now; "score" and "extract" come with their adapters).
-    tasks: ClassVar[frozenset[str]] = frozenset({"encode"})
+    spec: ModelSpec
+    device: str = "cpu"
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
-        self.load_options: Mapping[str, Any] = spec.load_options
+        self.load_options = spec.load_options
         self.max_length = spec.max_sequence_length
-        self.device = "cpu"
 
-    # ---- lifecycle (model thread) -------------------------------------------------------
     @abstractmethod
     def load(self, target: LoadTarget) -> None:
         """Load weights and tokenizer from ``target.source`` onto ``target.device``."""
@@ -130,55 +113,239 @@ class ModelAdapter(ABC):
         """Bytes held by parameters and buffers (0 when unknown)."""
         return 0
 
-    # ---- input preparation (tokenizer pool) ---------------------------------------------
-    def prepare(self, items: Sequence[InputItem], settings: EncodeSettings) -> list[TokenizedText]:
-        """Turn request items into costed payloads. Text families use this default (templates,
-        then ``tokenize``); multimodal families override it to decode and preprocess images
-        here, off the event loop and off the model thread."""
-        texts: list[str] = []
-        for index, item in enumerate(items):
-            if item.images:
-                raise InvalidInput(
-                    f"item {index}: model {self.spec.name} accepts text only", model=self.spec.name
-                )
-            if item.text is None:
-                raise InvalidInput(f"item {index} has no text", model=self.spec.name)
-            texts.append(self.format_text(item.text, settings))
-        return self.tokenize(texts, settings)
+    def check_spec(self) -> None:
+        """Reject a catalog entry this family cannot serve (raise CatalogError)."""
+        return
 
-    def format_text(self, text: str, settings: EncodeSettings) -> str:
-        """Apply instruction and query/document templates from the options.
 
-        ``instruction_template`` (default ``"{instruction} {text}"``) wins when an instruction is
-        given; else ``query_template`` or ``document_template`` per ``is_query``.
-        """
-        opts = settings.options
-        if settings.instruction:
-            template = str(opts.get("instruction_template") or "{instruction} {text}")
-            return template.format(instruction=settings.instruction, text=text)
-        key = "query_template" if settings.is_query else "document_template"
-        side = opts.get(key)
-        return str(side).format(text=text) if side else text
+class Scorer(ModelAdapter):
+    """Capability: score items against a query (``score`` task)."""
+
+    #: Option keys this family reads when scoring.
+    score_options: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def score_option_keys(cls) -> frozenset[str]:
+        """Every option key a score request may carry for this family."""
+        return cls.score_options
 
     @abstractmethod
-    def tokenize(self, texts: Sequence[str], settings: EncodeSettings) -> list[TokenizedText]:
-        """Tokenize already formatted texts, truncating at ``self.max_length``."""
+    def score_job(self, call: ScoreCall) -> Job[list[float]]:
+        """Prepare the request (tokenizer pool): one score per item, in request order."""
 
-    # ---- batches ------------------------------------------------------------------------
+
+class Encoder(Scorer, Generic[P]):
+    """Capability: encode items into vectors (``encode``), and score by vector similarity."""
+
+    #: Output types this family can produce; the catalog lists the subset a model has.
+    output_types: ClassVar[frozenset[str]]
+    #: Option keys this family reads when encoding (templates, ...).
+    encode_options: ClassVar[frozenset[str]] = frozenset()
+    score_options = frozenset({"score_mode", "score_weights"})
+    #: MaxSim divided by the query's token count (BGE-M3) or not (ColBERT).
+    maxsim_mean: ClassVar[bool] = False
+
+    @classmethod
+    def score_option_keys(cls) -> frozenset[str]:
+        return cls.score_options | cls.encode_options
+
+    def check_spec(self) -> None:
+        missing = [t for t in self.spec.embedding_outputs if t not in self.output_types]
+        if missing:
+            raise CatalogError(
+                f"{self.spec.name}: adapter {self.spec.adapter!r} cannot produce {', '.join(missing)}"
+            )
+
+    # ---- hooks ------------------------------------------------------------------------------
     @abstractmethod
-    def collate(self, batch: Sequence[TokenizedText], settings: EncodeSettings) -> Any:
+    def prepare_encode(self, items: Sequence[InputItem], settings: EncodeSettings) -> list[P]:
+        """Templates and tokenization (tokenizer pool): one payload per item."""
+
+    @abstractmethod
+    def collate_encode(self, payloads: Sequence[P], settings: EncodeSettings) -> Any:
         """Pad a batch into model inputs (prep pool)."""
 
     @abstractmethod
-    def encode_batch(self, inputs: Any, settings: EncodeSettings) -> list[EncodeOutput]:
-        """Run the model on collated inputs (model thread): one output per item, float32."""
+    def run_encode(self, inputs: Any, settings: EncodeSettings) -> list[EncodeOutput]:
+        """Run the model on collated inputs (model thread): one float32 output per payload."""
 
-    # ---- validation -----------------------------------------------------------------------
-    def check_settings(self, settings: EncodeSettings) -> None:
-        """Reject settings this family cannot serve (raise InvalidInput)."""
-        missing = [t for t in settings.output_types if t not in self.output_types]
-        if missing:
-            raise InvalidInput(
-                f"model {self.spec.name!r} cannot produce {', '.join(missing)}",
-                model=self.spec.name,
+    def postprocess_encode(
+        self, outputs: Sequence[EncodeOutput], payloads: Sequence[P], call: EncodeCall
+    ) -> list[EncodedItem]:
+        """Convert to the requested dtype (worker pool)."""
+        tokens = [(p.cost, p.truncated) for p in payloads]
+        return convert_outputs(outputs, tokens, call.settings.output_types, call.output_dtype)
+
+    def encode_key(self, settings: EncodeSettings) -> Hashable:
+        return ("encode", settings.batch_key())
+
+    # ---- jobs -------------------------------------------------------------------------------
+    def _encode_group(self, payloads: Sequence[P], settings: EncodeSettings) -> WorkGroup:
+        return work_group(
+            payloads,
+            self.encode_key(settings),
+            functools.partial(self.collate_encode, settings=settings),
+            functools.partial(self.run_encode, settings=settings),
+        )
+
+    def encode_job(self, call: EncodeCall) -> Job[list[EncodedItem]]:
+        payloads = self.prepare_encode(call.items, call.settings)
+
+        def finish(outputs: list[list[Any]]) -> list[EncodedItem]:
+            return self.postprocess_encode(outputs[0], payloads, call)
+
+        group = self._encode_group(payloads, call.settings)
+        return Job([group], finish, tokens=sum(group.costs))
+
+    def score_job(self, call: ScoreCall) -> Job[list[float]]:
+        """Bi-encoder scoring: encode the query (``is_query``, with the instruction) and the items,
+        then compare them with the mode's similarity. A query given as a multivector is not
+        encoded again."""
+        mode = resolve_score_mode(self.spec, call.settings.options)
+        options = {k: v for k, v in call.settings.options.items() if k not in Encoder.score_options}
+        types = mode.output_types
+        groups: list[WorkGroup] = []
+        given = call.query.multivector
+        if given is not None:
+            self._check_query_multivector(given, types)
+        else:
+            query_settings = EncodeSettings(
+                types, is_query=True, instruction=call.settings.instruction, options=options
             )
+            query = self.prepare_encode([call.query], query_settings)
+            groups.append(self._encode_group(query, query_settings))
+        doc_settings = EncodeSettings(types, is_query=False, options=options)
+        groups.append(
+            self._encode_group(self.prepare_encode(call.items, doc_settings), doc_settings)
+        )
+        dense = self.spec.outputs.get("dense")
+        dense_similarity = (dense.similarity if dense is not None else None) or "cosine"
+
+        def finish(outputs: list[list[Any]]) -> list[float]:
+            query_out: EncodeOutput = (
+                EncodeOutput(multivector=given) if given is not None else outputs[0][0]
+            )
+            return [
+                score_pair(
+                    query_out,
+                    doc,
+                    mode.name,
+                    mode.weights,
+                    dense_similarity=dense_similarity,
+                    maxsim_mean=self.maxsim_mean,
+                )
+                for doc in outputs[-1]
+            ]
+
+        return Job(groups, finish, tokens=sum(sum(g.costs) for g in groups))
+
+    def _check_query_multivector(self, given: Any, types: tuple[str, ...]) -> None:
+        name = self.spec.name
+        if types != ("multivector",):
+            raise InvalidInput(
+                "a query given as a multivector scores with score_mode 'colbert' only", model=name
+            )
+        dims = self.spec.outputs["multivector"].dims
+        if given.ndim != 2 or given.shape[0] == 0 or given.shape[1] != dims:
+            raise InvalidInput(
+                f"query multivector must have shape [tokens, {dims}], got {list(given.shape)}",
+                model=name,
+            )
+
+
+class PairScorer(Scorer, Generic[P]):
+    """Capability: a reranker scoring (query, item) pairs, each pair one payload, so pairs from
+    different requests share forward passes."""
+
+    @abstractmethod
+    def prepare_pairs(
+        self, query: InputItem, items: Sequence[InputItem], settings: ScoreSettings
+    ) -> list[P]:
+        """Tokenize each (query, item) pair (tokenizer pool)."""
+
+    @abstractmethod
+    def collate_pairs(self, payloads: Sequence[P], settings: ScoreSettings) -> Any:
+        """Pad pairs into model inputs (prep pool)."""
+
+    @abstractmethod
+    def run_pairs(self, inputs: Any, settings: ScoreSettings) -> list[float]:
+        """One relevance score per pair (model thread)."""
+
+    def pair_key(self, settings: ScoreSettings) -> Hashable:
+        # The instruction is folded into the query's tokens, so it does not split batches.
+        return ("score", freeze(settings.options))
+
+    def score_job(self, call: ScoreCall) -> Job[list[float]]:
+        payloads = self.prepare_pairs(call.query, call.items, call.settings)
+        group = work_group(
+            payloads,
+            self.pair_key(call.settings),
+            functools.partial(self.collate_pairs, settings=call.settings),
+            functools.partial(self.run_pairs, settings=call.settings),
+        )
+
+        def finish(outputs: list[list[Any]]) -> list[float]:
+            return [float(score) for score in outputs[0]]
+
+        return Job([group], finish, tokens=sum(group.costs))
+
+
+class Extractor(ModelAdapter, Generic[P]):
+    """Capability: extract entities, classifications, ... (``extract`` task)."""
+
+    #: Option keys this family reads when extracting.
+    extract_options: ClassVar[frozenset[str]] = frozenset()
+    #: Whether the family takes labels (and needs them) or an output schema.
+    extract_support: ClassVar[ExtractSupport] = ExtractSupport()
+
+    @abstractmethod
+    def prepare_extract(self, items: Sequence[InputItem], settings: ExtractSettings) -> list[P]:
+        """Payloads for the items (tokenizer pool); a long item may give several (windows)."""
+
+    @abstractmethod
+    def collate_extract(self, payloads: Sequence[P], settings: ExtractSettings) -> Any:
+        """Pad payloads into model inputs (prep pool)."""
+
+    @abstractmethod
+    def run_extract(self, inputs: Any, settings: ExtractSettings) -> list[Any]:
+        """One raw output per payload (model thread)."""
+
+    @abstractmethod
+    def postprocess_extract(
+        self,
+        items: Sequence[InputItem],
+        payloads: Sequence[P],
+        outputs: Sequence[Any],
+        settings: ExtractSettings,
+    ) -> list[ExtractedItem]:
+        """Decode raw outputs into one result per item (worker pool)."""
+
+    def extract_key(self, settings: ExtractSettings) -> Hashable:
+        return ("extract", settings.batch_key())
+
+    def extract_job(self, call: ExtractCall) -> Job[list[ExtractedItem]]:
+        payloads = self.prepare_extract(call.items, call.settings)
+        group = work_group(
+            payloads,
+            self.extract_key(call.settings),
+            functools.partial(self.collate_extract, settings=call.settings),
+            functools.partial(self.run_extract, settings=call.settings),
+        )
+
+        def finish(outputs: list[list[Any]]) -> list[ExtractedItem]:
+            return self.postprocess_extract(call.items, payloads, outputs[0], call.settings)
+
+        return Job([group], finish, tokens=sum(group.costs))
+
+
+#: The capability type behind each task.
+CAPABILITIES: dict[str, type[Any]] = {
+    "encode": Encoder,
+    "score": Scorer,
+    "extract": Extractor,
+}
+
+
+def tasks_of(cls: type[ModelAdapter]) -> frozenset[str]:
+    """The tasks an adapter class can serve, from the capability types it implements."""
+    return frozenset(task for task, cap in CAPABILITIES.items() if issubclass(cls, cap))

@@ -13,31 +13,16 @@ output types need are run.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sie_server.adapters.base import (
-    F32,
-    EncodeOutput,
-    EncodeSettings,
-    LoadTarget,
-    ModelAdapter,
-    SparseOutput,
-    TokenizedText,
-)
-from sie_server.adapters.hf import (
-    load_pretrained,
-    load_tokenizer,
-    model_file,
-    pad_ids,
-    parameter_bytes,
-    tokenize_texts,
-    torch_dtype,
-)
+from sie_server.adapters.hf import model_file, torch_dtype
+from sie_server.adapters.hf_text import HFTextEncoder
 from sie_server.adapters.splade import sparse_rows
+from sie_server.domain import F32, EncodeOutput, LoadTarget, SparseOutput
+from sie_server.tasks.encode import EncodeSettings
 
 if TYPE_CHECKING:
     import torch
@@ -46,19 +31,21 @@ COLBERT_HEAD = "colbert_linear.pt"
 SPARSE_HEAD = "sparse_linear.pt"
 
 
-class BGEM3Adapter(ModelAdapter):
+class BGEM3Adapter(HFTextEncoder):
     output_types = frozenset({"dense", "sparse", "multivector"})
+    #: FlagEmbedding's colbert_score divides MaxSim by the query's vector count.
+    maxsim_mean = True
+    colbert_linear: Any = None
+    sparse_linear: Any = None
+    unused_ids: Any = None
+    vocab_size: int = 0
 
-    def load(self, target: LoadTarget) -> None:
+    def after_load(self, target: LoadTarget) -> None:
         import torch
-        from transformers import AutoModel
 
-        self.tokenizer = load_tokenizer(target.source)
-        self.model = load_pretrained(AutoModel, target)
         hidden = int(self.model.config.hidden_size)
-        # Typed Any like self.model, so that unload() can drop them.
-        self.colbert_linear: Any = load_head(target, COLBERT_HEAD, hidden)
-        self.sparse_linear: Any = load_head(target, SPARSE_HEAD, hidden)
+        self.colbert_linear = load_head(target, COLBERT_HEAD, hidden)
+        self.sparse_linear = load_head(target, SPARSE_HEAD, hidden)
         special = (
             self.tokenizer.cls_token_id,
             self.tokenizer.eos_token_id,
@@ -69,25 +56,16 @@ class BGEM3Adapter(ModelAdapter):
             sorted({i for i in special if i is not None}), dtype=torch.long, device=target.device
         )
         self.vocab_size = max(int(self.model.config.vocab_size), len(self.tokenizer))
-        self.device = target.device
+
+    def modules(self) -> list[Any]:
+        return [self.model, self.colbert_linear, self.sparse_linear]
 
     def unload(self) -> None:
-        self.model = None
+        super().unload()
         self.colbert_linear = None
         self.sparse_linear = None
 
-    def memory_bytes(self) -> int:
-        modules = [getattr(self, n, None) for n in ("model", "colbert_linear", "sparse_linear")]
-        return sum(parameter_bytes(m) for m in modules if m is not None)
-
-    def tokenize(self, texts: Sequence[str], settings: EncodeSettings) -> list[TokenizedText]:
-        return tokenize_texts(self.tokenizer, texts, self.max_length)
-
-    def collate(self, batch: Sequence[TokenizedText], settings: EncodeSettings) -> Any:
-        pad_id = self.tokenizer.pad_token_id
-        return pad_ids([t.input_ids for t in batch], 0 if pad_id is None else pad_id, self.device)
-
-    def encode_batch(self, inputs: Any, settings: EncodeSettings) -> list[EncodeOutput]:
+    def run_encode(self, inputs: Any, settings: EncodeSettings) -> list[EncodeOutput]:
         ids, mask = inputs
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         outputs = [EncodeOutput() for _ in range(len(ids))]

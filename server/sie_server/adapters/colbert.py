@@ -24,23 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from sie_server.adapters.base import (
-    EncodeOutput,
-    EncodeSettings,
-    LoadTarget,
-    ModelAdapter,
-    TokenizedText,
-)
-from sie_server.adapters.hf import (
-    load_pretrained,
-    load_tokenizer,
-    model_file,
-    parameter_bytes,
-    tokenize_texts,
-    torch_dtype,
-)
+from sie_server.adapters.base import require_texts
+from sie_server.adapters.hf import model_file, torch_dtype
+from sie_server.adapters.hf_text import HFTextEncoder
 from sie_server.catalog import CatalogError
+from sie_server.domain import EncodeOutput, InputItem, LoadTarget, TokenizedText
 from sie_server.errors import ModelLoadFailed
+from sie_server.tasks.encode import EncodeSettings, format_text
 
 DEFAULT_QUERY_MAXLEN = 32
 DEFAULT_QUERY_MARKER = "[unused0]"
@@ -56,22 +46,24 @@ class ColBERTItem:
     keep: tuple[bool, ...]
 
 
-class ColBERTAdapter(ModelAdapter):
+class ColBERTAdapter(HFTextEncoder):
     output_types = frozenset({"multivector"})
-    model: Any = None
     linear: Any = None
+    query_maxlen: int = DEFAULT_QUERY_MAXLEN
+    doc_maxlen: int = 0
+    query_marker_id: int = 0
+    doc_marker_id: int = 0
+    mask_id: int = 0
+    skiplist: frozenset[int] = frozenset()
 
-    def load(self, target: LoadTarget) -> None:
+    def after_load(self, target: LoadTarget) -> None:
         import torch
-        from transformers import AutoModel
 
         self.query_maxlen = self._length_option("query_maxlen", DEFAULT_QUERY_MAXLEN)
         self.doc_maxlen = self._length_option("doc_maxlen", self.max_length)
-        self.tokenizer = load_tokenizer(target.source)
         self.query_marker_id = self._token_id("query_marker_token", DEFAULT_QUERY_MARKER)
         self.doc_marker_id = self._token_id("document_marker_token", DEFAULT_DOCUMENT_MARKER)
         self.mask_id = self._special_id("mask_token_id")
-        self.pad_id = int(self.tokenizer.pad_token_id or 0)
         self.skiplist = frozenset(
             int(ids[0])
             for ids in (
@@ -80,13 +72,11 @@ class ColBERTAdapter(ModelAdapter):
             )
             if ids
         )
-        self.model = load_pretrained(AutoModel, target)
         weight = load_linear_weight(target.source, self.spec.name)
         linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
         with torch.no_grad():
             linear.weight.copy_(weight)
         self.linear = linear.to(device=target.device, dtype=torch_dtype(target.dtype)).eval()
-        self.device = target.device
 
     def _length_option(self, key: str, default: int) -> int:
         value = self.load_options.get(key, default)
@@ -114,22 +104,23 @@ class ColBERTAdapter(ModelAdapter):
             raise CatalogError(f"{self.spec.name}: the tokenizer has no {attr}")
         return int(token_id)
 
+    def modules(self) -> list[Any]:
+        return [self.model, self.linear]
+
     def unload(self) -> None:
-        self.model = None
+        super().unload()
         self.linear = None
 
-    def memory_bytes(self) -> int:
-        if self.model is None:
-            return 0
-        return parameter_bytes(self.model) + parameter_bytes(self.linear)
-
     # ---- text preparation -------------------------------------------------------------------
-    def tokenize(self, texts: Sequence[str], settings: EncodeSettings) -> list[TokenizedText]:
+    def prepare_encode(
+        self, items: Sequence[InputItem], settings: EncodeSettings
+    ) -> list[TokenizedText]:
+        texts = [format_text(t, settings) for t in require_texts(items, self.spec.name)]
         maxlen = self.query_maxlen if settings.is_query else self.doc_maxlen
         marker = self.query_marker_id if settings.is_query else self.doc_marker_id
         # Tokenize with one slot left for the marker, which goes right after [CLS].
-        items = tokenize_texts(self.tokenizer, texts, maxlen - 1)
-        for item in items:
+        tokens = self.tokenize(texts, maxlen - 1)
+        for item in tokens:
             ids = item.input_ids
             ids.insert(1, marker)
             if settings.is_query:
@@ -139,18 +130,18 @@ class ColBERTAdapter(ModelAdapter):
             else:
                 keep = tuple(i not in self.skiplist and i != self.pad_id for i in ids)
                 item.extra = ColBERTItem(attended=len(ids), keep=keep)
-        return items
+        return tokens
 
     # ---- batches ----------------------------------------------------------------------------
-    def collate(self, batch: Sequence[TokenizedText], settings: EncodeSettings) -> Any:
+    def collate_encode(self, payloads: Sequence[TokenizedText], settings: EncodeSettings) -> Any:
         import torch
 
         pad = self.mask_id if settings.is_query else self.pad_id
-        width = max(len(t.input_ids) for t in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        keep = np.zeros((len(batch), width), dtype=bool)
-        for i, item in enumerate(batch):
+        width = max(len(t.input_ids) for t in payloads)
+        ids = torch.full((len(payloads), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(payloads), width), dtype=torch.long)
+        keep = np.zeros((len(payloads), width), dtype=bool)
+        for i, item in enumerate(payloads):
             extra: ColBERTItem = item.extra
             ids[i, : len(item.input_ids)] = torch.as_tensor(item.input_ids, dtype=torch.long)
             mask[i, : extra.attended] = 1
@@ -161,7 +152,7 @@ class ColBERTAdapter(ModelAdapter):
             keep,
         )
 
-    def encode_batch(self, inputs: Any, settings: EncodeSettings) -> list[EncodeOutput]:
+    def run_encode(self, inputs: Any, settings: EncodeSettings) -> list[EncodeOutput]:
         import torch
 
         ids, mask, keep = inputs

@@ -7,60 +7,33 @@ Pooling and normalization come from ``load_options`` (``pooling``: cls | mean | 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from sie_server.adapters.base import (
-    EncodeOutput,
-    EncodeSettings,
-    LoadTarget,
-    ModelAdapter,
-    TokenizedText,
-)
-from sie_server.adapters.hf import (
-    load_pretrained,
-    load_tokenizer,
-    pad_ids,
-    parameter_bytes,
-    tokenize_texts,
-)
+from sie_server.adapters.hf_text import HFTextEncoder
 from sie_server.adapters.st_config import sentence_transformers_defaults
 from sie_server.catalog import CatalogError
+from sie_server.domain import EncodeOutput, LoadTarget
+from sie_server.tasks.encode import EncodeSettings
 
 POOLINGS = ("cls", "mean", "max", "last")
 
 
-class DenseEncoderAdapter(ModelAdapter):
+class DenseEncoderAdapter(HFTextEncoder):
     output_types = frozenset({"dense"})
+    pooling: str = "mean"
+    normalize: bool = True
 
-    def load(self, target: LoadTarget) -> None:
-        from transformers import AutoModel
-
+    def after_load(self, target: LoadTarget) -> None:
         defaults = sentence_transformers_defaults(target.source)
         self.pooling = str(self.load_options.get("pooling") or defaults.pooling or "mean")
         if self.pooling not in POOLINGS:
             raise CatalogError(f"{self.spec.name}: pooling must be one of {POOLINGS}")
         normalize = self.load_options.get("normalize")
         self.normalize = bool(defaults.normalize if normalize is None else normalize)
-        self.tokenizer = load_tokenizer(target.source)
-        self.model = load_pretrained(AutoModel, target)
-        self.device = target.device
 
-    def unload(self) -> None:
-        self.model = None
-
-    def memory_bytes(self) -> int:
-        return parameter_bytes(self.model) if getattr(self, "model", None) is not None else 0
-
-    def tokenize(self, texts: Sequence[str], settings: EncodeSettings) -> list[TokenizedText]:
-        return tokenize_texts(self.tokenizer, texts, self.max_length)
-
-    def collate(self, batch: Sequence[TokenizedText], settings: EncodeSettings) -> Any:
-        return pad_ids([t.input_ids for t in batch], self.tokenizer.pad_token_id or 0, self.device)
-
-    def encode_batch(self, inputs: Any, settings: EncodeSettings) -> list[EncodeOutput]:
+    def run_encode(self, inputs: Any, settings: EncodeSettings) -> list[EncodeOutput]:
         import torch
 
         ids, mask = inputs

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sie_server.adapters.base import LoadTarget, TokenizedText
+from sie_server.domain import LoadTarget, TokenizedText
 
 if TYPE_CHECKING:
     import torch

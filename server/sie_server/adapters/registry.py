@@ -12,6 +12,10 @@ ADAPTERS: dict[str, str] = {
     "bge_m3": "sie_server.adapters.bge_m3:BGEM3Adapter",
     "splade": "sie_server.adapters.splade:SpladeAdapter",
     "colbert": "sie_server.adapters.colbert:ColBERTAdapter",
+    "cross_encoder": "sie_server.adapters.cross_encoder:CrossEncoderAdapter",
+    "nli_zero_shot": "sie_server.adapters.nli_zero_shot:NLIZeroShotAdapter",
+    "gliner": "sie_server.adapters.gliner:GLiNERAdapter",
+    "gliclass": "sie_server.adapters.gliclass:GLiClassAdapter",
 }
 
 

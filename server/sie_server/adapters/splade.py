@@ -4,54 +4,23 @@ ones are the item's sparse vector over the tokenizer's vocabulary."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sie_server.adapters.base import (
-    EncodeOutput,
-    EncodeSettings,
-    LoadTarget,
-    ModelAdapter,
-    SparseOutput,
-    TokenizedText,
-)
-from sie_server.adapters.hf import (
-    load_pretrained,
-    load_tokenizer,
-    pad_ids,
-    parameter_bytes,
-    tokenize_texts,
-)
+from sie_server.adapters.hf_text import HFTextEncoder
+from sie_server.domain import EncodeOutput, SparseOutput
+from sie_server.tasks.encode import EncodeSettings
 
 if TYPE_CHECKING:
     import torch
 
 
-class SpladeAdapter(ModelAdapter):
+class SpladeAdapter(HFTextEncoder):
     output_types = frozenset({"sparse"})
+    auto_class = "AutoModelForMaskedLM"
 
-    def load(self, target: LoadTarget) -> None:
-        from transformers import AutoModelForMaskedLM
-
-        self.tokenizer = load_tokenizer(target.source)
-        self.model = load_pretrained(AutoModelForMaskedLM, target)
-        self.device = target.device
-
-    def unload(self) -> None:
-        self.model = None
-
-    def memory_bytes(self) -> int:
-        return parameter_bytes(self.model) if getattr(self, "model", None) is not None else 0
-
-    def tokenize(self, texts: Sequence[str], settings: EncodeSettings) -> list[TokenizedText]:
-        return tokenize_texts(self.tokenizer, texts, self.max_length)
-
-    def collate(self, batch: Sequence[TokenizedText], settings: EncodeSettings) -> Any:
-        return pad_ids([t.input_ids for t in batch], self.tokenizer.pad_token_id or 0, self.device)
-
-    def encode_batch(self, inputs: Any, settings: EncodeSettings) -> list[EncodeOutput]:
+    def run_encode(self, inputs: Any, settings: EncodeSettings) -> list[EncodeOutput]:
         import torch
 
         ids, mask = inputs

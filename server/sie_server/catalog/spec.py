@@ -12,6 +12,9 @@ outputs:                           # what the model produces, with dims and simi
   dense: {dims: 1024, similarity: cosine}
   sparse: {dims: 250002, similarity: dot}
   multivector: {dims: 1024, similarity: maxsim}
+  # score: {}                      # a reranker's relevance score (no dims)
+  # json: {}                       # extraction results: entities, classifications, ... (no dims)
+tasks: [encode, score]             # optional; derived from the outputs when absent
 load_options: {}                   # adapter load-time options (pooling, normalize, ...)
 profiles:                          # named presets, chosen with options.profile
   default: {output_types: [dense], options: {}}
@@ -22,17 +25,25 @@ max_batch_items: 64
 
 Weights are looked for in that order: ``weights_path``, then ``weights_package`` when that
 package is installed, then ``hf_id``.
+
+Tasks follow from the outputs unless listed: embedding outputs (dense, sparse, multivector) serve
+``encode`` and also ``score`` (bi-encoder similarity); ``score`` serves ``score``; ``json`` serves
+``extract``. The adapter must implement each task's capability (checked when it is resolved).
 """
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+#: Outputs that are vectors (the encode task's output types).
 OUTPUT_TYPES = ("dense", "sparse", "multivector")
+#: Every output a catalog entry may declare: vectors, a reranker's score, extraction results.
+ALL_OUTPUTS = (*OUTPUT_TYPES, "score", "json")
+TASKS = ("encode", "score", "extract")
 SIMILARITIES = ("cosine", "dot", "maxsim", "l2", "hamming")
 
 
@@ -42,8 +53,10 @@ class CatalogError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class OutputSpec:
-    dims: int
-    similarity: str
+    #: None for outputs without a dimension (score, json).
+    dims: int | None
+    #: None for outputs that are not vectors.
+    similarity: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +75,7 @@ class ModelSpec:
     profiles: Mapping[str, ProfileSpec]
     default_profile: str
     inputs: tuple[str, ...] = ("text",)
+    tasks: tuple[str, ...] = ("encode", "score")
     hf_id: str | None = None
     weights_path: Path | None = None
     weights_package: str | None = None
@@ -73,6 +87,11 @@ class ModelSpec:
     def profile(self, name: str | None) -> ProfileSpec:
         """The named profile, or the default one when ``name`` is None."""
         return self.profiles[name or self.default_profile]
+
+    @property
+    def embedding_outputs(self) -> tuple[str, ...]:
+        """The vector outputs (dense, sparse, multivector) this model produces, in catalog order."""
+        return tuple(kind for kind in self.outputs if kind in OUTPUT_TYPES)
 
     def weights_source(self) -> str:
         """Where ``from_pretrained`` loads from: a local folder or a hub id."""
@@ -124,14 +143,23 @@ def parse_spec(raw: Mapping[str, Any], source_file: Path | None = None) -> Model
         raise fail("'outputs' must map output types to {dims, similarity}")
     outputs: dict[str, OutputSpec] = {}
     for kind, out in outputs_raw.items():
+        if kind not in ALL_OUTPUTS:
+            raise fail(f"unknown output type {kind!r} (known: {', '.join(ALL_OUTPUTS)})")
+        out = {} if out is None else out
+        if not isinstance(out, Mapping):
+            raise fail(f"outputs.{kind} must be a mapping")
         if kind not in OUTPUT_TYPES:
-            raise fail(f"unknown output type {kind!r} (known: {', '.join(OUTPUT_TYPES)})")
-        if not isinstance(out, Mapping) or not isinstance(out.get("dims"), int):
-            raise fail(f"outputs.{kind} needs an integer 'dims'")
+            if set(out) - {"dims"} or out.get("dims") is not None:
+                raise fail(f"outputs.{kind} has no dims or similarity (write {kind}: {{}})")
+            outputs[kind] = OutputSpec(dims=None, similarity=None)
+            continue
+        if not isinstance(out.get("dims"), int) or out["dims"] <= 0:
+            raise fail(f"outputs.{kind} needs a positive integer 'dims'")
         similarity = out.get("similarity", "cosine")
         if similarity not in SIMILARITIES:
             raise fail(f"outputs.{kind}.similarity must be one of {', '.join(SIMILARITIES)}")
         outputs[kind] = OutputSpec(dims=out["dims"], similarity=similarity)
+    tasks = _tasks(raw.get("tasks"), outputs, fail)
 
     profiles_raw = raw.get("profiles") or {"default": {"output_types": [next(iter(outputs))]}}
     if not isinstance(profiles_raw, Mapping):
@@ -183,6 +211,7 @@ def parse_spec(raw: Mapping[str, Any], source_file: Path | None = None) -> Model
         profiles=profiles,
         default_profile=str(default_profile),
         inputs=tuple(raw.get("inputs") or ("text",)),
+        tasks=tasks,
         hf_id=str(hf_id) if hf_id is not None else None,
         weights_path=path,
         weights_package=str(package) if package is not None else None,
@@ -191,3 +220,34 @@ def parse_spec(raw: Mapping[str, Any], source_file: Path | None = None) -> Model
         max_batch_items=optional_positive("max_batch_items"),
         source_file=source_file,
     )
+
+
+def _tasks(
+    raw: Any, outputs: Mapping[str, OutputSpec], fail: Callable[[str], CatalogError]
+) -> tuple[str, ...]:
+    """The declared tasks, checked against the outputs, or the ones the outputs imply."""
+    embeds = any(kind in OUTPUT_TYPES for kind in outputs)
+    implied = tuple(
+        task
+        for task, served in (
+            ("encode", embeds),
+            ("score", embeds or "score" in outputs),
+            ("extract", "json" in outputs),
+        )
+        if served
+    )
+    if raw is None:
+        return implied
+    if not isinstance(raw, list) or not raw or not all(isinstance(t, str) for t in raw):
+        raise fail("'tasks' must be a non-empty list of task names")
+    for task in raw:
+        if task not in TASKS:
+            raise fail(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+        if task not in implied:
+            needs = {
+                "encode": "a dense, sparse or multivector output",
+                "score": "a score or vector output",
+                "extract": "a json output",
+            }
+            raise fail(f"task {task!r} needs {needs[task]}")
+    return tuple(dict.fromkeys(raw))

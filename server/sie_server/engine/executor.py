@@ -28,8 +28,9 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from sie_server.domain import BatchRunner, WorkGroup
 from sie_server.engine.batching import Batch, BatchLimits, PendingQueue
-from sie_server.engine.work import BatchRunner, WorkItem
+from sie_server.engine.work import WorkItem
 from sie_server.errors import (
     DeadlineExceeded,
     InferenceError,
@@ -181,33 +182,46 @@ class BatchExecutor:
         runner: BatchRunner,
         deadline: float | None = None,
     ) -> list[WorkItem]:
-        """Admit ``(payload, cost)`` pairs sharing ``key``; one work item (with its future and
-        timing) per payload, in order.
+        """Admit ``(payload, cost)`` pairs sharing ``key`` (one group; see ``submit_groups``)."""
+        group = WorkGroup([p for p, _ in payloads], [c for _, c in payloads], key, runner)
+        return self.submit_groups([group], deadline)[0]
 
-        An empty queue admits any request (so one large request still runs); otherwise a request
-        that would push pending cost past the bound is refused whole with ``QueueFull``.
+    def submit_groups(
+        self, groups: Sequence[WorkGroup], deadline: float | None = None
+    ) -> list[list[WorkItem]]:
+        """Admit one request's groups; one work item (with its future and timing) per payload,
+        in order, per group.
+
+        The request is admitted whole or refused whole with ``QueueFull``. An empty queue admits
+        any request (so one large request still runs); otherwise a request that would push
+        pending cost past the bound is refused.
         """
         assert self._loop is not None, "start() first"
         assert self._wake is not None
         if self._closing:
             raise ShuttingDown("server is shutting down", model=self.name)
-        cost = sum(c for _, c in payloads)
+        cost = sum(sum(g.costs) for g in groups)
+        count = sum(len(g.payloads) for g in groups)
         if self._admitted_items and (
             self._admitted_cost + cost > self.config.max_pending_tokens
-            or self._admitted_items + len(payloads) > self.config.max_pending_items
+            or self._admitted_items + count > self.config.max_pending_items
         ):
             raise self._queue_full()
-        items: list[WorkItem] = []
-        for payload, item_cost in payloads:
-            future: asyncio.Future[Any] = self._loop.create_future()
-            item = WorkItem(payload, item_cost, key, runner, future, deadline)
-            future.add_done_callback(functools.partial(self._release, item_cost))
-            self._pending.push(item)
-            items.append(item)
-        self._admitted_items += len(payloads)
+        admitted: list[list[WorkItem]] = []
+        for group in groups:
+            items: list[WorkItem] = []
+            for payload, item_cost in zip(group.payloads, group.costs, strict=True):
+                future: asyncio.Future[Any] = self._loop.create_future()
+                item = WorkItem(payload, item_cost, group.key, group.runner, future, deadline)
+                future.add_done_callback(functools.partial(self._release, item_cost))
+                self._pending.push(item)
+                items.append(item)
+            admitted.append(items)
+        self._admitted_items += count
         self._admitted_cost += cost
-        self._wake.set()
-        return items
+        if count:
+            self._wake.set()
+        return admitted
 
     def _queue_full(self) -> QueueFull:
         return QueueFull(

@@ -13,18 +13,26 @@ import dataclasses
 import enum
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from sie_server.adapters.base import EncodeSettings, InputItem, LoadTarget, ModelAdapter
-from sie_server.adapters.registry import adapter_class, create_adapter
-from sie_server.catalog import Catalog, ModelSpec
+from sie_server.adapters.base import (
+    Encoder,
+    Extractor,
+    ModelAdapter,
+    Scorer,
+    tasks_of,
+)
+from sie_server.adapters.registry import adapter_class
+from sie_server.catalog import Catalog, CatalogError, ModelSpec
 from sie_server.device import Placement
-from sie_server.engine.encode import EncodeCall, EncodeOutcome, EncodeRunner, run_encode
+from sie_server.domain import Job, LoadTarget
 from sie_server.engine.executor import BatchExecutor, BatchStats, ExecutorConfig
+from sie_server.engine.pipeline import Outcome, run_job
+from sie_server.engine.warmup import warm_up
 from sie_server.errors import (
     InvalidInput,
     ModelLoadFailed,
@@ -33,8 +41,12 @@ from sie_server.errors import (
     ShuttingDown,
 )
 from sie_server.observability.metrics import BATCH_SIZE_BUCKETS, Metrics
+from sie_server.tasks.encode import EncodeCall, EncodedItem
+from sie_server.tasks.extract import ExtractCall, ExtractedItem
+from sie_server.tasks.score import RankedScore, ScoreCall, rank
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 
 class ModelState(enum.Enum):
@@ -54,7 +66,8 @@ class ModelEntry:
     failed_at: float = 0.0
     load_task: asyncio.Task[None] | None = field(default=None, repr=False)
     memory_bytes: int = 0
-    tasks: frozenset[str] | None = None
+    #: The adapter family's class, resolved on first use (adapter modules import no torch).
+    adapter_class: type[ModelAdapter] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,14 +103,27 @@ class ModelRegistry:
         except KeyError:
             raise ModelNotFound(f"Model '{name}' not found", model=name) from None
 
-    def require_task(self, name: str, task: str) -> ModelSpec:
-        """The spec of a model whose adapter family serves ``task`` (else InvalidInput)."""
+    def adapter_type(self, name: str) -> type[ModelAdapter]:
+        """The model's adapter class; a catalog entry naming a missing family fails to load."""
         entry = self.entry(name)
-        if entry.tasks is None:  # resolved once; adapter modules import no torch at import time
-            entry.tasks = adapter_class(entry.spec.adapter).tasks
-        if task not in entry.tasks:
-            raise InvalidInput(f"model {name} does not support {task}", model=name)
-        return entry.spec
+        if entry.adapter_class is None:
+            try:
+                entry.adapter_class = adapter_class(entry.spec.adapter)
+            except CatalogError as exc:
+                raise ModelLoadFailed(str(exc), model=name) from None
+        return entry.adapter_class
+
+    def require_task(self, name: str, task: str) -> tuple[ModelSpec, type[ModelAdapter]]:
+        """The spec and adapter class of a model that serves ``task`` (else InvalidInput)."""
+        cls = self.adapter_type(name)
+        spec = self.entry(name).spec
+        served = [t for t in spec.tasks if t in tasks_of(cls)]
+        if task not in served:
+            raise InvalidInput(
+                f"model {name} does not support {task} (it supports {', '.join(served) or 'nothing'})",
+                model=name,
+            )
+        return spec, cls
 
     def ready(self, name: str) -> tuple[ModelAdapter, BatchExecutor]:
         """The loaded model, or a retryable ModelLoading after starting its load."""
@@ -118,19 +144,37 @@ class ModelRegistry:
         raise ModelLoading(f"model {name} is loading; retry shortly", model=name)
 
     # ---- entry points ----------------------------------------------------------------------
-    async def encode(self, model: str, call: EncodeCall) -> EncodeOutcome:
-        self.require_task(model, "encode")
+    async def encode(self, model: str, call: EncodeCall) -> Outcome[list[EncodedItem]]:
         adapter, executor = self.ready(model)
-        outcome = await run_encode(
-            adapter,
+        assert isinstance(adapter, Encoder)
+        return await self._run(model, executor, lambda: adapter.encode_job(call), call.deadline)
+
+    async def score(self, model: str, call: ScoreCall) -> Outcome[list[RankedScore]]:
+        adapter, executor = self.ready(model)
+        assert isinstance(adapter, Scorer)
+        outcome = await self._run(model, executor, lambda: adapter.score_job(call), call.deadline)
+        return Outcome(rank(outcome.result), outcome.timing, outcome.tokens)
+
+    async def extract(self, model: str, call: ExtractCall) -> Outcome[list[ExtractedItem]]:
+        adapter, executor = self.ready(model)
+        assert isinstance(adapter, Extractor)
+        return await self._run(model, executor, lambda: adapter.extract_job(call), call.deadline)
+
+    async def _run(
+        self,
+        model: str,
+        executor: BatchExecutor,
+        make_job: Callable[[], Job[R]],
+        deadline: float | None,
+    ) -> Outcome[R]:
+        outcome = await run_job(
             executor,
-            call,
-            tokenizer_pool=self._tokenizer_pool,
-            postprocess_pool=self._tokenizer_pool,
+            make_job,
+            deadline=deadline,
+            prepare_pool=self._tokenizer_pool,
+            finish_pool=self._tokenizer_pool,
         )
-        self.metrics.inc(
-            "sie_tokens_processed_total", sum(i.num_tokens for i in outcome.items), model=model
-        )
+        self.metrics.inc("sie_tokens_processed_total", outcome.tokens, model=model)
         return outcome
 
     # ---- loading -----------------------------------------------------------------------------
@@ -163,13 +207,14 @@ class ModelRegistry:
         )
         executor.start()
         try:
-            adapter = create_adapter(spec)
+            adapter = self.adapter_type(spec.name)(spec)
+            adapter.check_spec()
             target = LoadTarget(
                 spec.weights_source(), self.config.placement.device, self.config.placement.dtype
             )
             await executor.call(lambda: adapter.load(target))
             if self.config.warmup:
-                await executor.call(lambda: _warm_up(adapter, spec))
+                await executor.call(lambda: warm_up(adapter, spec))
         except Exception as exc:
             log.exception("loading %s failed", spec.name)
             await executor.close()
@@ -219,11 +264,3 @@ def _inference_mode() -> AbstractContextManager[Any]:
     import torch
 
     return torch.inference_mode()
-
-
-def _warm_up(adapter: ModelAdapter, spec: ModelSpec) -> None:
-    """One tiny forward pass per default output type, so the first request pays no lazy init."""
-    profile = spec.profile(None)
-    settings = EncodeSettings(output_types=profile.output_types, options=dict(profile.options))
-    runner = EncodeRunner(adapter, settings)
-    runner.run(runner.collate(adapter.prepare([InputItem(text="warm up")], settings)))

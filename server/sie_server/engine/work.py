@@ -10,19 +10,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-
-class BatchRunner(Protocol):
-    """How to turn payloads sharing one key into model inputs and results."""
-
-    def collate(self, payloads: Sequence[Any]) -> Any:
-        """Pad and stack payloads (prep pool; also model thread when a batch is split)."""
-
-    def run(self, inputs: Any) -> list[Any]:
-        """One forward pass (model thread): one result per payload, in order."""
+from sie_server.domain import BatchRunner
 
 
 @dataclass(slots=True)

@@ -30,12 +30,10 @@ from sie_server.device import resolve_placement
 from sie_server.engine.executor import ExecutorConfig
 from sie_server.engine.registry import EngineConfig, ModelRegistry
 from sie_server.errors import SIEServerError
-from sie_server.grpc_api.servicers import (
-    EncodeServicer,
-    ExtractServicer,
-    ModelServicer,
-    ScoreServicer,
-)
+from sie_server.grpc_api.encode_service import EncodeServicer
+from sie_server.grpc_api.extract_service import ExtractServicer
+from sie_server.grpc_api.model_service import ModelServicer
+from sie_server.grpc_api.score_service import ScoreServicer
 from sie_server.grpc_api.status import StatusServicer
 
 log = logging.getLogger(__name__)
@@ -107,9 +105,12 @@ async def create_server(settings: Settings, registry: ModelRegistry) -> RunningS
             ("grpc.http2.min_ping_interval_without_data_ms", 5000),
         ]
     )
-    encode_pb2_grpc.add_EncodeServiceServicer_to_server(EncodeServicer(registry, settings), server)
-    score_pb2_grpc.add_ScoreServiceServicer_to_server(ScoreServicer(registry), server)
-    extract_pb2_grpc.add_ExtractServiceServicer_to_server(ExtractServicer(registry), server)
+    max_items = settings.max_items_per_request
+    encode_pb2_grpc.add_EncodeServiceServicer_to_server(EncodeServicer(registry, max_items), server)
+    score_pb2_grpc.add_ScoreServiceServicer_to_server(ScoreServicer(registry, max_items), server)
+    extract_pb2_grpc.add_ExtractServiceServicer_to_server(
+        ExtractServicer(registry, max_items), server
+    )
     models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(registry), server)
     status_pb2_grpc.add_StatusServiceServicer_to_server(
         StatusServicer(registry, settings.status_interval_ms), server

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, struct_pb2
 from sie_sdk.v1 import status_pb2, status_pb2_grpc
 
 import sie_server
@@ -40,30 +39,25 @@ class StatusServicer(status_pb2_grpc.StatusServiceServicer):
         for entry in self.registry.entries():
             executor = entry.executor
             loaded = entry.state is ModelState.LOADED
-            config = struct_pb2.Struct()
-            config.update(
-                {
-                    "adapter": entry.spec.adapter,
-                    "max_sequence_length": entry.spec.max_sequence_length,
-                    "outputs": list(entry.spec.outputs),
-                    "default_profile": entry.spec.default_profile,
-                }
-            )
+            spec = entry.spec
             models.append(
                 status_pb2.ModelStatus(
-                    name=entry.spec.name,
+                    name=spec.name,
                     state=entry.state.value,
                     device=placement.device if loaded else "",
                     memory_bytes=entry.memory_bytes,
                     queue_depth=executor.batches_in_flight if executor else 0,
                     queue_pending_items=executor.pending_items if executor else 0,
-                    config=config,
+                    config=status_pb2.ModelConfig(
+                        adapter=spec.adapter,
+                        max_sequence_length=spec.max_sequence_length,
+                        outputs=list(spec.outputs),
+                        default_profile=spec.default_profile,
+                        tasks=list(spec.tasks),
+                    ),
                 )
             )
-        metrics = self.registry.metrics.snapshot()
-        counters, histograms = struct_pb2.Struct(), struct_pb2.Struct()
-        json_format.ParseDict(metrics["counters"], counters)
-        json_format.ParseDict(metrics["histograms"], histograms)
+        metrics = self.registry.metrics
         return status_pb2.WatchStatusResponse(
             timestamp=time.time(),
             gpu=placement.gpu_type,
@@ -77,8 +71,21 @@ class StatusServicer(status_pb2_grpc.StatusServiceServicer):
             ),
             gpus=_gpus(placement.device),
             models=models,
-            counters=counters,
-            histograms=histograms,
+            counters=[
+                status_pb2.CounterSample(name=name, labels=labels, value=value)
+                for name, labels, value in metrics.counters()
+            ],
+            histograms=[
+                status_pb2.HistogramSample(
+                    name=name,
+                    labels=labels,
+                    bounds=list(h.buckets),
+                    counts=h.counts,
+                    sum=h.total,
+                    count=h.count,
+                )
+                for name, labels, h in metrics.histograms()
+            ],
         )
 
 

@@ -1,15 +1,16 @@
 """In-process metrics: counters and histograms keyed by name and labels.
 
 Updated on the event loop only (request completion, batch completion), so no locks. The status
-stream publishes ``snapshot()``; a Prometheus exposition can be rendered from the same data.
+stream publishes every series as typed samples; a Prometheus exposition can be rendered from the
+same data. Counters count whole things (requests, tokens, batches), so they are integers.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -35,13 +36,13 @@ class Histogram:
 
 class Metrics:
     def __init__(self) -> None:
-        self._counters: dict[str, dict[Labels, float]] = defaultdict(dict)
+        self._counters: dict[str, dict[Labels, int]] = defaultdict(dict)
         self._histograms: dict[str, dict[Labels, Histogram]] = defaultdict(dict)
 
-    def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
+    def inc(self, name: str, value: int = 1, **labels: str) -> None:
         key = tuple(sorted(labels.items()))
         series = self._counters[name]
-        series[key] = series.get(key, 0.0) + value
+        series[key] = series.get(key, 0) + value
 
     def observe(self, name: str, value: float, buckets: tuple[float, ...], **labels: str) -> None:
         key = tuple(sorted(labels.items()))
@@ -50,26 +51,17 @@ class Metrics:
             series[key] = Histogram(buckets)
         series[key].observe(value)
 
-    def counter(self, name: str, **labels: str) -> float:
-        return self._counters.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+    def counter(self, name: str, **labels: str) -> int:
+        return self._counters.get(name, {}).get(tuple(sorted(labels.items())), 0)
 
-    def snapshot(self) -> dict[str, Any]:
-        """JSON-ready: {"counters": {name: [{labels, value}]}, "histograms": {name: [...]}}."""
-        counters = {
-            name: [{"labels": dict(k), "value": v} for k, v in series.items()]
-            for name, series in self._counters.items()
-        }
-        histograms = {
-            name: [
-                {
-                    "labels": dict(k),
-                    "buckets": list(h.buckets),
-                    "counts": list(h.counts),
-                    "sum": h.total,
-                    "count": h.count,
-                }
-                for k, h in series.items()
-            ]
-            for name, series in self._histograms.items()
-        }
-        return {"counters": counters, "histograms": histograms}
+    def counters(self) -> Iterator[tuple[str, dict[str, str], int]]:
+        """Every counter series: (name, labels, value)."""
+        for name, series in self._counters.items():
+            for key, value in series.items():
+                yield name, dict(key), value
+
+    def histograms(self) -> Iterator[tuple[str, dict[str, str], Histogram]]:
+        """Every histogram series: (name, labels, histogram)."""
+        for name, series in self._histograms.items():
+            for key, histogram in series.items():
+                yield name, dict(key), histogram

@@ -1,0 +1,122 @@
+"""Transport-neutral types shared by tasks, adapters and the engine.
+
+Nothing here imports torch, transformers or gRPC. The layering is::
+
+    domain, tasks  <-  adapters  <-  engine  <-  grpc_api
+
+* Request items as the engine sees them (``InputItem``), after the transport decoded them.
+* What adapters produce on the model thread (``EncodeOutput``; scores are plain floats).
+* The unit a capability hands the engine for one request: a ``Job`` of ``WorkGroup`` s (payloads
+  that may share forward passes, with their cost and a ``BatchRunner``) and a ``finish`` step
+  that turns the raw per-payload outputs into the task's result, off the model thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+F32 = npt.NDArray[np.float32]
+I32 = npt.NDArray[np.int32]
+R = TypeVar("R")
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ImageData:
+    data: bytes
+    format: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class InputItem:
+    """One request item as the engine sees it."""
+
+    text: str | None = None
+    images: tuple[ImageData, ...] = ()
+    #: A multivector the client computed already ([tokens, dims] float32), e.g. a score query.
+    multivector: F32 | None = None
+
+
+@dataclass(slots=True)
+class TokenizedText:
+    """One text after tokenization: ids with special tokens, cut at the model's max length."""
+
+    input_ids: list[int]
+    truncated: bool = False
+    #: Adapter-specific extras (e.g. a ColBERT document's skip mask).
+    extra: Any = None
+
+    @property
+    def cost(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadTarget:
+    """Where and how to load: ``device`` as torch names it, ``dtype`` 'float32'|'bfloat16'|'float16'."""
+
+    source: str
+    device: str
+    dtype: str
+
+
+# ---- adapter outputs (model thread, float32) ---------------------------------------------------
+@dataclass(slots=True)
+class SparseOutput:
+    indices: I32  # ascending vocabulary ids
+    values: F32
+
+
+@dataclass(slots=True)
+class EncodeOutput:
+    dense: F32 | None = None
+    sparse: SparseOutput | None = None
+    multivector: F32 | None = None  # [num_tokens, dim]
+
+
+# ---- timing ------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Timing:
+    total_ms: float
+    queue_ms: float
+    tokenization_ms: float
+    inference_ms: float
+    postprocessing_ms: float
+
+
+# ---- the unit of work a capability hands the engine ---------------------------------------------
+class BatchRunner(Protocol):
+    """How to turn payloads sharing one key into model inputs and results."""
+
+    def collate(self, payloads: Sequence[Any]) -> Any:
+        """Pad and stack payloads (prep pool; also model thread when a batch is split)."""
+
+    def run(self, inputs: Any) -> list[Any]:
+        """One forward pass (model thread): one result per payload, in order."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkGroup:
+    """Payloads of one request that may share forward passes with any other payloads of the
+    same ``key`` (from any request); ``costs[i]`` is payload i's token count."""
+
+    payloads: Sequence[Any]
+    costs: Sequence[int]
+    key: Hashable
+    runner: BatchRunner
+
+
+@dataclass(frozen=True, slots=True)
+class Job(Generic[R]):
+    """One request, prepared: its work groups and how to turn their outputs (one list per group,
+    one entry per payload, in order) into the task's result. ``finish`` runs in a worker pool."""
+
+    groups: Sequence[WorkGroup]
+    finish: Callable[[list[list[Any]]], R]
+    #: Tokens the model sees for this request (reported by metrics).
+    tokens: int = 0

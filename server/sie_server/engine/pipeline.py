@@ -1,0 +1,74 @@
+"""The one request pipeline every task runs through.
+
+1. **Capacity**: a full queue refuses before any tokenizing is spent.
+2. **Prepare** in the tokenizer pool: the capability's ``*_job`` tokenizes and returns a ``Job``.
+3. **Submit**: the job's groups are admitted whole or refused whole (``QueueFull``).
+4. **Gather**: wait for every payload's future; the first error fails the request.
+5. **Postprocess** in the worker pool: the job's ``finish`` turns raw outputs into the result.
+6. **Timing**: total, queue (the longest wait of any payload), tokenization, inference (each
+   batch the request rode in counted once) and postprocessing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from sie_server.domain import Job, Timing
+from sie_server.engine.executor import BatchExecutor
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome(Generic[R]):
+    result: R
+    timing: Timing
+    #: Tokens the model saw for the request.
+    tokens: int
+
+
+async def run_job(
+    executor: BatchExecutor,
+    make_job: Callable[[], Job[R]],
+    *,
+    deadline: float | None,
+    prepare_pool: Executor,
+    finish_pool: Executor,
+) -> Outcome[R]:
+    loop = asyncio.get_running_loop()
+    started = time.perf_counter()
+    executor.check_capacity()
+
+    job = await loop.run_in_executor(prepare_pool, make_job)
+    prepared = time.perf_counter()
+
+    admitted = executor.submit_groups(job.groups, deadline)
+    futures = [item.future for group in admitted for item in group]
+    gathered = await asyncio.gather(*futures, return_exceptions=True)
+    for value in gathered:
+        if isinstance(value, BaseException):
+            raise value
+    outputs: list[list[Any]] = []
+    position = 0
+    for group in admitted:
+        outputs.append(list(gathered[position : position + len(group)]))
+        position += len(group)
+    inferred = time.perf_counter()
+
+    result = await loop.run_in_executor(finish_pool, job.finish, outputs)
+    done = time.perf_counter()
+    items = [item for group in admitted for item in group]
+    batches = {item.timing.batch_id: item.timing.inference_ms for item in items}
+    timing = Timing(
+        total_ms=(done - started) * 1000.0,
+        queue_ms=max((item.timing.queue_ms for item in items), default=0.0),
+        tokenization_ms=(prepared - started) * 1000.0,
+        inference_ms=sum(batches.values()),
+        postprocessing_ms=(done - inferred) * 1000.0,
+    )
+    return Outcome(result=result, timing=timing, tokens=job.tokens)

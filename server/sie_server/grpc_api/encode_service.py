@@ -1,0 +1,82 @@
+"""``sie.v1.EncodeService``: the servicer and its converters."""
+
+from __future__ import annotations
+
+from sie_sdk.tensors import DTYPE_BY_NAME, to_tensor
+from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc
+
+from sie_server.adapters.base import Encoder
+from sie_server.catalog import ModelSpec
+from sie_server.engine.registry import ModelRegistry
+from sie_server.grpc_api.convert import (
+    Context,
+    deadline_of,
+    input_items,
+    item_id,
+    struct_to_dict,
+    timing_pb,
+)
+from sie_server.grpc_api.errors import translate_errors
+from sie_server.tasks.encode import EncodedItem, EncodeParams, resolve_encode
+
+
+class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
+    def __init__(self, registry: ModelRegistry, max_items: int) -> None:
+        self.registry = registry
+        self.max_items = max_items
+
+    @translate_errors
+    async def Encode(
+        self, request: encode_pb2.EncodeRequest, context: Context
+    ) -> encode_pb2.EncodeResponse:
+        spec, cls = self.registry.require_task(request.model, "encode")
+        assert issubclass(cls, Encoder)
+        params = request.params
+        call = resolve_encode(
+            spec,
+            input_items(request.items, spec.name),
+            EncodeParams(
+                output_types=list(params.output_types),
+                output_dtype=params.output_dtype or None,
+                is_query=params.is_query if params.HasField("is_query") else None,
+                instruction=params.instruction if params.HasField("instruction") else None,
+                options=struct_to_dict(params.options),
+            ),
+            accepted_options=cls.encode_options,
+            max_items=self.max_items,
+            deadline=deadline_of(context),
+        )
+        outcome = await self.registry.encode(request.model, call)
+        dtype = DTYPE_BY_NAME[call.output_dtype]
+        return encode_pb2.EncodeResponse(
+            model=request.model,
+            items=[
+                encode_result(item_id(item, index), result, dtype, spec)
+                for index, (item, result) in enumerate(
+                    zip(request.items, outcome.result, strict=True)
+                )
+            ],
+            timing=timing_pb(outcome.timing),
+        )
+
+
+def encode_result(
+    result_id: str, result: EncodedItem, dtype: common_pb2.Dtype.ValueType, spec: ModelSpec
+) -> encode_pb2.EncodeResult:
+    out = encode_pb2.EncodeResult(
+        id=result_id, num_tokens=result.num_tokens, truncated=result.truncated
+    )
+    if result.dense is not None:
+        out.dense.dims = spec.outputs["dense"].dims or 0
+        out.dense.values.CopyFrom(to_tensor(result.dense, dtype))
+    if result.sparse is not None:
+        out.sparse.dims = spec.outputs["sparse"].dims or 0
+        out.sparse.indices.CopyFrom(to_tensor(result.sparse.indices, common_pb2.DTYPE_INT32))
+        out.sparse.values.CopyFrom(
+            to_tensor(result.sparse.values, DTYPE_BY_NAME[result.sparse.dtype])
+        )
+    if result.multivector is not None:
+        out.multivector.token_dims = spec.outputs["multivector"].dims or 0
+        out.multivector.num_tokens = int(result.multivector.shape[0])
+        out.multivector.values.CopyFrom(to_tensor(result.multivector, dtype))
+    return out

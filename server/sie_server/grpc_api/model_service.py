@@ -1,0 +1,68 @@
+"""``sie.v1.ModelService``: the catalog and each model's state."""
+
+from __future__ import annotations
+
+from sie_sdk.v1 import models_pb2, models_pb2_grpc
+
+from sie_server.engine.registry import ModelEntry, ModelRegistry, ModelState
+from sie_server.grpc_api.convert import Context
+from sie_server.grpc_api.errors import translate_errors
+
+_STATE = {
+    ModelState.AVAILABLE: models_pb2.MODEL_STATE_AVAILABLE,
+    ModelState.LOADING: models_pb2.MODEL_STATE_LOADING,
+    ModelState.LOADED: models_pb2.MODEL_STATE_LOADED,
+    ModelState.FAILED: models_pb2.MODEL_STATE_FAILED,
+}
+
+
+class ModelServicer(models_pb2_grpc.ModelServiceServicer):
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+
+    @translate_errors
+    async def ListModels(
+        self, request: models_pb2.ListModelsRequest, context: Context
+    ) -> models_pb2.ListModelsResponse:
+        device = self.registry.config.placement.device
+        return models_pb2.ListModelsResponse(
+            models=[model_info(entry, device) for entry in self.registry.entries()]
+        )
+
+    @translate_errors
+    async def GetModel(
+        self, request: models_pb2.GetModelRequest, context: Context
+    ) -> models_pb2.GetModelResponse:
+        entry = self.registry.entry(request.name)
+        return models_pb2.GetModelResponse(
+            model=model_info(entry, self.registry.config.placement.device)
+        )
+
+
+def model_info(entry: ModelEntry, device: str) -> models_pb2.ModelInfo:
+    spec = entry.spec
+    loaded = entry.state is ModelState.LOADED
+    return models_pb2.ModelInfo(
+        name=spec.name,
+        inputs=list(spec.inputs),
+        outputs=list(spec.outputs),
+        dims={kind: out.dims for kind, out in spec.outputs.items() if out.dims is not None},
+        loaded=loaded,
+        max_sequence_length=spec.max_sequence_length,
+        profiles={
+            name: models_pb2.ProfileInfo(
+                is_default=name == spec.default_profile,
+                output_types=list(profile.output_types),
+                output_similarity={
+                    t: sim
+                    for t in profile.output_types
+                    if (sim := spec.outputs[t].similarity) is not None
+                },
+            )
+            for name, profile in spec.profiles.items()
+        },
+        state=_STATE[entry.state],
+        device=device if loaded else "",
+        error=entry.error or "",
+        tasks=list(spec.tasks),
+    )

@@ -1,0 +1,205 @@
+"""The encode task: settings, validation, result types and output conversion.
+
+``resolve_encode`` turns transport-neutral parameters into an ``EncodeCall`` or raises
+``InvalidInput``. The typed parameters (``output_types``, ``output_dtype``, ``is_query``,
+``instruction``) may also arrive inside ``options`` (the published SIE SDK sends ``is_query``
+there); a typed field that is set wins over the same key in options, which wins over the profile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from sie_server.catalog import ModelSpec
+from sie_server.catalog.spec import OUTPUT_TYPES
+from sie_server.domain import EncodeOutput, InputItem
+from sie_server.errors import InvalidInput, SIEServerError
+from sie_server.tasks.options import Options
+from sie_server.tasks.output_dtype import OUTPUT_DTYPES, convert, sparse_dtype
+
+#: Option keys every encoder accepts: the profile and the typed parameters.
+ENCODE_KEYS = frozenset({"profile", "output_types", "output_dtype", "is_query", "instruction"})
+#: Option keys of models that format text with templates.
+TEMPLATE_KEYS = frozenset({"query_template", "document_template", "instruction_template"})
+
+
+@dataclass(frozen=True, slots=True)
+class EncodeSettings:
+    """Per-request encode settings after profile resolution. Items share a forward pass only
+    when their ``batch_key`` is equal."""
+
+    output_types: tuple[str, ...]
+    is_query: bool = False
+    instruction: str | None = None
+    #: Adapter options (profile options overlaid with the request's, typed keys removed).
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def batch_key(self) -> tuple[object, ...]:
+        # The instruction is folded into the tokens already, so it does not split batches.
+        return (self.output_types, self.is_query, freeze(self.options))
+
+
+@dataclass(frozen=True, slots=True)
+class EncodeParams:
+    """Encode parameters as a transport delivers them (unset typed fields are None)."""
+
+    output_types: Sequence[str] = ()
+    output_dtype: str | None = None
+    is_query: bool | None = None
+    instruction: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class EncodeCall:
+    """One validated encode request."""
+
+    items: Sequence[InputItem]
+    settings: EncodeSettings
+    output_dtype: str = "float32"
+    deadline: float | None = None  # time.monotonic() seconds
+
+
+@dataclass(frozen=True, slots=True)
+class SparseResult:
+    indices: npt.NDArray[np.int32]
+    values: npt.NDArray[np.generic]
+    dtype: str
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedItem:
+    """One item's outputs in the requested dtype, with the tokens the model saw."""
+
+    num_tokens: int
+    truncated: bool
+    dense: npt.NDArray[np.generic] | None = None
+    sparse: SparseResult | None = None
+    multivector: npt.NDArray[np.generic] | None = None
+
+
+# ---- validation --------------------------------------------------------------------------------
+def check_items(items: Sequence[InputItem], model: str, max_items: int) -> None:
+    """The request-level item checks every task shares."""
+    if not items:
+        raise InvalidInput("items must not be empty", model=model)
+    if len(items) > max_items:
+        raise InvalidInput(
+            f"{len(items)} items exceed the limit of {max_items} per request", model=model
+        )
+
+
+def resolve_encode(
+    spec: ModelSpec,
+    items: Sequence[InputItem],
+    params: EncodeParams,
+    *,
+    accepted_options: Collection[str],
+    max_items: int,
+    deadline: float | None = None,
+) -> EncodeCall:
+    """Merge the profile with the request; reject what the model cannot do (InvalidInput)."""
+    check_items(items, spec.name, max_items)
+    profile, options = Options.resolve(spec, params.options)
+    options.check_known(ENCODE_KEYS | set(accepted_options))
+    options.check_templates()
+    # Typed fields win over options, options over the profile; option values are always checked.
+    option_types = options.text_list("output_types")
+    option_dtype = options.optional_text("output_dtype")
+    option_is_query = options.optional_flag("is_query")
+    option_instruction = options.optional_text("instruction")
+    types = tuple(dict.fromkeys(params.output_types or option_types or ()))
+    types = types or tuple(t for t in profile.output_types if t in OUTPUT_TYPES)
+    unknown = [t for t in types if t not in OUTPUT_TYPES]
+    if unknown:
+        raise InvalidInput(
+            f"unknown output type(s) {', '.join(map(repr, unknown))} (known: {', '.join(OUTPUT_TYPES)})",
+            model=spec.name,
+        )
+    missing = [t for t in types if t not in spec.outputs]
+    if missing or not types:
+        produced = ", ".join(spec.embedding_outputs) or "no embeddings"
+        raise InvalidInput(
+            f"model {spec.name} does not produce {', '.join(missing) or 'embeddings'} (it produces {produced})",
+            model=spec.name,
+        )
+    dtype = params.output_dtype or option_dtype or "float32"
+    if dtype not in OUTPUT_DTYPES:
+        raise InvalidInput(
+            f"unknown output_dtype {dtype!r} (known: {', '.join(OUTPUT_DTYPES)})", model=spec.name
+        )
+    is_query = params.is_query if params.is_query is not None else option_is_query
+    instruction = params.instruction or option_instruction or None
+    settings = EncodeSettings(
+        output_types=types,
+        is_query=bool(is_query),
+        instruction=instruction,
+        options=options.without(ENCODE_KEYS),
+    )
+    return EncodeCall(items=items, settings=settings, output_dtype=dtype, deadline=deadline)
+
+
+def format_text(text: str, settings: EncodeSettings) -> str:
+    """Apply instruction and query/document templates from the options.
+
+    ``instruction_template`` (default ``"{instruction} {text}"``) wins when an instruction is
+    given; else ``query_template`` or ``document_template`` per ``is_query``. Templates were
+    checked when the call was resolved.
+    """
+    opts = settings.options
+    if settings.instruction:
+        template = str(opts.get("instruction_template") or "{instruction} {text}")
+        return template.format(instruction=settings.instruction, text=text)
+    side = opts.get("query_template" if settings.is_query else "document_template")
+    return str(side).format(text=text) if side else text
+
+
+def freeze(value: Any) -> Any:
+    """A hashable, order-independent form of nested options (for batch keys)."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), freeze(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
+# ---- postprocessing ----------------------------------------------------------------------------
+def convert_outputs(
+    outputs: Sequence[EncodeOutput],
+    tokens: Sequence[tuple[int, bool]],
+    types: Sequence[str],
+    dtype: str,
+) -> list[EncodedItem]:
+    """Adapter outputs (float32) to results in ``dtype``; ``tokens`` is (num_tokens, truncated)."""
+    return [
+        _convert(out, count, truncated, types, dtype)
+        for out, (count, truncated) in zip(outputs, tokens, strict=True)
+    ]
+
+
+def _convert(
+    out: EncodeOutput, num_tokens: int, truncated: bool, types: Sequence[str], dtype: str
+) -> EncodedItem:
+    def need(kind: str, value: Any) -> Any:
+        if kind in types and value is None:
+            raise SIEServerError(f"adapter produced no {kind} output")
+        return value if kind in types else None
+
+    dense = need("dense", out.dense)
+    sparse = need("sparse", out.sparse)
+    multivector = need("multivector", out.multivector)
+    sparse_kind = sparse_dtype(dtype)
+    return EncodedItem(
+        num_tokens=num_tokens,
+        truncated=truncated,
+        dense=convert(dense, dtype) if dense is not None else None,
+        sparse=SparseResult(sparse.indices, convert(sparse.values, sparse_kind), sparse_kind)
+        if sparse is not None
+        else None,
+        multivector=convert(multivector, dtype) if multivector is not None else None,
+    )
