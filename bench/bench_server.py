@@ -10,14 +10,11 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 from bench_common import HOST, MODEL, ROOT
-from google.protobuf import json_format
 from sie_sdk.v1 import status_pb2, status_pb2_grpc
 
 SERVER_START_TIMEOUT_S = 180.0
@@ -167,12 +164,6 @@ class Counters:
         return bins
 
 
-def _model_series(data: dict[str, Any], name: str) -> Iterator[dict[str, Any]]:
-    for series in data.get(name, []):
-        if series.get("labels", {}).get("model") == MODEL:
-            yield series
-
-
 async def read_counters(address: str) -> Counters:
     """One snapshot of the status stream (its first message comes at once)."""
     async with grpc.aio.insecure_channel(address) as channel:
@@ -185,18 +176,21 @@ async def read_counters(address: str) -> Counters:
             call.cancel()
     if not isinstance(reply, status_pb2.WatchStatusResponse):
         raise RuntimeError("the status stream ended without a snapshot")
-    counters = json_format.MessageToDict(reply.counters)
-    histograms = json_format.MessageToDict(reply.histograms)
 
     def total(name: str) -> float:
-        return sum(float(s["value"]) for s in _model_series(counters, name))
+        return float(
+            sum(c.value for c in reply.counters if c.name == name and c.labels["model"] == MODEL)
+        )
 
-    sizes = next(_model_series(histograms, "sie_batch_size"), None)
+    sizes = next(
+        (h for h in reply.histograms if h.name == "sie_batch_size" and h.labels["model"] == MODEL),
+        None,
+    )
     return Counters(
         tokens=total("sie_batch_tokens_total"),
         padded_tokens=total("sie_batch_padded_tokens_total"),
         batches=total("sie_batches_total"),
-        batched_items=float(sizes["sum"]) if sizes else 0.0,
-        size_buckets=tuple(float(b) for b in sizes["buckets"]) if sizes else (),
-        size_counts=tuple(float(c) for c in sizes["counts"]) if sizes else (),
+        batched_items=float(sizes.sum) if sizes else 0.0,
+        size_buckets=tuple(float(b) for b in sizes.bounds) if sizes else (),
+        size_counts=tuple(float(c) for c in sizes.counts) if sizes else (),
     )
