@@ -28,7 +28,7 @@ import numpy as np
 from sie_server.adapters.base import Encoder, require_texts
 from sie_server.catalog import ModelSpec
 from sie_server.domain import F32, EncodeOutput, InputItem, LoadTarget, TokenizedText
-from sie_server.tasks.encode import EncodeSettings, format_text
+from sie_server.tasks.encode import TEMPLATE_KEYS, EncodeSettings, format_text
 
 BOS, EOS = 1, 2
 VOCAB = 30000
@@ -76,6 +76,7 @@ class ForwardPass:
 
 class FakeAdapter(Encoder[TokenizedText]):
     output_types: ClassVar[frozenset[str]] = frozenset({"dense"})
+    encode_options = TEMPLATE_KEYS
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)

@@ -120,7 +120,36 @@ async def test_status_stream_reports_the_loaded_model(server: ServerHandle) -> N
     model = next(m for m in first.models if m.name == MODEL)
     assert model.state == "loaded"
     assert model.memory_bytes > 10_000_000  # ~90 MB of fp32 weights
+    assert model.config.adapter == "dense"
+    assert model.config.max_sequence_length == 256
+    assert list(model.config.tasks) == ["encode", "score"]
     assert snapshots[1].timestamp > first.timestamp
+
+
+async def test_status_counters_are_typed_integers(server: ServerHandle) -> None:
+    """Counters travel as integers (a Struct would turn them into floats) and match what the
+    server counted; histograms carry their bounds and per-bucket counts."""
+    from sie_sdk.v1 import status_pb2, status_pb2_grpc
+
+    await encode(server, ["one two three", "four"])
+    stub = status_pb2_grpc.StatusServiceStub(server.channel)
+    call = stub.WatchStatus(status_pb2.WatchStatusRequest())
+    snapshot = await call.read()
+    call.cancel()
+    assert isinstance(snapshot, status_pb2.WatchStatusResponse)
+    metrics = server.running.registry.metrics
+    tokens = next(
+        c
+        for c in snapshot.counters
+        if c.name == "sie_tokens_processed_total" and c.labels["model"] == MODEL
+    )
+    assert tokens.value == metrics.counter("sie_tokens_processed_total", model=MODEL) > 0
+    sizes = next(
+        h for h in snapshot.histograms if h.name == "sie_batch_size" and h.labels["model"] == MODEL
+    )
+    assert len(sizes.counts) == len(sizes.bounds) + 1
+    assert sum(sizes.counts) == sizes.count > 0
+    assert sizes.sum >= sizes.count
 
 
 async def test_scoring_ranks_the_relevant_text_first(server: ServerHandle) -> None:

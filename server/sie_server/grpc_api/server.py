@@ -6,10 +6,10 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sie_sdk.v1 import (
     encode_pb2,
@@ -37,6 +37,8 @@ from sie_server.grpc_api.score_service import ScoreServicer
 from sie_server.grpc_api.status import StatusServicer
 
 log = logging.getLogger(__name__)
+#: grpc's public asyncio health servicer (grpc-stubs' health.pyi predates ``health.aio``).
+AioHealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]
 
 SERVICE_NAMES = tuple(
     module.DESCRIPTOR.services_by_name[name].full_name
@@ -55,7 +57,7 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     registry: ModelRegistry
-    health: HealthServicer
+    health: Any  # AioHealthServicer
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -66,9 +68,13 @@ class RunningServer:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, status)
 
+    async def drain(self) -> None:
+        """NOT_SERVING for every service from now on (later ``set`` calls are ignored)."""
+        await self.health.enter_graceful_shutdown()
+
     async def stop(self, grace_s: float) -> None:
         """Refuse new calls, let in-flight ones finish within ``grace_s``, stop the engine."""
-        await self.set_serving(False)
+        await self.drain()
         await self.server.stop(grace_s)
         await self.registry.close()
 
@@ -115,7 +121,7 @@ async def create_server(settings: Settings, registry: ModelRegistry) -> RunningS
     status_pb2_grpc.add_StatusServiceServicer_to_server(
         StatusServicer(registry, settings.status_interval_ms), server
     )
-    health_servicer = HealthServicer()
+    health_servicer = AioHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (
@@ -169,7 +175,7 @@ async def serve(settings: Settings) -> None:
     )
     await stop.wait()
     log.info("shutting down: NOT_SERVING, draining for %.1fs", settings.drain_delay_s)
-    await running.set_serving(False)
+    await running.drain()
     await asyncio.sleep(settings.drain_delay_s)
     await running.stop(settings.grace_period_s)
     log.info("stopped")

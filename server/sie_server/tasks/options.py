@@ -105,8 +105,12 @@ class Options:
         value = self.values.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
             raise self._error(f"option {key!r} must be a number, got {_kind(value)}")
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise self._error(f"option {key!r} must be within [{lo}, {hi}], got {value}")
+        if lo is not None and hi is not None and not lo <= value <= hi:
+            raise self._error(f"option {key!r} must be between {lo:g} and {hi:g}, got {value}")
+        if lo is not None and value < lo:
+            raise self._error(f"option {key!r} must be at least {lo:g}, got {value}")
+        if hi is not None and value > hi:
+            raise self._error(f"option {key!r} must be at most {hi:g}, got {value}")
         return float(value)
 
     def choice(self, key: str, default: str, choices: Collection[str]) -> str:
