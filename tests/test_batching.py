@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from bisect import bisect_left
 from collections.abc import Hashable
 from typing import Any, cast
 
@@ -179,46 +180,117 @@ def padding_ratio(batches: list[Batch]) -> float:
     return (padded - sum(b.tokens for b in batches)) / padded
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_mixed_lengths_under_load_pad_little(seed: int) -> None:
-    """With the queue held at the admission bound (the server's defaults), length-sorted
-    windows keep padding under 15% of the computed tokens; arrival order would not."""
-    config = ExecutorConfig()
-    limits = config.limits
-    rng = random.Random(seed)
+def rank_of(batch: Batch) -> tuple[int, int]:
+    return (len(batch.items), -(batch.padded_tokens - batch.tokens))
 
-    def length() -> int:  # half short queries, half documents up to 512 tokens
-        return rng.randint(8, 40) if rng.random() < 0.5 else rng.randint(40, 512)
 
-    arrivals = [length() for _ in range(15000)]
+def best_rank_for(before: list[WorkItem], limits: BatchLimits) -> tuple[int, int]:
+    """The best (count, -padding) any window of the oldest item's group could have had.
+    The oldest sorts first among equal costs (a stable sort of the group, which is in arrival
+    order), hence ``bisect_left``."""
+    oldest = min(before, key=lambda it: it.seq)
+    costs = sorted(it.cost for it in before if it.key == oldest.key)
+    return brute_force_rank(costs, bisect_left(costs, oldest.cost), limits)
+
+
+def take_all(queue: PendingQueue, limits: BatchLimits) -> list[list[int]]:
+    """Drain the queue; each batch's costs in arrival order."""
+    batches = drain(queue, limits)
+    return [[it.cost for it in sorted(b.items, key=lambda it: it.seq)] for b in batches]
+
+
+def test_hand_worked_windows() -> None:
+    """Sorted costs 5 5 6 7 18 20 21 22 30 40; the oldest costs 20; 100 tokens, 4 items, 25%.
+    Windows of 4 holding the 20: [6 7 18 20] pads 29 > 20 (cap), [7 18 20 21] pads 18 and
+    [18 20 21 22] pads 7: the tightest wins. Then from 5 5 6 7 30 40 (oldest 5): [5 5 6 7] pads
+    5 <= 7. Then 30 40: 80 tokens, pads 10 <= 20."""
     queue = PendingQueue()
+    fill(queue, [20, 5, 22, 6, 30, 18, 7, 40, 21, 5])
+    limits = BatchLimits(max_batch_tokens=100, max_batch_items=4, max_padding=0.25)
+    assert take_all(queue, limits) == [[20, 22, 18, 21], [5, 6, 7, 5], [30, 40]]
+
+
+def test_hand_worked_padding_cap_against_no_cap() -> None:
+    """Sorted 9 10 11 12 48 50 52, the oldest costs 10; 1000 tokens, 8 items.
+    Cap 20%: [9 10 11 12] pads 6 of 48; adding the 48 pads 111 of 192 (> 38.4) and any wider
+    window pads more; then 48 50 52 pads 6 of 156. Padding 12 of 204 tokens.
+    No cap: all seven fit 52 x 7 = 364 <= 1000 and go at once, padding 172 of 364."""
+    costs = [10, 50, 12, 48, 11, 52, 9]
+    capped, free = PendingQueue(), PendingQueue()
+    fill(capped, costs)
+    fill(free, costs)
+    batches = drain(capped, BatchLimits(1000, 8, 0.2))
+    assert [[it.cost for it in sorted(b.items, key=lambda it: it.seq)] for b in batches] == [
+        [10, 12, 11, 9],
+        [50, 48, 52],
+    ]
+    assert [b.padded_tokens for b in batches] == [48, 156]
+    (everything,) = drain(free, BatchLimits(1000, 8, 1.0))
+    assert len(everything.items) == 7
+    assert everything.padded_tokens == 364
+    assert everything.padded_tokens - everything.tokens == 172
+
+
+def mixed_costs(rng: random.Random, n: int) -> list[int]:
+    """Half short queries, half documents up to 512 tokens."""
+    return [rng.randint(8, 40) if rng.random() < 0.5 else rng.randint(40, 512) for _ in range(n)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_a_queue_of_32_mixed_lengths_takes_the_best_window_every_time(seed: int) -> None:
+    """At a realistic depth, with the server's limits: every batch holds the oldest item, pads
+    at most the cap, and is the best window there was: the most items, then the least padding
+    (checked against every window of the sorted group). With the cap off the same queue pads
+    far more: the cap is what keeps padding low."""
+    limits = ExecutorConfig().limits
+    assert limits.max_padding == 0.15
+    costs = mixed_costs(random.Random(seed), 32)
+    queue = PendingQueue()
+    fill(queue, costs)
     batches: list[Batch] = []
-    pos = 0
-    while pos < len(arrivals):
-        while pos < len(arrivals) and queue.cost < config.max_pending_tokens:
-            queue.push(item(arrivals[pos]))
-            pos += 1
+    while len(queue):
+        before = list(queue)
         batch = queue.take_batch(limits)
         assert batch is not None
+        check_batch(batch, before, limits)  # the oldest is in, one key, budget, contiguous
+        if len(batch.items) > 1:
+            assert batch.padded_tokens - batch.tokens <= limits.max_padding * batch.padded_tokens
+        assert rank_of(batch) == best_rank_for(before, limits)
         batches.append(batch)
-    batches += drain(queue, limits)
-    assert sum(len(b.items) for b in batches) == len(arrivals)
-    assert padding_ratio(batches) <= 0.15
+    assert sorted(it.cost for b in batches for it in b.items) == sorted(costs)
+    assert 1 < len(batches) < len(costs), "mixed lengths split into a few batches"
 
-    # The same stream batched in arrival order pads far more: the policy is what saves it.
-    fifo: list[Batch] = []
-    current: list[WorkItem] = []
-    for cost in arrivals:
-        widest = max([cost, *(it.cost for it in current)])
-        if current and (
-            len(current) == limits.max_batch_items
-            or widest * (len(current) + 1) > limits.max_batch_tokens
-        ):
-            fifo.append(Batch(current))
-            current = []
-        current.append(item(cost))
-    fifo.append(Batch(current))
-    assert padding_ratio(fifo) > 0.3
+    uncapped = PendingQueue()
+    fill(uncapped, costs)
+    free = BatchLimits(limits.max_batch_tokens, limits.max_batch_items, 1.0)
+    loose = drain(uncapped, free)
+    assert len(loose) == 1, "uncapped, all 32 go at once: 512 x 32 fits 16384 tokens"
+    assert padding_ratio(loose) > 0.3
+    assert padding_ratio(loose) > 3 * padding_ratio(batches)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_steady_load_at_depth_32_starves_no_item(seed: int) -> None:
+    """The queue is topped up to 32 items before every take (a steady stream of mixed
+    lengths). Every batch is still the best window holding the oldest, and an item leaves
+    within as many takes as there were items older than it when it arrived, plus one."""
+    limits = ExecutorConfig().limits
+    rng = random.Random(seed)
+    queue = PendingQueue()
+    arrived_at: dict[int, tuple[int, int]] = {}  # id -> (take count, items older and pending)
+    for takes in range(1, 151):
+        while len(queue) < 32:
+            new = item(mixed_costs(rng, 1)[0])
+            arrived_at[id(new)] = (takes - 1, len(queue))  # takes done before it arrived
+            queue.push(new)
+        before = list(queue)
+        batch = queue.take_batch(limits)
+        assert batch is not None
+        check_batch(batch, before, limits)
+        assert rank_of(batch) == best_rank_for(before, limits)
+        for it in batch.items:
+            arrived, older = arrived_at.pop(id(it))
+            assert takes - arrived <= older + 1
 
 
 # ---- queue bookkeeping ----------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import pytest
 import pytest_asyncio
 from sie_sdk.tensors import from_tensor
 from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc, models_pb2, models_pb2_grpc
-from sie_server.tasks.output_dtype import convert
 
 from tests.server_utils import ServerHandle, error_info, serving, write_catalog_entry
 from tests.tiny_models import bge_m3, colbert, dense, splade
@@ -264,6 +263,36 @@ async def test_colbert_equals_reference(stub: Any, catalog_dir: Path, is_query: 
 # ---- output dtypes --------------------------------------------------------------------------------
 
 
+def assert_rounds_to(got: np.ndarray, exact: np.ndarray) -> None:
+    """``got`` is ``exact`` rounded to an integer: within one half of it everywhere (a tie may
+    go either way, as float32 and float64 arithmetic may disagree on it)."""
+    assert np.all(np.abs(got.astype(np.float64) - exact) <= 0.5 + 1e-4)
+
+
+def int8_exact(x: np.ndarray) -> np.ndarray:
+    """x * 127 / max|x| per row, before rounding."""
+    x = x.astype(np.float64)
+    exact: np.ndarray = x * 127 / np.abs(x).max(axis=-1, keepdims=True)
+    return exact
+
+
+def uint8_exact(x: np.ndarray) -> np.ndarray:
+    """(x - min) / (max - min) * 255 per row, before rounding."""
+    x = x.astype(np.float64)
+    lo, hi = x.min(axis=-1, keepdims=True), x.max(axis=-1, keepdims=True)
+    exact: np.ndarray = (x - lo) / (hi - lo) * 255
+    return exact
+
+
+def sign_bytes(x: np.ndarray) -> np.ndarray:
+    """One bit per value (x > 0), eight to a byte, the first value in the high bit."""
+    bits = (x > 0).astype(np.int64)
+    assert bits.shape[-1] % 8 == 0
+    weights = np.array([128, 64, 32, 16, 8, 4, 2, 1])
+    packed: np.ndarray = (bits.reshape(*bits.shape[:-1], -1, 8) * weights).sum(axis=-1)
+    return packed
+
+
 @pytest.mark.parametrize(
     ("dtype", "enum"),
     [
@@ -274,29 +303,54 @@ async def test_colbert_equals_reference(stub: Any, catalog_dir: Path, is_query: 
     ],
 )
 async def test_output_dtypes(stub: Any, dtype: str, enum: int) -> None:
+    """The served int8 / uint8 / binary / float16 vectors follow from the served float32 ones
+    by the rules of tasks/output_dtype.py, written out here (per row: the dense vector, or one
+    token's vector of the multivector)."""
     types = ["dense", "sparse", "multivector"]
     full = await stub.Encode(request("tiny/bge-m3", TEXTS[:2], output_types=types))
     cast = await stub.Encode(
         request("tiny/bge-m3", TEXTS[:2], output_types=types, output_dtype=dtype)
     )
     for ref, item in zip(full.items, cast.items, strict=True):
+        assert item.num_tokens == ref.num_tokens
         assert item.dense.values.dtype == enum
         assert item.dense.dims == bge_m3.HIDDEN  # unpacked dims, also for binary
-        np.testing.assert_array_equal(
-            from_tensor(item.dense.values), convert(from_tensor(ref.dense.values), dtype)
-        )
         assert item.multivector.token_dims == bge_m3.HIDDEN
+        assert item.multivector.num_tokens == ref.multivector.num_tokens
+        for got_tensor, ref_tensor in (
+            (item.dense.values, ref.dense.values),
+            (item.multivector.values, ref.multivector.values),
+        ):
+            got, x = from_tensor(got_tensor), from_tensor(ref_tensor)
+            assert x.dtype == np.float32
+            if dtype == "float16":
+                assert got.dtype == np.float16
+                np.testing.assert_array_equal(got, x.astype(np.float16))
+            elif dtype == "int8":
+                assert got.dtype == np.int8
+                assert_rounds_to(got, int8_exact(x))
+                # The largest magnitude of each row maps to +-127 exactly.
+                np.testing.assert_array_equal(np.abs(got.astype(int)).max(axis=-1), 127)
+            elif dtype == "uint8":
+                assert got.dtype == np.uint8
+                assert_rounds_to(got, uint8_exact(x))
+                np.testing.assert_array_equal(got.min(axis=-1), 0)
+                np.testing.assert_array_equal(got.max(axis=-1), 255)
+            else:
+                assert got.dtype == np.uint8
+                assert got.shape == (*x.shape[:-1], bge_m3.HIDDEN // 8)
+                np.testing.assert_array_equal(got, sign_bytes(x))
+        # Sparse values are only ever float32 or float16; the indices do not change.
         np.testing.assert_array_equal(
-            from_tensor(item.multivector.values),
-            convert(from_tensor(ref.multivector.values), dtype),
+            from_tensor(item.sparse.indices), from_tensor(ref.sparse.indices)
         )
-        # Sparse values are only ever float32 or float16.
-        want_sparse = common_pb2.DTYPE_FLOAT16 if dtype == "float16" else common_pb2.DTYPE_FLOAT32
-        assert item.sparse.values.dtype == want_sparse
-    if dtype == "binary":
-        assert list(cast.items[0].dense.values.shape) == [bge_m3.HIDDEN // 8]
-    if dtype == "int8":
-        assert int(np.abs(from_tensor(cast.items[0].dense.values).astype(int)).max()) == 127
+        values, ref_values = from_tensor(item.sparse.values), from_tensor(ref.sparse.values)
+        if dtype == "float16":
+            assert item.sparse.values.dtype == common_pb2.DTYPE_FLOAT16
+            np.testing.assert_array_equal(values, ref_values.astype(np.float16))
+        else:
+            assert item.sparse.values.dtype == common_pb2.DTYPE_FLOAT32
+            np.testing.assert_array_equal(values, ref_values)
 
 
 # ---- bad input ----------------------------------------------------------------------------------

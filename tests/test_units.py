@@ -128,37 +128,91 @@ def test_duplicate_names_and_bad_yaml_are_rejected(tmp_path: Path) -> None:
 # ---- output dtypes -------------------------------------------------------------------------------
 
 
+# Every expected value below is worked out by hand from the rules in tasks/output_dtype.py:
+# int8 round(x * 127 / max|x|), uint8 round((x - min) / (max - min) * 255), binary one bit per
+# value (x > 0), first value in the high bit. round() is half to even, as numpy's (and SIE's).
+
+
 def test_int8_is_per_row_symmetric() -> None:
-    x = np.array([[0.5, -1.0, 0.25], [2.0, 1.0, -0.5]], dtype=np.float32)
+    x = np.array([[0.5, -1.0, 0.25], [2.0, 1.0, -0.5], [-4.0, 1.0, 2.0]], dtype=np.float32)
     q = convert(x, "int8")
     assert q.dtype == np.int8
-    np.testing.assert_array_equal(q, [[64, -127, 32], [127, 64, -32]])
+    # Row 1 peak 1: 63.5 -> 64, -127, 31.75 -> 32. Row 2 peak 2: 127, 63.5 -> 64, -31.75 -> -32.
+    # Row 3 peak |-4|: -127, 31.75 -> 32, 63.5 -> 64.
+    np.testing.assert_array_equal(q, [[64, -127, 32], [127, 64, -32], [-127, 32, 64]])
+
+
+def test_int8_of_a_vector_rounds_half_to_even() -> None:
+    x = np.array([127.0, 2.5, -3.5, 0.4, -127.0, 126.5], dtype=np.float32)
+    q = convert(x, "int8")  # peak 127: x itself, rounded
+    assert q.dtype == np.int8
+    np.testing.assert_array_equal(q, [127, 2, -4, 0, -127, 126])
 
 
 def test_uint8_is_per_row_min_max() -> None:
-    x = np.array([[0.0, 1.0, 0.5], [-2.0, 2.0, 0.0]], dtype=np.float32)
+    x = np.array([[0.0, 1.0, 0.5], [-2.0, 2.0, 0.0], [-1.0, 0.5, -0.5]], dtype=np.float32)
     q = convert(x, "uint8")
     assert q.dtype == np.uint8
-    np.testing.assert_array_equal(q, [[0, 255, 128], [0, 255, 128]])
+    # Row 1: 0, 255, 127.5 -> 128. Row 2: (x + 2) / 4 * 255: 0, 255, 127.5 -> 128.
+    # Row 3 (min -1, max 0.5): (x + 1) / 1.5 * 255: 0, 255, 85.
+    np.testing.assert_array_equal(q, [[0, 255, 128], [0, 255, 128], [0, 255, 85]])
 
 
-def test_binary_packs_positive_bits() -> None:
-    x = np.array([1, -1, 0, 2, 3, -4, 5, 6, 7, -1], dtype=np.float32)
+def test_uint8_of_a_vector() -> None:
+    x = np.array([-1.0, 0.5, -0.5, 1.0, 0.0], dtype=np.float32)
+    # (x + 1) / 2 * 255: 0, 191.25 -> 191, 63.75 -> 64, 255, 127.5 -> 128.
+    np.testing.assert_array_equal(convert(x, "uint8"), [0, 191, 64, 255, 128])
+
+
+def test_binary_packs_positive_bits_high_bit_first() -> None:
+    x = np.array([0.3, -1, 0, 2, 5, -0.1, 0, 7, -2, 1], dtype=np.float32)
     q = convert(x, "binary")
-    np.testing.assert_array_equal(q, np.packbits(x > 0))
-    assert q.shape == (2,)
+    assert q.dtype == np.uint8
+    # 1 0 0 1 1 0 0 1 = 128 + 16 + 8 + 1 = 153; then 0 1 and six padding zeros = 64.
+    np.testing.assert_array_equal(q, [153, 64])
+
+
+def test_binary_packs_each_row() -> None:
+    x = np.array([[1.0] * 8 + [-1.0] * 8, [-1.0] * 7 + [0.0] + [0.0] * 7 + [0.5]], dtype=np.float32)
+    q = convert(x, "binary")
+    assert q.shape == (2, 2)
+    np.testing.assert_array_equal(q, [[255, 0], [0, 1]])  # zero is not positive
+
+
+def test_float_dtypes_are_casts() -> None:
+    x = np.array([0.1, -2.0, 65504.0], dtype=np.float32)
+    half = convert(x, "float16")
+    assert half.dtype == np.float16
+    assert half.tolist() == [0.0999755859375, -2.0, 65504.0]  # the nearest float16 values
+    same = convert(x, "float32")
+    assert same.dtype == np.float32
+    np.testing.assert_array_equal(same, x)
 
 
 def test_constant_rows_do_not_divide_by_zero() -> None:
     zeros = np.zeros((2, 4), dtype=np.float32)
     np.testing.assert_array_equal(convert(zeros, "int8"), 0)
     np.testing.assert_array_equal(convert(zeros, "uint8"), 0)
+    np.testing.assert_array_equal(convert(zeros, "binary"), [[0], [0]])
 
 
-def test_sparse_keeps_floats() -> None:
-    assert sparse_dtype("int8") == "float32"
-    assert sparse_dtype("binary") == "float32"
-    assert sparse_dtype("float16") == "float16"
+def test_unknown_dtype_is_a_programming_error() -> None:
+    with pytest.raises(ValueError, match="unknown output dtype 'int4'"):
+        convert(np.zeros(4, dtype=np.float32), "int4")
+
+
+@pytest.mark.parametrize(
+    ("requested", "sparse"),
+    [
+        ("float32", "float32"),
+        ("float16", "float16"),
+        ("int8", "float32"),
+        ("uint8", "float32"),
+        ("binary", "float32"),
+    ],
+)
+def test_sparse_values_stay_float(requested: str, sparse: str) -> None:
+    assert sparse_dtype(requested) == sparse
 
 
 # ---- tensors ---------------------------------------------------------------------------------------

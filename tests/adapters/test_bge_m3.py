@@ -1,7 +1,18 @@
-"""BGE-M3 adapter against an independent FlagEmbedding-style reference on a tiny random model."""
+"""BGE-M3 adapter against FlagEmbedding 1.4.2 (``BGEM3FlagModel``, CPU, float32) on a tiny
+random checkpoint: encode outputs against ``encode``, and scores (``score_job`` through
+``run_inline``) against ``compute_score``.
+
+On scores: FlagEmbedding's ``colbert+sparse+dense`` is ``sum(w * score) / sum(w)``; SIE's
+hybrid is the plain weighted sum. With SIE's default weights (dense .4, sparse .2, colbert .4,
+summing to 1) the two agree; custom weights are checked against the weighted sum of
+FlagEmbedding's per-mode scores. The query is encoded with ``is_query=True``, which for BGE-M3
+without a query template is the same text: FlagEmbedding's ``compute_score`` applies no
+instruction either.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +23,20 @@ from sie_server.adapters.bge_m3 import BGEM3Adapter
 from sie_server.adapters.hf import parameter_bytes
 from sie_server.catalog import BUILTIN_CATALOG_DIR, load_catalog
 from sie_server.domain import EncodeOutput, InputItem
+from sie_server.engine.warmup import run_inline
 from sie_server.errors import InvalidInput
 from sie_server.tasks.encode import EncodeParams, EncodeSettings, resolve_encode
+from sie_server.tasks.score import ScoreParams, resolve_score
 
-from tests.harness import load_adapter, make_spec, prepare, run_encode
-from tests.tiny_models.bge_m3 import HIDDEN, build_tiny_bge_m3, reference_bge_m3
+from tests.harness import encoder, load_adapter, make_spec, prepare, run_encode
+from tests.tiny_models.bge_m3 import (
+    FLAG_MODES,
+    HIDDEN,
+    build_tiny_bge_m3,
+    flag_model,
+    reference_bge_m3,
+    reference_scores,
+)
 
 MAX_LEN = 128
 TEXTS = [
@@ -28,6 +48,12 @@ TEXTS = [
     "x",
 ]
 ALL = ("dense", "sparse", "multivector")
+QUERY = "vector search latency and tokenization of short queries"
+PASSAGES = [
+    *TEXTS,
+    "Latency of vector search grows with the number of queries.",
+    "Tokenization splits short queries into tokens.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +74,18 @@ def adapter(folder: Path) -> ModelAdapter:
 
 
 @pytest.fixture(scope="module")
-def reference(folder: Path) -> list[dict[str, Any]]:
-    return reference_bge_m3(folder, TEXTS, MAX_LEN)
+def flag(folder: Path) -> Any:
+    return flag_model(folder, MAX_LEN)
+
+
+@pytest.fixture(scope="module")
+def reference(folder: Path, flag: Any) -> list[dict[str, Any]]:
+    return reference_bge_m3(folder, TEXTS, MAX_LEN, flag)
+
+
+@pytest.fixture(scope="module")
+def flag_scores(flag: Any) -> dict[str, list[float]]:
+    return reference_scores(flag, QUERY, PASSAGES, MAX_LEN)
 
 
 def assert_sparse_equal(out: EncodeOutput, expected: dict[int, float]) -> None:
@@ -97,7 +133,7 @@ def test_single_output_type_only_fills_that_output(
 
 
 def test_sparse_drops_special_tokens_and_keeps_max_per_token(
-    adapter: ModelAdapter, folder: Path
+    adapter: ModelAdapter, reference: list[dict[str, Any]]
 ) -> None:
     tokenizer = adapter.tokenizer  # type: ignore[attr-defined]
     text = TEXTS[3]
@@ -115,6 +151,7 @@ def test_sparse_drops_special_tokens_and_keeps_max_per_token(
     assert not special & set(out.sparse.indices.tolist())
     assert set(out.sparse.indices.tolist()) <= set(ids)
     assert np.all(out.sparse.values > 0)
+    assert_sparse_equal(out, reference[3]["sparse"])
 
 
 def test_batching_does_not_change_results(adapter: ModelAdapter) -> None:
@@ -130,7 +167,94 @@ def test_batching_does_not_change_results(adapter: ModelAdapter) -> None:
         np.testing.assert_allclose(together.sparse.values, alone.sparse.values, atol=1e-5)
 
 
-def test_truncation(folder: Path) -> None:
+# ---- scoring (bi-encoder) against compute_score ---------------------------------------------
+
+
+def score(adapter: ModelAdapter, options: Mapping[str, Any]) -> list[float]:
+    """SIE's score of QUERY against PASSAGES: resolve, ``score_job``, run inline (as warm-up)."""
+    import torch
+
+    model = encoder(adapter)
+    call = resolve_score(
+        model.spec,
+        InputItem(text=QUERY),
+        [InputItem(text=p) for p in PASSAGES],
+        ScoreParams(options=dict(options)),
+        accepted_options=model.score_option_keys(),
+        max_items=len(PASSAGES),
+    )
+    with torch.inference_mode():
+        scores: list[float] = run_inline(model.score_job(call))
+    return scores
+
+
+@pytest.mark.parametrize(
+    ("options", "mode"),
+    [
+        ({}, "dense"),  # the default profile's first output
+        ({"score_mode": "dense"}, "dense"),
+        ({"score_mode": "sparse"}, "sparse"),
+        ({"score_mode": "colbert"}, "colbert"),
+    ],
+)
+def test_score_modes_match_flag_embedding(
+    adapter: ModelAdapter,
+    flag_scores: dict[str, list[float]],
+    options: dict[str, Any],
+    mode: str,
+) -> None:
+    want = flag_scores[mode]
+    assert np.ptp(want) > 0.05, "the passages must score apart for the test to mean something"
+    np.testing.assert_allclose(score(adapter, options), want, atol=1e-5)
+
+
+def test_default_hybrid_matches_flag_embedding_ensemble(
+    adapter: ModelAdapter, flag_scores: dict[str, list[float]]
+) -> None:
+    # reference_scores asks for FlagEmbedding's ensemble with SIE's default weights .4/.2/.4.
+    np.testing.assert_allclose(
+        score(adapter, {"score_mode": "hybrid"}), flag_scores["colbert+sparse+dense"], atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    ("given", "weights"),
+    [
+        (
+            {"dense": 0.7, "sparse": 0.5, "colbert": 0.3},
+            {"dense": 0.7, "sparse": 0.5, "colbert": 0.3},
+        ),
+        ({"sparse": 1.0}, {"dense": 0.4, "sparse": 1.0, "colbert": 0.4}),  # overrides one default
+        ({"colbert": 0.0}, {"dense": 0.4, "sparse": 0.2, "colbert": 0.0}),  # skips an output
+    ],
+)
+def test_custom_hybrid_weights_are_a_plain_weighted_sum(
+    adapter: ModelAdapter,
+    flag: Any,
+    flag_scores: dict[str, list[float]],
+    given: dict[str, float],
+    weights: dict[str, float],
+) -> None:
+    got = score(adapter, {"score_mode": "hybrid", "score_weights": given})
+    want = sum(w * np.asarray(flag_scores[mode]) for mode, w in weights.items())
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # FlagEmbedding's own ensemble with the same weights divides by their sum; SIE does not.
+    flag_weights = [weights[mode] for mode in FLAG_MODES]
+    ensemble = reference_scores(flag, QUERY, PASSAGES, MAX_LEN, flag_weights)
+    np.testing.assert_allclose(
+        got, sum(flag_weights) * np.asarray(ensemble["colbert+sparse+dense"]), atol=1e-5
+    )
+
+
+def test_the_query_side_is_the_plain_text(adapter: ModelAdapter) -> None:
+    as_query = prepare(adapter, [QUERY], EncodeSettings(output_types=ALL, is_query=True))
+    as_document = prepare(adapter, [QUERY], EncodeSettings(output_types=ALL))
+    assert as_query[0].input_ids == as_document[0].input_ids
+    tokenizer = adapter.tokenizer  # type: ignore[attr-defined]
+    assert as_query[0].input_ids == tokenizer(QUERY)["input_ids"]
+
+
+def test_truncation(folder: Path, flag: Any) -> None:
     spec = make_spec(
         "tiny/bge-m3-short",
         "bge_m3",
@@ -150,7 +274,7 @@ def test_truncation(folder: Path) -> None:
     (out,) = run_encode(short, [long_text], settings)
     assert out.multivector is not None
     assert out.multivector.shape == (7, HIDDEN)
-    (ref,) = reference_bge_m3(folder, [long_text], 8)
+    (ref,) = reference_bge_m3(folder, [long_text], 8, flag)
     np.testing.assert_allclose(out.dense, ref["dense"], atol=1e-5)  # type: ignore[arg-type]
     np.testing.assert_allclose(out.multivector, ref["multivector"], atol=1e-5)
     assert_sparse_equal(out, ref["sparse"])

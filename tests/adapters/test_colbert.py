@@ -1,18 +1,38 @@
-"""ColBERTAdapter against an independent reference on a tiny random HF_ColBERT checkpoint."""
+"""ColBERTAdapter against colbert-ai 0.2.22 (``Checkpoint``: ``queryFromText``, ``docFromText``,
+``colbert_score``) on a tiny random HF_ColBERT checkpoint.
+
+colbert-ai loads under transformers 5.16 only with the ``post_init()`` shim described in
+``tests/tiny_models/colbert.py`` (as shipped it fails with ``AttributeError: 'HF_ColBERT' object
+has no attribute 'all_tied_weights_keys'``); ``test_colbert_ai_needs_the_post_init_shim`` pins
+that, so the shim goes when a fixed colbert-ai arrives. pylate is not installed (it pins
+sentence-transformers==5.3.0 and transformers<=5.3, against this project's pins).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from sie_server.adapters.base import ModelAdapter
 from sie_server.adapters.registry import create_adapter
 from sie_server.catalog import CatalogError, load_catalog
+from sie_server.domain import InputItem
+from sie_server.engine.warmup import run_inline
 from sie_server.tasks.encode import EncodeSettings
+from sie_server.tasks.score import ScoreParams, resolve_score
 
-from tests.harness import load_adapter, make_spec, prepare, run_encode
-from tests.tiny_models.colbert import DIM, build_tiny_colbert, reference_colbert
+from tests.harness import encoder, load_adapter, make_spec, prepare, run_encode
+from tests.tiny_models.colbert import (
+    DIM,
+    build_tiny_colbert,
+    colbert_ai_config,
+    colbert_ai_warnings_ignored,
+    load_colbert_ai,
+    reference_colbert,
+    reference_maxsim,
+)
 
 QUERY_MAXLEN = 12
 DOC_MAXLEN = 24
@@ -22,6 +42,12 @@ TEXTS = [
     "short",
     "what is late interaction retrieval",
     "a somewhat longer text about token level embeddings and maxsim scoring",
+]
+PASSAGES = [
+    *TEXTS,
+    "Hello, world! (punctuation: dropped.)",
+    "late interaction keeps one vector per token; maxsim compares them",
+    " ".join(["retrieval"] * 100),  # truncated at doc_maxlen
 ]
 
 
@@ -43,15 +69,25 @@ def adapter(folder: Path) -> ModelAdapter:
     return load_adapter(spec)
 
 
-def reference(folder: Path, texts: list[str], *, is_query: bool) -> list[np.ndarray]:
+@pytest.fixture(scope="module")
+def colbert_ai(folder: Path) -> Any:
+    return load_colbert_ai(folder, query_maxlen=QUERY_MAXLEN, doc_maxlen=DOC_MAXLEN)
+
+
+def reference(checkpoint: Any, texts: list[str], *, is_query: bool) -> list[np.ndarray]:
     return reference_colbert(
-        folder, texts, is_query=is_query, query_maxlen=QUERY_MAXLEN, doc_maxlen=DOC_MAXLEN
+        Path(checkpoint.colbert_config.checkpoint),
+        texts,
+        is_query=is_query,
+        query_maxlen=QUERY_MAXLEN,
+        doc_maxlen=DOC_MAXLEN,
+        checkpoint=checkpoint,
     )
 
 
-def test_queries_match_reference(adapter: ModelAdapter, folder: Path) -> None:
+def test_queries_match_reference(adapter: ModelAdapter, colbert_ai: Any) -> None:
     outputs = run_encode(adapter, TEXTS, QUERY)
-    expected = reference(folder, TEXTS, is_query=True)
+    expected = reference(colbert_ai, TEXTS, is_query=True)
     for out, ref in zip(outputs, expected, strict=True):
         assert out.multivector is not None
         assert out.multivector.dtype == np.float32
@@ -60,10 +96,10 @@ def test_queries_match_reference(adapter: ModelAdapter, folder: Path) -> None:
         np.testing.assert_allclose(out.multivector, ref, atol=1e-5)
 
 
-def test_documents_match_reference(adapter: ModelAdapter, folder: Path) -> None:
+def test_documents_match_reference(adapter: ModelAdapter, colbert_ai: Any) -> None:
     texts = [*TEXTS, "Hello, world! (punctuation: dropped.)"]
     outputs = run_encode(adapter, texts, DOCUMENT)
-    expected = reference(folder, texts, is_query=False)
+    expected = reference(colbert_ai, texts, is_query=False)
     for out, ref in zip(outputs, expected, strict=True):
         assert out.multivector is not None
         assert out.multivector.dtype == np.float32
@@ -78,6 +114,18 @@ def test_batch_padding_does_not_change_results(adapter: ModelAdapter) -> None:
         assert alone.multivector is not None
         assert out.multivector is not None
         np.testing.assert_allclose(out.multivector, alone.multivector, atol=1e-5)
+
+
+def test_token_ids_are_colbert_ais(adapter: ModelAdapter, colbert_ai: Any) -> None:
+    # Queries: [CLS] [unused0] ... [SEP], then [MASK] up to query_maxlen, only the text attended.
+    ids, mask = colbert_ai.query_tokenizer.tensorize(PASSAGES)
+    for tokens, want, attended in zip(prepare(adapter, PASSAGES, QUERY), ids, mask, strict=True):
+        assert tokens.input_ids == want.tolist()
+        assert tokens.extra.attended == int(attended.sum())
+    # Documents: [CLS] [unused1] ... [SEP], cut at doc_maxlen (colbert-ai pads to the longest).
+    ids, mask = colbert_ai.doc_tokenizer.tensorize(PASSAGES)
+    for tokens, want, attended in zip(prepare(adapter, PASSAGES, DOCUMENT), ids, mask, strict=True):
+        assert tokens.input_ids == want[: int(attended.sum())].tolist()
 
 
 def test_query_is_mask_padded(adapter: ModelAdapter) -> None:
@@ -103,28 +151,83 @@ def test_document_drops_punctuation_rows(adapter: ModelAdapter) -> None:
     assert len(tokens.input_ids) == 7
 
 
-def test_long_document_is_truncated(adapter: ModelAdapter, folder: Path) -> None:
+def test_long_document_is_truncated(adapter: ModelAdapter, colbert_ai: Any) -> None:
     text = " ".join(["retrieval"] * 100)
     tokens = prepare(adapter, [text], DOCUMENT)[0]
     assert tokens.truncated
     assert len(tokens.input_ids) == DOC_MAXLEN == tokens.cost
     assert tokens.input_ids[-1] == adapter.tokenizer.sep_token_id  # type: ignore[attr-defined]
     (out,) = run_encode(adapter, [text], DOCUMENT)
-    (ref,) = reference(folder, [text], is_query=False)
+    (ref,) = reference(colbert_ai, [text], is_query=False)
     assert out.multivector is not None
     assert out.multivector.shape == (DOC_MAXLEN, DIM)
     np.testing.assert_allclose(out.multivector, ref, atol=1e-5)
 
 
-def test_long_query_is_truncated(adapter: ModelAdapter, folder: Path) -> None:
+def test_long_query_is_truncated(adapter: ModelAdapter, colbert_ai: Any) -> None:
     text = " ".join(["retrieval"] * 100)
     tokens = prepare(adapter, [text], QUERY)[0]
     assert tokens.truncated
     assert len(tokens.input_ids) == QUERY_MAXLEN
     (out,) = run_encode(adapter, [text], QUERY)
-    (ref,) = reference(folder, [text], is_query=True)
+    (ref,) = reference(colbert_ai, [text], is_query=True)
     assert out.multivector is not None
     np.testing.assert_allclose(out.multivector, ref, atol=1e-5)
+
+
+# ---- scoring: MaxSim against colbert_score -----------------------------------------------------
+
+
+def score(adapter: ModelAdapter, query: InputItem, options: dict[str, Any]) -> list[float]:
+    import torch
+
+    model = encoder(adapter)
+    call = resolve_score(
+        model.spec,
+        query,
+        [InputItem(text=p) for p in PASSAGES],
+        ScoreParams(options=options),
+        accepted_options=model.score_option_keys(),
+        max_items=len(PASSAGES),
+    )
+    with torch.inference_mode():
+        scores: list[float] = run_inline(model.score_job(call))
+    return scores
+
+
+@pytest.mark.parametrize("options", [{}, {"score_mode": "colbert"}])
+def test_score_matches_colbert_score(
+    adapter: ModelAdapter, colbert_ai: Any, options: dict[str, Any]
+) -> None:
+    query = "what is late interaction retrieval?"
+    want = reference_maxsim(colbert_ai, query, PASSAGES)
+    assert np.ptp(want) > 0.3, "the passages must score apart for the test to mean something"
+    # ColBERT's MaxSim is a sum over the query's rows (BGE-M3 divides by their count).
+    np.testing.assert_allclose(score(adapter, InputItem(text=query), options), want, atol=1e-5)
+
+
+def test_a_query_given_as_colbert_ais_vectors_scores_the_same(
+    adapter: ModelAdapter, colbert_ai: Any
+) -> None:
+    query = "token level embeddings"
+    (q,) = reference(colbert_ai, [query], is_query=True)
+    got = score(adapter, InputItem(multivector=q), {"score_mode": "colbert"})
+    np.testing.assert_allclose(got, reference_maxsim(colbert_ai, query, PASSAGES), atol=1e-5)
+
+
+def test_colbert_ai_needs_the_post_init_shim(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """colbert-ai 0.2.22 as shipped cannot load under transformers 5: when this fails, a fixed
+    colbert-ai arrived and tests/tiny_models/colbert.py can drop its shim."""
+    from colbert.modeling.checkpoint import Checkpoint  # type: ignore[import-untyped]
+    from colbert.modeling.colbert import ColBERT  # type: ignore[import-untyped]
+
+    monkeypatch.setattr(ColBERT, "loaded_extensions", True, raising=False)  # no C++ build
+    config = colbert_ai_config(folder, query_maxlen=QUERY_MAXLEN, doc_maxlen=DOC_MAXLEN)
+    with (
+        colbert_ai_warnings_ignored(),
+        pytest.raises(AttributeError, match="has no attribute 'all_tied_weights_keys'"),
+    ):
+        Checkpoint(str(folder), colbert_config=config, verbose=0)
 
 
 def test_rows_are_unit_norm(adapter: ModelAdapter) -> None:

@@ -1,7 +1,15 @@
-"""A tiny random BGE-M3 (XLM-RoBERTa + colbert/sparse heads) and an independent reference.
+"""A tiny random BGE-M3 (XLM-RoBERTa + colbert/sparse heads), and FlagEmbedding as its reference.
 
-The reference follows FlagEmbedding's ``BGEM3Model`` formulas, one text at a time (no padding),
-with its own code: it shares nothing with ``sie_server.adapters.bge_m3``.
+The checkpoint folder has what ``BAAI/bge-m3`` has and what FlagEmbedding's ``BGEM3FlagModel``
+loads: ``config.json`` + ``model.safetensors`` (the XLM-R encoder), the fast tokenizer files, and
+the two heads as torch state dicts, ``colbert_linear.pt`` (``Linear(hidden, hidden)``) and
+``sparse_linear.pt`` (``Linear(hidden, 1)``, with a positive bias so that most tokens get a
+lexical weight). The encoder is initialised with ``initializer_range=0.2`` instead of the usual
+0.02: at 0.02 the CLS state of a 2-layer random model barely depends on the text (dense cosine
+0.99999 between any two texts), which would make every dense comparison weak.
+
+The reference is FlagEmbedding 1.4.2 itself (``BGEM3FlagModel`` on the folder, CPU, float32):
+it shares no code with ``sie_server.adapters.bge_m3``.
 """
 
 from __future__ import annotations
@@ -16,12 +24,14 @@ from tests.texts import corpus
 
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # XLM-R ids 0..4
 HIDDEN = 32
+#: FlagEmbedding's ``weights_for_different_modes`` order.
+FLAG_MODES = ("dense", "sparse", "colbert")
 
 
 def _train_tokenizer() -> Any:
     """An XLM-R-style Unigram tokenizer trained on the bench texts."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import XLMRobertaTokenizerFast
+    from transformers import XLMRobertaTokenizerFast  # type: ignore[attr-defined]
 
     data = corpus()
     texts = [t for kind in ("short", "medium", "long") for t in data[kind]]
@@ -59,8 +69,9 @@ def build_tiny_bge_m3(folder: Path) -> Path:
         pad_token_id=1,
         bos_token_id=0,
         eos_token_id=2,
+        initializer_range=0.2,
     )
-    XLMRobertaModel(config).eval().save_pretrained(folder)
+    XLMRobertaModel(config).eval().save_pretrained(folder)  # type: ignore[no-untyped-call]
     tokenizer.save_pretrained(folder)
     torch.save(torch.nn.Linear(HIDDEN, HIDDEN).state_dict(), folder / "colbert_linear.pt")
     sparse = torch.nn.Linear(HIDDEN, 1)
@@ -70,46 +81,67 @@ def build_tiny_bge_m3(folder: Path) -> Path:
     return folder
 
 
-def reference_bge_m3(folder: Path, texts: Sequence[str], max_length: int) -> list[dict[str, Any]]:
-    """Per text: ``dense`` [H], ``sparse`` {token_id: weight}, ``multivector`` [n-1, H]."""
-    import torch
-    from transformers import AutoModel, AutoTokenizer
+def flag_model(folder: Path, max_length: int) -> Any:
+    """FlagEmbedding's ``BGEM3FlagModel`` on the folder: CPU, float32, queries and passages cut
+    at ``max_length``, no query instruction."""
+    from FlagEmbedding import BGEM3FlagModel  # type: ignore[import-untyped]
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModel.from_pretrained(folder).eval()
-    colbert = torch.nn.Linear(HIDDEN, HIDDEN)
-    colbert.load_state_dict(torch.load(folder / "colbert_linear.pt", weights_only=True))
-    sparse = torch.nn.Linear(HIDDEN, 1)
-    sparse.load_state_dict(torch.load(folder / "sparse_linear.pt", weights_only=True))
-    unused = {
-        tokenizer.convert_tokens_to_ids(tokenizer.special_tokens_map[name])
-        for name in ("cls_token", "eos_token", "pad_token", "unk_token")
-        if name in tokenizer.special_tokens_map
-    }
+    return BGEM3FlagModel(
+        str(folder),
+        use_fp16=False,
+        devices="cpu",
+        query_max_length=max_length,
+        passage_max_length=max_length,
+    )
+
+
+def reference_bge_m3(
+    folder: Path, texts: Sequence[str], max_length: int, model: Any = None
+) -> list[dict[str, Any]]:
+    """Per text, from ``BGEM3FlagModel.encode``: ``dense`` [H], ``sparse`` {token_id: weight},
+    ``multivector`` [n-1, H] and ``num_tokens`` (n, the tokenizer's count with specials)."""
+    flag = model if model is not None else flag_model(folder, max_length)
+    out = flag.encode(
+        list(texts),
+        max_length=max_length,
+        return_dense=True,
+        return_sparse=True,
+        return_colbert_vecs=True,
+    )
     results: list[dict[str, Any]] = []
-    with torch.no_grad():
-        for text in texts:
-            enc = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
-            mask = enc["attention_mask"]
-            last = model(input_ids=enc["input_ids"], attention_mask=mask).last_hidden_state
-            # _dense_embedding (cls) + normalize
-            dense = torch.nn.functional.normalize(last[:, 0], dim=-1)[0]
-            # _sparse_embedding + _process_token_weights
-            weights = torch.relu(sparse(last))[0, :, 0].tolist()
-            lexical: dict[int, float] = {}
-            for w, idx in zip(weights, enc["input_ids"][0].tolist(), strict=True):
-                if idx not in unused and w > 0 and w > lexical.get(idx, 0.0):
-                    lexical[idx] = w
-            # _colbert_embedding + normalize + _process_colbert_vecs
-            vecs = colbert(last[:, 1:]) * mask[:, 1:][:, :, None].float()
-            vecs = torch.nn.functional.normalize(vecs, dim=-1)[0]
-            vecs = vecs[: int(mask.sum()) - 1]
-            results.append(
-                {
-                    "dense": dense.numpy().astype(np.float32),
-                    "sparse": lexical,
-                    "multivector": vecs.numpy().astype(np.float32),
-                    "num_tokens": int(mask.sum()),
-                }
-            )
+    for i, text in enumerate(texts):
+        ids = flag.tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+        results.append(
+            {
+                "dense": np.asarray(out["dense_vecs"][i], dtype=np.float32),
+                "sparse": {int(k): float(v) for k, v in out["lexical_weights"][i].items()},
+                "multivector": np.asarray(out["colbert_vecs"][i], dtype=np.float32),
+                "num_tokens": len(ids),
+            }
+        )
     return results
+
+
+def reference_scores(
+    model: Any,
+    query: str,
+    passages: Sequence[str],
+    max_length: int,
+    weights: Sequence[float] = (0.4, 0.2, 0.4),
+) -> dict[str, list[float]]:
+    """``BGEM3FlagModel.compute_score`` for (query, passage) pairs: ``dense``, ``sparse``,
+    ``colbert`` and ``colbert+sparse+dense`` (``sum(w * score) / sum(w)``, ``weights`` in
+    ``FLAG_MODES`` order).
+
+    One pair per batch: in a padded batch FlagEmbedding's colbert score also takes the max
+    over the passage's padding positions (zero vectors), so a query token whose best real
+    match is negative scores 0 there instead; alone, a pair has no padding and the score is
+    FlagEmbedding's own ``colbert_score`` of the encoded vectors."""
+    scores: dict[str, list[float]] = model.compute_score(
+        [(query, p) for p in passages],
+        batch_size=1,
+        max_query_length=max_length,
+        max_passage_length=max_length,
+        weights_for_different_modes=list(weights),
+    )
+    return scores
