@@ -1,11 +1,18 @@
 """The Hugging Face text base: what every transformers text family shares (tokenizer and model
 loading, unloading, memory, tokenizing with truncation, right-pad collation), so that a family
-keeps only what differs: its Auto class, its load-time extras and its forward pass."""
+keeps only what differs: its Auto class, its load-time extras and its forward pass.
+
+* ``HFTextAdapter``: one tokenizer, one model, texts to padded ids.
+* ``HFTextEncoder``: templates, then tokens, for encoders.
+* ``HFPairAdapter``: a sequence classifier over text pairs (rerankers, NLI), one side of each pair
+  cut at the model's max length, token types where the model takes them.
+"""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from sie_server.adapters.base import Encoder, ModelAdapter, require_texts
 from sie_server.adapters.hf import (
@@ -16,6 +23,7 @@ from sie_server.adapters.hf import (
     tokenize_texts,
 )
 from sie_server.domain import InputItem, LoadTarget, TokenizedText
+from sie_server.errors import InputTooLong
 from sie_server.tasks.encode import TEMPLATE_KEYS, EncodeSettings, format_text
 
 
@@ -76,3 +84,71 @@ class HFTextEncoder(HFTextAdapter, Encoder[TokenizedText]):
 
     def collate_encode(self, payloads: Sequence[TokenizedText], settings: EncodeSettings) -> Any:
         return self.pad(payloads)
+
+
+class HFPairAdapter(HFTextAdapter):
+    """A sequence classifier over (first, second) text pairs."""
+
+    auto_class = "AutoModelForSequenceClassification"
+    #: Whether the tokenizer makes ``token_type_ids`` and the model's forward takes them
+    #: (BERT does; sentence-transformers and transformers' pipelines feed them the same way).
+    token_types: bool = False
+
+    def after_load(self, target: LoadTarget) -> None:
+        self.token_types = "token_type_ids" in self.tokenizer.model_input_names and (
+            "token_type_ids" in inspect.signature(self.model.forward).parameters
+        )
+
+    def check_fixed_side(self, text: str, *, what: str) -> None:
+        """Raise ``InputTooLong`` when ``text`` (the side of a pair that is never cut) leaves no
+        room for one token of the other side within the model's max length."""
+        count = len(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        fixed = count + self.tokenizer.num_special_tokens_to_add(pair=True)
+        if fixed >= self.max_length:
+            raise InputTooLong(
+                f"the {what} is {count} tokens ({fixed} with special tokens); with "
+                f"max_sequence_length {self.max_length} no token of the other text fits",
+                model=self.spec.name,
+            )
+
+    def tokenize_pairs(
+        self,
+        firsts: Sequence[str],
+        seconds: Sequence[str],
+        *,
+        truncation: Literal["only_first", "only_second"],
+    ) -> list[TokenizedText]:
+        """Pair ids with special tokens, one side cut at the max length; ``truncated`` tells
+        whether that side lost tokens, ``extra`` holds the token type ids when the model uses
+        them."""
+        if not firsts:
+            return []
+        enc = self.tokenizer(
+            list(firsts),
+            list(seconds),
+            truncation=truncation,
+            max_length=self.max_length,
+            return_attention_mask=False,
+            return_token_type_ids=self.token_types,
+        )
+        ids: list[list[int]] = enc["input_ids"]
+        types: Sequence[Sequence[int] | None] = (
+            enc["token_type_ids"] if self.token_types else [None] * len(ids)
+        )
+        encodings = enc.encodings or [None] * len(ids)
+        return [
+            TokenizedText(
+                input_ids=list(row),
+                truncated=bool(e is not None and e.overflowing),
+                extra=list(t) if t is not None else None,
+            )
+            for row, t, e in zip(ids, types, encodings, strict=True)
+        ]
+
+    def pad_pairs(self, payloads: Sequence[TokenizedText]) -> dict[str, Any]:
+        """Right-padded model kwargs (input_ids, attention_mask, token_type_ids) on the device."""
+        ids, mask = self.pad(payloads)
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if self.token_types:
+            inputs["token_type_ids"] = pad_ids([p.extra for p in payloads], 0, self.device)[0]
+        return inputs
