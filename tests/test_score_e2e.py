@@ -1,6 +1,8 @@
-"""Score over gRPC: bi-encoder scoring on tiny real-architecture encoders (dense cosine, bge-m3
-modes, ColBERT MaxSim, a precomputed query multivector), the response contract (every item once,
-sorted, stable ties, ranks, ids), batching across calls, and every error path."""
+"""Score over gRPC: rerankers (tiny BERT and DeBERTa-v2 cross-encoders against
+sentence-transformers' CrossEncoder.predict), bi-encoder scoring on tiny real-architecture encoders
+(dense cosine, bge-m3 modes, ColBERT MaxSim, a precomputed query multivector), the response
+contract (every item once, sorted, stable ties, ranks, ids), batching across calls, and every
+error path."""
 
 from __future__ import annotations
 
@@ -17,7 +19,10 @@ from sie_sdk.tensors import from_tensor, to_tensor
 from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc, score_pb2, score_pb2_grpc
 
 from tests.server_utils import ServerHandle, error_info, serving, write_catalog_entry
-from tests.tiny_models import bge_m3, colbert, dense
+from tests.tiny_models import bge_m3, classifiers, colbert, dense
+
+# transformers' DeBERTa-v2 module uses torch.jit.script, deprecated in torch 2.13 (import time).
+pytestmark = pytest.mark.filterwarnings(classifiers.DEBERTA_JIT_WARNING)
 
 QUERY = "How do inference servers batch requests?"
 DOCS = [
@@ -67,6 +72,20 @@ def catalog_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             },
         },
         {
+            "name": "tiny/reranker",
+            "adapter": "cross_encoder",
+            "weights_path": str(classifiers.build_bert_classifier(root / "reranker")),
+            "max_sequence_length": 64,
+            "outputs": {"score": {}},
+        },
+        {
+            "name": "tiny/deberta-reranker",
+            "adapter": "cross_encoder",
+            "weights_path": str(classifiers.build_deberta_classifier(root / "deberta", seed=3)),
+            "max_sequence_length": 64,
+            "outputs": {"score": {}},
+        },
+        {
             "name": "tiny/colbert",
             "adapter": "colbert",
             "weights_path": str(colbert.build_tiny_colbert(root / "colbert")),
@@ -80,7 +99,7 @@ def catalog_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "catalog"
 
 
-PRELOAD = ["tiny/dense", "tiny/bge-m3", "tiny/colbert"]
+PRELOAD = ["tiny/dense", "tiny/bge-m3", "tiny/colbert", "tiny/reranker", "tiny/deberta-reranker"]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -184,6 +203,55 @@ async def test_the_query_is_encoded_as_a_query_with_the_instruction(
         np.testing.assert_allclose(by_index(response), unit[1:] @ unit[0], atol=1e-5)
 
 
+# ---- rerankers -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "folder"), [("tiny/reranker", "reranker"), ("tiny/deberta-reranker", "deberta")]
+)
+async def test_rerankers_score_as_cross_encoder_predict(
+    stub: Any, catalog_dir: Path, model: str, folder: str
+) -> None:
+    response = await stub.Score(score_request(model, ids=["a", "b", "c", "d"]))
+    want = classifiers.cross_encoder_scores(catalog_dir.parent / folder, [(QUERY, d) for d in DOCS])
+    got = {entry.item_id: entry.score for entry in response.scores}
+    np.testing.assert_allclose([got[i] for i in "abcd"], want, atol=1e-5)
+    assert [entry.item_id for entry in response.scores] == [
+        "abcd"[i] for i in np.argsort(-want, kind="stable")
+    ]
+    instructed = await stub.Score(score_request(model, instruction="Rank for retrieval:"))
+    want = classifiers.cross_encoder_scores(
+        catalog_dir.parent / folder, [(f"Rank for retrieval: {QUERY}", d) for d in DOCS]
+    )
+    np.testing.assert_allclose(by_index(instructed), want, atol=1e-5)
+
+
+async def test_reranker_cuts_the_document_only_and_counts_real_tokens(
+    stub: Any, server: ServerHandle
+) -> None:
+    metrics = server.running.registry.metrics
+    before = metrics.counter("sie_tokens_processed_total", model="tiny/reranker")
+    long_doc = " ".join(["batching"] * 200)
+    response = await stub.Score(score_request("tiny/reranker", [long_doc, DOCS[0]]))
+    assert len(response.scores) == 2
+    from transformers import AutoTokenizer
+
+    adapter = server.running.registry.entry("tiny/reranker").adapter
+    tokenizer = AutoTokenizer.from_pretrained(adapter.spec.weights_source())  # type: ignore[union-attr]
+    short = len(tokenizer(QUERY, DOCS[0])["input_ids"])
+    assert (
+        metrics.counter("sie_tokens_processed_total", model="tiny/reranker") - before == 64 + short
+    )
+
+
+async def test_a_query_longer_than_the_reranker_window_is_input_too_long(stub: Any) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Score(score_request("tiny/reranker", query=" ".join(["why"] * 100)))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(caught.value)[0] == "INPUT_TOO_LONG"
+    assert "the query is 100 tokens" in (caught.value.details() or "")
+
+
 # ---- multi-output and late-interaction models -------------------------------------------------------
 
 
@@ -261,18 +329,19 @@ async def test_colbert_scores_are_maxsim_and_a_given_query_multivector_is_not_re
 # ---- batching across calls --------------------------------------------------------------------------
 
 
-async def test_64_concurrent_score_calls_share_forward_passes(server: ServerHandle) -> None:
+@pytest.mark.parametrize("model", ["tiny/reranker", "tiny/dense"])
+async def test_64_concurrent_score_calls_share_forward_passes(
+    server: ServerHandle, model: str
+) -> None:
     stub = score_pb2_grpc.ScoreServiceStub(server.channel)
     metrics = server.running.registry.metrics
-    before = metrics.counter("sie_batches_total", model="tiny/dense", status="ok")
+    before = metrics.counter("sie_batches_total", model=model, status="ok")
     calls = [
-        stub.Score(
-            score_request("tiny/dense", [DOCS[i % 4], DOCS[(i + 1) % 4]], query=f"query {i}")
-        )
+        stub.Score(score_request(model, [DOCS[i % 4], DOCS[(i + 1) % 4]], query=f"query {i}"))
         for i in range(64)
     ]
     responses = await asyncio.gather(*calls)
-    passes = metrics.counter("sie_batches_total", model="tiny/dense", status="ok") - before
+    passes = metrics.counter("sie_batches_total", model=model, status="ok") - before
     assert all(len(r.scores) == 2 for r in responses)
     assert passes < len(calls), f"{passes} forward passes for {len(calls)} calls"
 
