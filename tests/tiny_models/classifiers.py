@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.tiny_models.bert import minilm_tokenizer, tiny_bert_config
+from tests.tiny_models.bert import minilm_tokenizer, tiny_bert_config, tiny_deberta_config
 
 HIDDEN = 32
 INIT_RANGE = 0.3
@@ -79,29 +79,13 @@ def build_deberta_classifier(
     """A 2-layer ``DebertaV2ForSequenceClassification`` shaped like DeBERTa-v3 (relative
     attention with position buckets, no absolute positions, no token type embeddings)."""
     import torch
-    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+    from transformers import DebertaV2ForSequenceClassification
 
     torch.manual_seed(seed)
     tokenizer = minilm_tokenizer()
-    settings: dict[str, Any] = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": HIDDEN,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "intermediate_size": 64,
-        "max_position_embeddings": 512,
-        "relative_attention": True,
-        "position_buckets": 32,
-        "max_relative_positions": -1,
-        "pos_att_type": ["p2c", "c2p"],
-        "position_biased_input": False,
-        "norm_rel_ebd": "layer_norm",
-        "share_att_key": True,
-        "type_vocab_size": 0,
-        "pad_token_id": tokenizer.pad_token_id,
-        "initializer_range": INIT_RANGE,
-    }
-    config = DebertaV2Config(**settings, **_label_kwargs(num_labels, labels))
+    config = tiny_deberta_config(
+        tokenizer, HIDDEN, initializer_range=INIT_RANGE, **_label_kwargs(num_labels, labels)
+    )
     model_cls: Any = DebertaV2ForSequenceClassification
     return _save(model_cls(config), tokenizer, folder, model_max_length)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tests.tiny_models.bert import minilm_tokenizer, tiny_bert_config
+from tests.tiny_models.bert import minilm_tokenizer, tiny_bert_config, tiny_deberta_config
 
 HIDDEN = 32
 PIPELINE_TOKENS = ["<<LABEL>>", "<<SEP>>", "<<EXAMPLE>>"]
@@ -51,31 +51,6 @@ def deberta_tokenizer() -> Any:
     return DebertaV2Tokenizer(vocab=vocab, unk_id=1)
 
 
-def tiny_deberta_config(tokenizer: Any) -> Any:
-    """DeBERTa-v3's shape: relative attention with position buckets, no absolute positions, no
-    token types."""
-    from transformers import DebertaV2Config
-
-    settings: dict[str, Any] = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": HIDDEN,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "intermediate_size": 64,
-        "max_position_embeddings": 512,
-        "relative_attention": True,
-        "position_buckets": 32,
-        "max_relative_positions": -1,
-        "pos_att_type": ["p2c", "c2p"],
-        "position_biased_input": False,
-        "norm_rel_ebd": "layer_norm",
-        "share_att_key": True,
-        "type_vocab_size": 0,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    return DebertaV2Config(**settings)
-
-
 def build_tiny_gliclass(
     folder: Path,
     *,
@@ -99,7 +74,7 @@ def build_tiny_gliclass(
     deberta = backbone == "deberta"
     if deberta:
         tokenizer = deberta_tokenizer()
-        encoder_config = tiny_deberta_config(tokenizer)
+        encoder_config = tiny_deberta_config(tokenizer, HIDDEN)
     else:
         tokenizer = minilm_tokenizer()
         encoder_config = tiny_bert_config(tokenizer, HIDDEN)
