@@ -249,6 +249,11 @@ def _with_schema() -> extract_pb2.ExtractRequest:
             "option 'hypothesis_template' uses placeholder {label}",
         ),
         (lambda: extract_request("tiny/nli", []), "INVALID_INPUT", "items must not be empty"),
+        (
+            lambda: extract_request("tiny/gliner", instruction="Find people"),
+            "INVALID_INPUT",
+            "does not take an instruction",
+        ),
         (lambda: extract_request("tiny/nli", ["t"] * 9), "INVALID_INPUT", "exceed the limit of 8"),
         (
             lambda: extract_pb2.ExtractRequest(

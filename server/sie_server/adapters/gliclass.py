@@ -105,7 +105,9 @@ class GLiClassAdapter(Extractor[ClassifyPayload]):
     """Zero-shot classification with a GLiClass uni-encoder (see the module docstring)."""
 
     extract_options = frozenset({"threshold", "classification_type", "overflow_policy"})
-    extract_support = ExtractSupport(labels=True, labels_required=True, output_schema=False)
+    extract_support = ExtractSupport(
+        labels=True, labels_required=True, output_schema=False, instruction=True
+    )
     tokenizer: Any = None
     model: Any = None
     #: True when the model reads labels before the text (``config.prompt_first``).

@@ -55,6 +55,8 @@ class ExtractSupport:
     labels: bool = True
     labels_required: bool = True
     output_schema: bool = False
+    #: Whether the family feeds ``instruction`` to the model (else it is refused, not ignored).
+    instruction: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,11 +125,13 @@ def resolve_extract(
     _, options = Options.resolve(spec, params.options)
     options.check_known(EXTRACT_KEYS | set(accepted_options))
     options.check_templates()
-    option_instruction = options.optional_text("instruction")
+    instruction = params.instruction or options.optional_text("instruction") or None
+    if instruction and not support.instruction:
+        raise InvalidInput(f"model {spec.name} does not take an instruction", model=spec.name)
     settings = ExtractSettings(
         labels=labels,
         output_schema=params.output_schema or None,
-        instruction=params.instruction or option_instruction or None,
+        instruction=instruction,
         options=options.without(EXTRACT_KEYS),
     )
     return ExtractCall(items=items, settings=settings, deadline=deadline)
