@@ -36,6 +36,7 @@ SPEC = parse_spec(
                 "options": {"query_template": "query: {text}", "is_query": True},
             },
             "broken": {"options": {"query_template": "query: {txt}"}},
+            "scoring": {"options": {"score_mode": "dense", "query_template": "q: {text}"}},
         },
     }
 )
@@ -122,6 +123,22 @@ def test_bad_options_name_the_key(options: dict[str, Any], fragment: str) -> Non
         encode(EncodeParams(options=options))
     assert fragment in caught.value.message
     assert caught.value.model == "m"
+
+
+def test_a_profile_serves_every_task_each_reading_its_own_keys() -> None:
+    call = encode(EncodeParams(options={"profile": "scoring"}))
+    assert call.settings.options == {"query_template": "q: {text}"}, "score_mode is not encode's"
+    score = resolve_score(
+        SPEC,
+        InputItem(text="q"),
+        ITEMS,
+        ScoreParams(options={"profile": "scoring"}),
+        accepted_options={"score_mode", *TEMPLATE_KEYS},
+        max_items=4,
+    )
+    assert score.settings.options == {"score_mode": "dense", "query_template": "q: {text}"}
+    with pytest.raises(InvalidInput, match="unknown option 'score_mode'"):
+        encode(EncodeParams(options={"score_mode": "dense"}))  # a request's keys are strict
 
 
 def test_options_a_family_does_not_read_are_refused() -> None:

@@ -52,10 +52,12 @@ async def test_tasks_the_catalog_leaves_out_are_not_warmed_up(tmp_path: Path) ->
         assert [p.texts for p in adapter.passes] == [(TEXT,), (TEXT,)]
 
 
-async def test_a_default_profile_the_family_cannot_serve_fails_the_load(tmp_path: Path) -> None:
+def test_a_profile_the_family_cannot_serve_stops_the_server_at_startup(tmp_path: Path) -> None:
+    """Every profile is resolved for every task at startup, not only the default one at load."""
     import pytest
+    from sie_server.catalog import CatalogError
+    from sie_server.cli import main
     from sie_server.config import Settings
-    from sie_server.errors import ModelLoadFailed
     from sie_server.grpc_api.server import build_registry
 
     entry = {
@@ -64,12 +66,60 @@ async def test_a_default_profile_the_family_cannot_serve_fails_the_load(tmp_path
         "weights_path": str(HERE),
         "max_sequence_length": 64,
         "outputs": {"dense": {"dims": 2}},
-        "profiles": {"default": {"options": {"query_template": "q: {query}"}}},
+        "profiles": {
+            "default": {},
+            "retrieval": {"options": {"query_template": "q: {query}"}},
+        },
     }
-    write_catalog_entry(tmp_path, entry)
-    registry = build_registry(Settings(models_dir=(tmp_path,), device="cpu"))
-    try:
-        with pytest.raises(ModelLoadFailed, match=r"'query_template' uses placeholder \{query\}"):
-            await registry.load("fake/bad-profile")
-    finally:
-        await registry.close()
+    path = write_catalog_entry(tmp_path, entry)
+    message = f"{path}: profile 'retrieval': option 'query_template' uses placeholder {{query}}"
+    with pytest.raises(CatalogError) as caught:
+        build_registry(Settings(models_dir=(tmp_path,), device="cpu"))
+    assert str(caught.value).startswith(message)
+    with pytest.raises(SystemExit) as exited:
+        main(["--models-dir", str(tmp_path), "--device", "cpu", "--port", "0"])
+    assert str(exited.value).startswith(f"sie-server: bad model catalog: {message}")
+
+
+def test_an_unknown_adapter_stops_the_server_at_startup(tmp_path: Path) -> None:
+    import pytest
+    from sie_server.catalog import CatalogError
+    from sie_server.config import Settings
+    from sie_server.grpc_api.server import build_registry
+
+    entry = {
+        "name": "fake/unknown",
+        "adapter": "transformerz",
+        "weights_path": str(HERE),
+        "max_sequence_length": 64,
+        "outputs": {"dense": {"dims": 2}},
+    }
+    path = write_catalog_entry(tmp_path, entry)
+    with pytest.raises(CatalogError, match=f"{path}: unknown adapter 'transformerz'"):
+        build_registry(Settings(models_dir=(tmp_path,), device="cpu"))
+
+
+def test_a_profile_value_no_task_accepts_stops_the_server(tmp_path: Path) -> None:
+    import pytest
+    from sie_server.catalog import CatalogError
+    from sie_server.config import Settings
+    from sie_server.grpc_api.server import build_registry
+
+    base = {
+        "adapter": "tests.fakes:FakeAdapter",
+        "weights_path": str(HERE),
+        "max_sequence_length": 64,
+        "outputs": {"dense": {"dims": 2}},
+    }
+    cases = [
+        ({"score_mode": "sparse"}, "option 'score_mode' must be one of dense"),
+        ({"threshold": 0.5}, "option 'threshold' is read by no task of fake/m"),
+    ]
+    for options, fragment in cases:
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        write_catalog_entry(
+            folder, {**base, "name": "fake/m", "profiles": {"p": {"options": options}}}
+        )
+        with pytest.raises(CatalogError) as caught:
+            build_registry(Settings(models_dir=(folder,), device="cpu"))
+        assert "profile 'p': " + fragment in str(caught.value)

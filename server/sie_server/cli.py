@@ -15,9 +15,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from sie_server.catalog import CatalogError
     from sie_server.grpc_api.server import serve
 
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except CatalogError as exc:  # a bad catalog entry: one clear line, no traceback
+        raise SystemExit(f"sie-server: bad model catalog: {exc}") from None
 
 
 if __name__ == "__main__":

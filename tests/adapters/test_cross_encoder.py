@@ -19,7 +19,7 @@ from sie_server.adapters.registry import create_adapter
 from sie_server.catalog import BUILTIN_CATALOG_DIR, CatalogError, ModelSpec, load_catalog
 from sie_server.catalog.spec import parse_spec
 from sie_server.domain import ImageData, InputItem, TokenizedText
-from sie_server.engine.warmup import QUERY, TEXT, run_inline, warm_up, warmup_jobs
+from sie_server.engine.warmup import QUERY, TEXT, job_for, run_inline, sample_calls, warm_up
 from sie_server.errors import InputTooLong, InvalidInput
 from sie_server.tasks.score import ScoreParams, resolve_score
 from transformers import AutoTokenizer
@@ -358,8 +358,8 @@ def test_a_cross_encoder_save_with_extra_modules_is_refused(
 def test_warm_up_runs(adapter: CrossEncoderAdapter, plain: Path) -> None:
     spec = adapter.spec
     warm_up(adapter, spec)
-    (make_job,) = list(warmup_jobs(adapter, spec))
-    got = run_inline(make_job())
+    (call,) = list(sample_calls(spec, type(adapter)))
+    got = run_inline(job_for(adapter, call))
     np.testing.assert_allclose(got, cross_encoder_scores(plain, [(QUERY, TEXT)]), atol=1e-5)
 
 

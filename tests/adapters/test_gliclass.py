@@ -18,7 +18,7 @@ from sie_server.adapters.registry import create_adapter
 from sie_server.catalog import BUILTIN_CATALOG_DIR, CatalogError, ModelSpec, load_catalog
 from sie_server.catalog.spec import parse_spec
 from sie_server.domain import ImageData, InputItem, LoadTarget
-from sie_server.engine.warmup import run_inline, warm_up, warmup_jobs
+from sie_server.engine.warmup import job_for, run_inline, sample_calls, warm_up
 from sie_server.errors import InputTooLong, InvalidInput, ModelLoadFailed
 from sie_server.tasks.extract import ExtractCall, ExtractedItem, ExtractParams, resolve_extract
 
@@ -455,8 +455,8 @@ def test_warm_up_memory_and_unload(text_first: Path) -> None:
     assert tasks_of(GLiClassAdapter) == frozenset({"extract"})
     assert spec.tasks == ("extract",)
     warm_up(adapter, spec)
-    (make_job,) = list(warmup_jobs(adapter, spec))
-    (item,) = run_inline(make_job())
+    (call,) = list(sample_calls(spec, type(adapter)))
+    (item,) = run_inline(job_for(adapter, call))
     assert {c.label for c in item.classifications} == {"person", "location"}
     assert adapter.memory_bytes() == parameter_bytes(adapter.model) > 0
     adapter.unload()

@@ -18,7 +18,7 @@ from sie_server.adapters.registry import create_adapter
 from sie_server.catalog import BUILTIN_CATALOG_DIR, CatalogError, ModelSpec, load_catalog
 from sie_server.catalog.spec import parse_spec
 from sie_server.domain import InputItem
-from sie_server.engine.warmup import TEXT, run_inline, warm_up, warmup_jobs
+from sie_server.engine.warmup import TEXT, job_for, run_inline, sample_calls, warm_up
 from sie_server.errors import InputTooLong, InvalidInput
 from sie_server.tasks.extract import ExtractCall, ExtractedItem, ExtractParams, resolve_extract
 from transformers import AutoTokenizer
@@ -323,8 +323,8 @@ def test_a_model_without_an_entailment_label_fails_to_load(tmp_path: Path) -> No
 def test_warm_up_runs(pipelines: dict[str, Any], adapters: dict[str, NLIZeroShotAdapter]) -> None:
     adapter = adapters["deberta-2way"]
     warm_up(adapter, adapter.spec)
-    (make_job,) = list(warmup_jobs(adapter, adapter.spec))
-    got = run_inline(make_job())
+    (call,) = list(sample_calls(adapter.spec, type(adapter)))
+    got = run_inline(job_for(adapter, call))
     assert_same(got, zero_shot_reference(pipelines["deberta-2way"], [TEXT], ["person", "location"]))
 
 

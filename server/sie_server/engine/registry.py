@@ -32,7 +32,7 @@ from sie_server.device import Placement
 from sie_server.domain import Job, LoadTarget
 from sie_server.engine.executor import BatchExecutor, BatchStats, ExecutorConfig
 from sie_server.engine.pipeline import Outcome, run_job
-from sie_server.engine.warmup import warm_up
+from sie_server.engine.warmup import check_profiles, warm_up
 from sie_server.errors import (
     InvalidInput,
     ModelLoadFailed,
@@ -112,6 +112,16 @@ class ModelRegistry:
             except CatalogError as exc:
                 raise ModelLoadFailed(str(exc), model=name) from None
         return entry.adapter_class
+
+    def check_catalog(self) -> None:
+        """Startup check: every entry names an importable family, and every profile resolves for
+        every task the model serves (CatalogError naming the file otherwise)."""
+        for entry in self._entries.values():
+            try:
+                cls = adapter_class(entry.spec.adapter)
+            except CatalogError as exc:
+                raise CatalogError(f"{entry.spec.source_file or entry.spec.name}: {exc}") from None
+            check_profiles(entry.spec, cls)
 
     def require_task(self, name: str, task: str) -> tuple[ModelSpec, type[ModelAdapter]]:
         """The spec and adapter class of a model that serves ``task`` (else InvalidInput)."""

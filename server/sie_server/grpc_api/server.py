@@ -95,7 +95,9 @@ def build_registry(settings: Settings) -> ModelRegistry:
         placement=resolve_placement(settings.device, settings.dtype),
         tokenizer_workers=settings.tokenizer_workers,
     )
-    return ModelRegistry(catalog, config)
+    registry = ModelRegistry(catalog, config)
+    registry.check_catalog()
+    return registry
 
 
 async def create_server(settings: Settings, registry: ModelRegistry) -> RunningServer:

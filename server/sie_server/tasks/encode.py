@@ -105,9 +105,7 @@ def resolve_encode(
 ) -> EncodeCall:
     """Merge the profile with the request; reject what the model cannot do (InvalidInput)."""
     check_items(items, spec.name, max_items)
-    profile, options = Options.resolve(spec, params.options)
-    options.check_known(ENCODE_KEYS | set(accepted_options))
-    options.check_templates()
+    profile, options = Options.resolve(spec, params.options, ENCODE_KEYS | set(accepted_options))
     # Typed fields win over options, options over the profile; option values are always checked.
     option_types = options.text_list("output_types")
     option_dtype = options.optional_text("output_dtype")

@@ -122,9 +122,7 @@ def resolve_extract(
             f"model {spec.name} cannot fill an output_schema; it extracts with labels",
             model=spec.name,
         )
-    _, options = Options.resolve(spec, params.options)
-    options.check_known(EXTRACT_KEYS | set(accepted_options))
-    options.check_templates()
+    _, options = Options.resolve(spec, params.options, EXTRACT_KEYS | set(accepted_options))
     instruction = params.instruction or options.optional_text("instruction") or None
     if instruction and not support.instruction:
         raise InvalidInput(f"model {spec.name} does not take an instruction", model=spec.name)

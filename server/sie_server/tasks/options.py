@@ -49,11 +49,21 @@ class Options:
         self.model = model
 
     @classmethod
-    def resolve(cls, spec: ModelSpec, request: Mapping[str, Any]) -> tuple[ProfileSpec, Options]:
+    def resolve(
+        cls, spec: ModelSpec, request: Mapping[str, Any], accepted: Collection[str]
+    ) -> tuple[ProfileSpec, Options]:
+        """The profile's options overlaid with the request's. A profile serves every task of the
+        model, so its keys this task does not read are left out here (the catalog check at
+        startup refused keys no task reads); the request's keys are checked against
+        ``accepted``, naming the first unknown one."""
         profile = select_profile(spec, request)
-        merged = {**profile.options, **request}
+        merged = {k: v for k, v in profile.options.items() if k in accepted}
+        merged.update(request)
         merged.pop("profile", None)
-        return profile, cls(merged, spec.name)
+        options = cls(merged, spec.name)
+        options.check_known(accepted)
+        options.check_templates()
+        return profile, options
 
     def __contains__(self, key: str) -> bool:
         return key in self.values

@@ -81,9 +81,7 @@ def resolve_score(
     if query is None or (query.text is None and not query.images and query.multivector is None):
         raise InvalidInput("query is required (an item with text)", model=spec.name)
     check_items(items, spec.name, max_items)
-    _, options = Options.resolve(spec, params.options)
-    options.check_known(SCORE_KEYS | set(accepted_options))
-    options.check_templates()
+    _, options = Options.resolve(spec, params.options, SCORE_KEYS | set(accepted_options))
     option_instruction = options.optional_text("instruction")
     settings = ScoreSettings(
         instruction=params.instruction or option_instruction or None,

@@ -1,0 +1,132 @@
+"""Models that cannot be served fail their load with MODEL_LOAD_FAILED over gRPC, the message
+saying why (never silently wrong results, never INTERNAL): a sentence-transformers module the
+dense adapter cannot run, a classifier that is not a reranker, a profile option value only the
+family checks. The first request answers MODEL_LOADING (the load starts in the background)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from sie_sdk.v1 import (
+    common_pb2,
+    encode_pb2,
+    encode_pb2_grpc,
+    extract_pb2,
+    extract_pb2_grpc,
+    score_pb2,
+    score_pb2_grpc,
+)
+
+from tests.server_utils import error_info, serving, write_catalog_entry
+from tests.tiny_models import classifiers, dense
+
+
+def _with_lstm(root: Path) -> Path:
+    """A real sentence-transformers save, with an LSTM module added to modules.json."""
+    folder = root / "lstm"
+    shutil.copytree(dense.build_tiny_dense(root / "st"), folder)
+    modules = json.loads((folder / "modules.json").read_text())
+    modules.insert(
+        2, {"idx": 9, "name": "9", "path": "9_LSTM", "type": "sentence_transformers.models.LSTM"}
+    )
+    (folder / "modules.json").write_text(json.dumps(modules))
+    return folder
+
+
+async def _first_failure(call: Any) -> grpc.aio.AioRpcError:
+    """Call until the background load ends; the first answer must be MODEL_LOADING."""
+    reasons: list[str] = []
+    for _ in range(400):
+        try:
+            await call()
+        except grpc.aio.AioRpcError as exc:
+            reasons.append(error_info(exc)[0])
+            if reasons[-1] != "MODEL_LOADING":
+                assert reasons[0] == "MODEL_LOADING"
+                return exc
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the broken model served a request")
+    pytest.fail(f"the load never ended: {reasons[-3:]}")
+
+
+async def test_unservable_models_fail_their_load_with_a_reason(tmp_path: Path) -> None:
+    entries: list[dict[str, Any]] = [
+        {
+            "name": "broken/lstm",
+            "adapter": "dense",
+            "weights_path": str(_with_lstm(tmp_path)),
+            "max_sequence_length": 32,
+            "outputs": {"dense": {"dims": dense.HIDDEN}},
+        },
+        {
+            "name": "broken/two-labels",
+            "adapter": "cross_encoder",
+            "weights_path": str(classifiers.build_bert_classifier(tmp_path / "two", num_labels=2)),
+            "max_sequence_length": 32,
+            "outputs": {"score": {}},
+        },
+        {
+            "name": "broken/nli-option",
+            "adapter": "nli_zero_shot",
+            "weights_path": str(
+                classifiers.build_bert_classifier(
+                    tmp_path / "nli",
+                    num_labels=3,
+                    labels=["entailment", "neutral", "contradiction"],
+                )
+            ),
+            "max_sequence_length": 32,
+            "outputs": {"json": {}},
+            "profiles": {"default": {"options": {"multi_label": "yes"}}},
+        },
+    ]
+    for entry in entries:
+        write_catalog_entry(tmp_path / "catalog", entry)
+    async with serving([tmp_path / "catalog"]) as handle:
+        encode = encode_pb2_grpc.EncodeServiceStub(handle.channel)
+        score = score_pb2_grpc.ScoreServiceStub(handle.channel)
+        extract = extract_pb2_grpc.ExtractServiceStub(handle.channel)
+
+        def encode_call(model: str) -> Any:
+            return lambda: encode.Encode(
+                encode_pb2.EncodeRequest(model=model, items=[common_pb2.Item(text="hello")])
+            )
+
+        cases = [
+            (encode_call("broken/lstm"), "sentence_transformers.models.LSTM"),
+            (
+                lambda: score.Score(
+                    score_pb2.ScoreRequest(
+                        model="broken/two-labels",
+                        query=common_pb2.Item(text="q"),
+                        items=[common_pb2.Item(text="d")],
+                    )
+                ),
+                "num_labels=2",
+            ),
+            (
+                lambda: extract.Extract(
+                    extract_pb2.ExtractRequest(
+                        model="broken/nli-option",
+                        items=[common_pb2.Item(text="hello")],
+                        params=extract_pb2.ExtractParams(labels=["greeting"]),
+                    )
+                ),
+                "option 'multi_label' must be true or false",
+            ),
+        ]
+        for call, fragment in cases:
+            failure = await _first_failure(call)
+            assert failure.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert fragment in (failure.details() or ""), failure.details()
+            reason, metadata, retry = error_info(failure)
+            assert reason == "MODEL_LOAD_FAILED"
+            assert retry is None
+            assert metadata["model"].startswith("broken/")
