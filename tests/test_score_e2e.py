@@ -319,6 +319,14 @@ async def test_colbert_scores_are_maxsim_and_a_given_query_multivector_is_not_re
         [maxsim(half, from_tensor(d.multivector.values)) for d in docs],
         atol=1e-4,
     )
+    # On bge-m3 a query multivector implies score_mode colbert (MaxSim / query length).
+    (m3_query,) = await encode(server, "tiny/bge-m3", [QUERY], output_types=["multivector"])
+    m3_docs = await encode(server, "tiny/bge-m3", DOCS, output_types=["multivector"])
+    m3_multi = from_tensor(m3_query.multivector.values)
+    m3 = score_request("tiny/bge-m3", query=None)
+    m3.query.CopyFrom(common_pb2.Item(multivector=to_tensor(m3_multi, common_pb2.DTYPE_FLOAT32)))
+    want = [maxsim(m3_multi, from_tensor(d.multivector.values)) / len(m3_multi) for d in m3_docs]
+    np.testing.assert_allclose(by_index(await stub.Score(m3)), want, atol=1e-5)
     doc_tokens = sum(d.num_tokens for d in docs)
     assert (
         metrics.counter("sie_tokens_processed_total", model="tiny/colbert") - tokens_before
@@ -370,7 +378,7 @@ def _int_multivector() -> score_pb2.ScoreRequest:
 
 
 def _multivector_for_dense() -> score_pb2.ScoreRequest:
-    req = score_request("tiny/bge-m3", query=None)
+    req = score_request("tiny/bge-m3", query=None, options={"score_mode": "dense"})
     req.query.multivector.CopyFrom(
         to_tensor(np.ones((3, bge_m3.HIDDEN), np.float32), common_pb2.DTYPE_FLOAT32)
     )

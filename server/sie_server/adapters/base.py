@@ -200,12 +200,15 @@ class Encoder(Scorer, Generic[P]):
     def score_job(self, call: ScoreCall) -> Job[list[float]]:
         """Bi-encoder scoring: encode the query (``is_query``, with the instruction) and the items,
         then compare them with the mode's similarity. A query given as a multivector is not
-        encoded again."""
-        mode = resolve_score_mode(self.spec, call.settings.options)
+        encoded again, and implies ``score_mode: colbert`` unless the request names a mode."""
+        given = call.query.multivector
+        mode_options = call.settings.options
+        if given is not None and "score_mode" not in mode_options:
+            mode_options = {**mode_options, "score_mode": "colbert"}
+        mode = resolve_score_mode(self.spec, mode_options)
         options = {k: v for k, v in call.settings.options.items() if k not in Encoder.score_options}
         types = mode.output_types
         groups: list[WorkGroup] = []
-        given = call.query.multivector
         if given is not None:
             self._check_query_multivector(given, types)
         else:
