@@ -36,13 +36,8 @@ from sie_server.adapters.similarity import score_pair
 from sie_server.catalog import CatalogError, ModelSpec
 from sie_server.domain import EncodeOutput, InputItem, Job, LoadTarget, WorkGroup
 from sie_server.errors import InvalidInput
-from sie_server.tasks.encode import (
-    EncodeCall,
-    EncodedItem,
-    EncodeSettings,
-    convert_outputs,
-    freeze,
-)
+from sie_server.tasks.common import freeze
+from sie_server.tasks.encode import EncodeCall, EncodedItem, EncodeSettings, convert_outputs
 from sie_server.tasks.extract import ExtractCall, ExtractedItem, ExtractSettings, ExtractSupport
 from sie_server.tasks.score import ScoreCall, ScoreSettings, resolve_score_mode
 

@@ -66,8 +66,10 @@ class ModelEntry:
     failed_at: float = 0.0
     load_task: asyncio.Task[None] | None = field(default=None, repr=False)
     memory_bytes: int = 0
-    #: The adapter family's class, resolved on first use (adapter modules import no torch).
+    #: The adapter family's class and the tasks the model serves with it (its catalog tasks
+    #: that the family implements), resolved once (adapter modules import no torch).
     adapter_class: type[ModelAdapter] | None = None
+    served: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,32 +110,39 @@ class ModelRegistry:
         entry = self.entry(name)
         if entry.adapter_class is None:
             try:
-                entry.adapter_class = adapter_class(entry.spec.adapter)
+                self._resolve(entry)
             except CatalogError as exc:
                 raise ModelLoadFailed(str(exc), model=name) from None
+        assert entry.adapter_class is not None
         return entry.adapter_class
+
+    @staticmethod
+    def _resolve(entry: ModelEntry) -> None:
+        cls = adapter_class(entry.spec.adapter)
+        entry.adapter_class = cls
+        entry.served = tuple(t for t in entry.spec.tasks if t in tasks_of(cls))
 
     def check_catalog(self) -> None:
         """Startup check: every entry names an importable family, and every profile resolves for
         every task the model serves (CatalogError naming the file otherwise)."""
         for entry in self._entries.values():
             try:
-                cls = adapter_class(entry.spec.adapter)
+                self._resolve(entry)
             except CatalogError as exc:
                 raise CatalogError(f"{entry.spec.source_file or entry.spec.name}: {exc}") from None
-            check_profiles(entry.spec, cls)
+            assert entry.adapter_class is not None
+            check_profiles(entry.spec, entry.adapter_class)
 
     def require_task(self, name: str, task: str) -> tuple[ModelSpec, type[ModelAdapter]]:
         """The spec and adapter class of a model that serves ``task`` (else InvalidInput)."""
         cls = self.adapter_type(name)
-        spec = self.entry(name).spec
-        served = [t for t in spec.tasks if t in tasks_of(cls)]
-        if task not in served:
+        entry = self.entry(name)
+        if task not in entry.served:
             raise InvalidInput(
-                f"model {name} does not support {task} (it supports {', '.join(served) or 'nothing'})",
+                f"model {name} does not support {task} (it supports {', '.join(entry.served) or 'nothing'})",
                 model=name,
             )
-        return spec, cls
+        return entry.spec, cls
 
     def ready(self, name: str) -> tuple[ModelAdapter, BatchExecutor]:
         """The loaded model, or a retryable ModelLoading after starting its load."""

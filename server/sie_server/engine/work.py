@@ -1,8 +1,9 @@
 """The executor's unit of work: one item with a cost, a batch key and a future.
 
-The unit is generic on purpose: an encode item carries token ids, a score item will carry a
-(query, document) pair, an extract item a text and its labels. Items share a forward pass only
-when their ``key`` is equal; the ``runner`` knows how to collate and run such a batch.
+The unit is generic on purpose: an encode item carries token ids, a reranker's item a tokenized
+(query, document) pair, a GLiNER item one window of a text; the capability's ``Job`` says which.
+Items share a forward pass only when their ``key`` is equal; the ``runner`` knows how to collate
+and run such a batch.
 """
 
 from __future__ import annotations

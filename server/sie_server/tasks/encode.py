@@ -19,6 +19,7 @@ from sie_server.catalog import ModelSpec
 from sie_server.catalog.spec import OUTPUT_TYPES
 from sie_server.domain import EncodeOutput, InputItem
 from sie_server.errors import InvalidInput, SIEServerError
+from sie_server.tasks.common import check_items, freeze
 from sie_server.tasks.options import Options
 from sie_server.tasks.output_dtype import OUTPUT_DTYPES, convert, sparse_dtype
 
@@ -84,16 +85,6 @@ class EncodedItem:
 
 
 # ---- validation --------------------------------------------------------------------------------
-def check_items(items: Sequence[InputItem], model: str, max_items: int) -> None:
-    """The request-level item checks every task shares."""
-    if not items:
-        raise InvalidInput("items must not be empty", model=model)
-    if len(items) > max_items:
-        raise InvalidInput(
-            f"{len(items)} items exceed the limit of {max_items} per request", model=model
-        )
-
-
 def resolve_encode(
     spec: ModelSpec,
     items: Sequence[InputItem],
@@ -155,15 +146,6 @@ def format_text(text: str, settings: EncodeSettings) -> str:
         return template.format(instruction=settings.instruction, text=text)
     side = opts.get("query_template" if settings.is_query else "document_template")
     return str(side).format(text=text) if side else text
-
-
-def freeze(value: Any) -> Any:
-    """A hashable, order-independent form of nested options (for batch keys)."""
-    if isinstance(value, Mapping):
-        return tuple(sorted((str(k), freeze(v)) for k, v in value.items()))
-    if isinstance(value, list | tuple):
-        return tuple(freeze(v) for v in value)
-    return value
 
 
 # ---- postprocessing ----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 from sie_server.catalog import ModelSpec
 from sie_server.domain import InputItem
 from sie_server.errors import InvalidInput
-from sie_server.tasks.encode import check_items
+from sie_server.tasks.common import check_items
 from sie_server.tasks.options import Options
 
 #: Option keys every scorer accepts.
