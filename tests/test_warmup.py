@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import pytest
+from sie_server.catalog import CatalogError
+from sie_server.cli import main
+from sie_server.config import Settings
 from sie_server.engine.warmup import QUERY, TEXT
+from sie_server.grpc_api.server import build_registry
 
 from tests.fakes import FakeAdapter
 from tests.server_utils import serving, write_catalog_entry
@@ -12,15 +18,22 @@ from tests.server_utils import serving, write_catalog_entry
 HERE = Path(__file__).parent
 
 
-async def test_warm_up_encodes_as_document_and_query_and_scores(tmp_path: Path) -> None:
-    entry = {
-        "name": "fake/warm",
+def fake_entry(name: str, **fields: Any) -> dict[str, Any]:
+    """A catalog entry serving the fake adapter (dense, 2 dims), with ``fields`` added."""
+    return {
+        "name": name,
         "adapter": "tests.fakes:FakeAdapter",
         "weights_path": str(HERE),
         "max_sequence_length": 64,
         "outputs": {"dense": {"dims": 2}},
-        "profiles": {"default": {"options": {"query_template": "q: {text}"}}},
+        **fields,
     }
+
+
+async def test_warm_up_encodes_as_document_and_query_and_scores(tmp_path: Path) -> None:
+    entry = fake_entry(
+        "fake/warm", profiles={"default": {"options": {"query_template": "q: {text}"}}}
+    )
     write_catalog_entry(tmp_path, entry)
     async with serving([tmp_path], preload=["fake/warm"]) as handle:
         adapter = handle.running.registry.entry("fake/warm").adapter
@@ -37,14 +50,7 @@ async def test_warm_up_encodes_as_document_and_query_and_scores(tmp_path: Path) 
 
 
 async def test_tasks_the_catalog_leaves_out_are_not_warmed_up(tmp_path: Path) -> None:
-    entry = {
-        "name": "fake/encode-only",
-        "adapter": "tests.fakes:FakeAdapter",
-        "weights_path": str(HERE),
-        "max_sequence_length": 64,
-        "outputs": {"dense": {"dims": 2}},
-        "tasks": ["encode"],
-    }
+    entry = fake_entry("fake/encode-only", tasks=["encode"])
     write_catalog_entry(tmp_path, entry)
     async with serving([tmp_path], preload=["fake/encode-only"]) as handle:
         adapter = handle.running.registry.entry("fake/encode-only").adapter
@@ -54,23 +60,10 @@ async def test_tasks_the_catalog_leaves_out_are_not_warmed_up(tmp_path: Path) ->
 
 def test_a_profile_the_family_cannot_serve_stops_the_server_at_startup(tmp_path: Path) -> None:
     """Every profile is resolved for every task at startup, not only the default one at load."""
-    import pytest
-    from sie_server.catalog import CatalogError
-    from sie_server.cli import main
-    from sie_server.config import Settings
-    from sie_server.grpc_api.server import build_registry
-
-    entry = {
-        "name": "fake/bad-profile",
-        "adapter": "tests.fakes:FakeAdapter",
-        "weights_path": str(HERE),
-        "max_sequence_length": 64,
-        "outputs": {"dense": {"dims": 2}},
-        "profiles": {
-            "default": {},
-            "retrieval": {"options": {"query_template": "q: {query}"}},
-        },
-    }
+    entry = fake_entry(
+        "fake/bad-profile",
+        profiles={"default": {}, "retrieval": {"options": {"query_template": "q: {query}"}}},
+    )
     path = write_catalog_entry(tmp_path, entry)
     message = f"{path}: profile 'retrieval': option 'query_template' uses placeholder {{query}}"
     with pytest.raises(CatalogError) as caught:
@@ -82,44 +75,20 @@ def test_a_profile_the_family_cannot_serve_stops_the_server_at_startup(tmp_path:
 
 
 def test_an_unknown_adapter_stops_the_server_at_startup(tmp_path: Path) -> None:
-    import pytest
-    from sie_server.catalog import CatalogError
-    from sie_server.config import Settings
-    from sie_server.grpc_api.server import build_registry
-
-    entry = {
-        "name": "fake/unknown",
-        "adapter": "transformerz",
-        "weights_path": str(HERE),
-        "max_sequence_length": 64,
-        "outputs": {"dense": {"dims": 2}},
-    }
+    entry = {**fake_entry("fake/unknown"), "adapter": "transformerz"}
     path = write_catalog_entry(tmp_path, entry)
     with pytest.raises(CatalogError, match=f"{path}: unknown adapter 'transformerz'"):
         build_registry(Settings(models_dir=(tmp_path,), device="cpu"))
 
 
 def test_a_profile_value_no_task_accepts_stops_the_server(tmp_path: Path) -> None:
-    import pytest
-    from sie_server.catalog import CatalogError
-    from sie_server.config import Settings
-    from sie_server.grpc_api.server import build_registry
-
-    base = {
-        "adapter": "tests.fakes:FakeAdapter",
-        "weights_path": str(HERE),
-        "max_sequence_length": 64,
-        "outputs": {"dense": {"dims": 2}},
-    }
     cases = [
         ({"score_mode": "sparse"}, "option 'score_mode' must be one of dense"),
         ({"threshold": 0.5}, "option 'threshold' is read by no task of fake/m"),
     ]
     for options, fragment in cases:
         folder = tmp_path / str(len(list(tmp_path.iterdir())))
-        write_catalog_entry(
-            folder, {**base, "name": "fake/m", "profiles": {"p": {"options": options}}}
-        )
+        write_catalog_entry(folder, fake_entry("fake/m", profiles={"p": {"options": options}}))
         with pytest.raises(CatalogError) as caught:
             build_registry(Settings(models_dir=(folder,), device="cpu"))
         assert "profile 'p': " + fragment in str(caught.value)
