@@ -16,18 +16,22 @@ The tree (every class carries a ``reason`` from ``sie.v1.ErrorReason``, without 
     ├── InferenceError                   INFERENCE_ERROR
     └── InternalError                    INTERNAL_ERROR
 
-``sie_server.grpc_api.errors`` maps each reason to a gRPC status code in one table.
+Each reason's gRPC status, HTTP status and default retry hint live in one table,
+``sie_sdk.reasons.REASONS``, which every transport reads.
 """
 
 from __future__ import annotations
+
+from sie_sdk.reasons import REASONS
 
 
 class SIEServerError(Exception):
     """Base of every error the engine raises on purpose."""
 
     reason = "INTERNAL_ERROR"
-    #: Seconds after which a retry may succeed; None when retrying does not help.
-    retry_after_s: float | None = None
+    #: Seconds after which a retry may succeed; None when retrying does not help. Defaults to
+    #: the reason's row in ``sie_sdk.reasons.REASONS``.
+    retry_after_s: float | None
 
     def __init__(
         self, message: str, *, model: str | None = None, retry_after_s: float | None = None
@@ -35,8 +39,9 @@ class SIEServerError(Exception):
         super().__init__(message)
         self.message = message
         self.model = model
-        if retry_after_s is not None:
-            self.retry_after_s = retry_after_s
+        self.retry_after_s = (
+            retry_after_s if retry_after_s is not None else REASONS[self.reason].retry_after_s
+        )
 
 
 class InvalidInput(SIEServerError):
@@ -53,12 +58,10 @@ class ModelNotFound(SIEServerError):
 
 class ModelNotLoaded(SIEServerError):
     reason = "MODEL_NOT_LOADED"
-    retry_after_s = 1.0
 
 
 class ModelLoading(ModelNotLoaded):
     reason = "MODEL_LOADING"
-    retry_after_s = 2.0
 
 
 class ModelLoadFailed(SIEServerError):
@@ -67,12 +70,10 @@ class ModelLoadFailed(SIEServerError):
 
 class QueueFull(SIEServerError):
     reason = "QUEUE_FULL"
-    retry_after_s = 0.5
 
 
 class ResourceExhausted(SIEServerError):
     reason = "RESOURCE_EXHAUSTED"
-    retry_after_s = 1.0
 
 
 class DeadlineExceeded(SIEServerError):
@@ -81,7 +82,6 @@ class DeadlineExceeded(SIEServerError):
 
 class ShuttingDown(SIEServerError):
     reason = "SHUTTING_DOWN"
-    retry_after_s = 1.0
 
 
 class InferenceError(SIEServerError):

@@ -25,25 +25,25 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13sie/v1/common.proto\x12\x06sie.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xcb\x01\n\x04Item\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\x04text\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\"\n\x06images\x18\x03 \x03(\x0b\x32\x12.sie.v1.ImageInput\x12\'\n\x08\x64ocument\x18\x04 \x01(\x0b\x32\x15.sie.v1.DocumentInput\x12)\n\x08metadata\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12#\n\x0bmultivector\x18\x06 \x01(\x0b\x32\x0e.sie.v1.TensorB\x07\n\x05_text\"*\n\nImageInput\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\"-\n\rDocumentInput\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\"C\n\x06Tensor\x12\x1c\n\x05\x64type\x18\x01 \x01(\x0e\x32\r.sie.v1.Dtype\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"v\n\x06Timing\x12\x10\n\x08total_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x17\n\x0ftokenization_ms\x18\x03 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x04 \x01(\x01\x12\x19\n\x11postprocessing_ms\x18\x05 \x01(\x01*\x88\x01\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x0e\n\nDTYPE_INT8\x10\x03\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x04\x12\x10\n\x0c\x44TYPE_BINARY\x10\x05\x12\x0f\n\x0b\x44TYPE_INT32\x10\x06*\x83\x04\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45RROR_REASON_INVALID_INPUT\x10\x01\x12 \n\x1c\x45RROR_REASON_MODEL_NOT_FOUND\x10\x02\x12!\n\x1d\x45RROR_REASON_MODEL_NOT_LOADED\x10\x03\x12\x1e\n\x1a\x45RROR_REASON_MODEL_LOADING\x10\x04\x12\"\n\x1e\x45RROR_REASON_MODEL_LOAD_FAILED\x10\x05\x12\x1f\n\x1b\x45RROR_REASON_INPUT_TOO_LONG\x10\x06\x12\x1b\n\x17\x45RROR_REASON_QUEUE_FULL\x10\x07\x12#\n\x1f\x45RROR_REASON_RESOURCE_EXHAUSTED\x10\x08\x12\x1d\n\x19\x45RROR_REASON_LORA_LOADING\x10\t\x12$\n ERROR_REASON_DEPENDENCY_CONFLICT\x10\n\x12 \n\x1c\x45RROR_REASON_INFERENCE_ERROR\x10\x0b\x12\x1f\n\x1b\x45RROR_REASON_INTERNAL_ERROR\x10\x0c\x12\"\n\x1e\x45RROR_REASON_DEADLINE_EXCEEDED\x10\r\x12\x1e\n\x1a\x45RROR_REASON_SHUTTING_DOWN\x10\x0e\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13sie/v1/common.proto\x12\x06sie.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xde\x01\n\x04Item\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\x04text\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\"\n\x06images\x18\x03 \x03(\x0b\x32\x12.sie.v1.ImageInput\x12\'\n\x08\x64ocument\x18\x04 \x01(\x0b\x32\x15.sie.v1.DocumentInput\x12)\n\x08metadata\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12#\n\x0bmultivector\x18\x06 \x01(\x0b\x32\x0e.sie.v1.Tensor\x12\x11\n\ttoken_ids\x18\x07 \x03(\x05\x42\x07\n\x05_text\"*\n\nImageInput\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\"-\n\rDocumentInput\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\"C\n\x06Tensor\x12\x1c\n\x05\x64type\x18\x01 \x01(\x0e\x32\r.sie.v1.Dtype\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"v\n\x06Timing\x12\x10\n\x08total_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x17\n\x0ftokenization_ms\x18\x03 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x04 \x01(\x01\x12\x19\n\x11postprocessing_ms\x18\x05 \x01(\x01*\x88\x01\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x0e\n\nDTYPE_INT8\x10\x03\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x04\x12\x10\n\x0c\x44TYPE_BINARY\x10\x05\x12\x0f\n\x0b\x44TYPE_INT32\x10\x06*\xcd\x04\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45RROR_REASON_INVALID_INPUT\x10\x01\x12 \n\x1c\x45RROR_REASON_MODEL_NOT_FOUND\x10\x02\x12!\n\x1d\x45RROR_REASON_MODEL_NOT_LOADED\x10\x03\x12\x1e\n\x1a\x45RROR_REASON_MODEL_LOADING\x10\x04\x12\"\n\x1e\x45RROR_REASON_MODEL_LOAD_FAILED\x10\x05\x12\x1f\n\x1b\x45RROR_REASON_INPUT_TOO_LONG\x10\x06\x12\x1b\n\x17\x45RROR_REASON_QUEUE_FULL\x10\x07\x12#\n\x1f\x45RROR_REASON_RESOURCE_EXHAUSTED\x10\x08\x12\x1d\n\x19\x45RROR_REASON_LORA_LOADING\x10\t\x12$\n ERROR_REASON_DEPENDENCY_CONFLICT\x10\n\x12 \n\x1c\x45RROR_REASON_INFERENCE_ERROR\x10\x0b\x12\x1f\n\x1b\x45RROR_REASON_INTERNAL_ERROR\x10\x0c\x12\"\n\x1e\x45RROR_REASON_DEADLINE_EXCEEDED\x10\r\x12\x1e\n\x1a\x45RROR_REASON_SHUTTING_DOWN\x10\x0e\x12$\n ERROR_REASON_BACKEND_UNAVAILABLE\x10\x0f\x12\"\n\x1e\x45RROR_REASON_REQUEST_TOO_LARGE\x10\x10\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sie.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=548
-  _globals['_DTYPE']._serialized_end=684
-  _globals['_ERRORREASON']._serialized_start=687
-  _globals['_ERRORREASON']._serialized_end=1202
+  _globals['_DTYPE']._serialized_start=567
+  _globals['_DTYPE']._serialized_end=703
+  _globals['_ERRORREASON']._serialized_start=706
+  _globals['_ERRORREASON']._serialized_end=1295
   _globals['_ITEM']._serialized_start=62
-  _globals['_ITEM']._serialized_end=265
-  _globals['_IMAGEINPUT']._serialized_start=267
-  _globals['_IMAGEINPUT']._serialized_end=309
-  _globals['_DOCUMENTINPUT']._serialized_start=311
-  _globals['_DOCUMENTINPUT']._serialized_end=356
-  _globals['_TENSOR']._serialized_start=358
-  _globals['_TENSOR']._serialized_end=425
-  _globals['_TIMING']._serialized_start=427
-  _globals['_TIMING']._serialized_end=545
+  _globals['_ITEM']._serialized_end=284
+  _globals['_IMAGEINPUT']._serialized_start=286
+  _globals['_IMAGEINPUT']._serialized_end=328
+  _globals['_DOCUMENTINPUT']._serialized_start=330
+  _globals['_DOCUMENTINPUT']._serialized_end=375
+  _globals['_TENSOR']._serialized_start=377
+  _globals['_TENSOR']._serialized_end=444
+  _globals['_TIMING']._serialized_start=446
+  _globals['_TIMING']._serialized_end=564
 # @@protoc_insertion_point(module_scope)

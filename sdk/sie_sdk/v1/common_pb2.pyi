@@ -87,6 +87,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The request's deadline passed before it ran."""
     ERROR_REASON_SHUTTING_DOWN: _ErrorReason.ValueType  # 14
     """The server is shutting down and accepts no new work."""
+    ERROR_REASON_BACKEND_UNAVAILABLE: _ErrorReason.ValueType  # 15
+    """The HTTP bridge cannot reach the gRPC server (down, restarting, or unreachable)."""
+    ERROR_REASON_REQUEST_TOO_LARGE: _ErrorReason.ValueType  # 16
+    """The request is larger than the configured limit (HTTP body size, gRPC message size)."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Machine-readable error reasons. Every error status carries exactly one
@@ -125,6 +129,10 @@ ERROR_REASON_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 13
 """The request's deadline passed before it ran."""
 ERROR_REASON_SHUTTING_DOWN: ErrorReason.ValueType  # 14
 """The server is shutting down and accepts no new work."""
+ERROR_REASON_BACKEND_UNAVAILABLE: ErrorReason.ValueType  # 15
+"""The HTTP bridge cannot reach the gRPC server (down, restarting, or unreachable)."""
+ERROR_REASON_REQUEST_TOO_LARGE: ErrorReason.ValueType  # 16
+"""The request is larger than the configured limit (HTTP body size, gRPC message size)."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
@@ -139,6 +147,7 @@ class Item(_message.Message):
     DOCUMENT_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     MULTIVECTOR_FIELD_NUMBER: _builtins.int
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Client-provided identifier, echoed back in results."""
     text: _builtins.str
@@ -159,6 +168,13 @@ class Item(_message.Message):
     def multivector(self) -> Global___Tensor:
         """A pre-computed multivector (for late-interaction scoring)."""
 
+    @_builtins.property
+    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Token ids in the model's own vocabulary, instead of text (the OpenAI embeddings API's
+        token-array input). The server decodes them with the model's tokenizer and encodes the
+        result as text, so templates and truncation apply as usual.
+        """
+
     def __init__(
         self,
         *,
@@ -168,10 +184,11 @@ class Item(_message.Message):
         document: Global___DocumentInput | None = ...,
         metadata: _struct_pb2.Struct | None = ...,
         multivector: Global___Tensor | None = ...,
+        token_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_text", b"_text", "document", b"document", "metadata", b"metadata", "multivector", b"multivector", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_text", b"_text", "document", b"document", "id", b"id", "images", b"images", "metadata", b"metadata", "multivector", b"multivector", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_text", b"_text", "document", b"document", "id", b"id", "images", b"images", "metadata", b"metadata", "multivector", b"multivector", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__text: _TypeAlias = _typing.Literal["text"]  # noqa: Y015
     _WhichOneofArgType__text: _TypeAlias = _typing.Literal["_text", b"_text"]  # noqa: Y015

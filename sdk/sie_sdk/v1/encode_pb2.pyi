@@ -57,6 +57,7 @@ class EncodeParams(_message.Message):
     OUTPUT_DTYPE_FIELD_NUMBER: _builtins.int
     IS_QUERY_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    DIMENSIONS_FIELD_NUMBER: _builtins.int
     instruction: _builtins.str
     """Task instruction for instruction-tuned models."""
     output_dtype: _builtins.str
@@ -65,6 +66,10 @@ class EncodeParams(_message.Message):
     """
     is_query: _builtins.bool
     """Query (true) or document (false) encoding; unset means document."""
+    dimensions: _builtins.int
+    """Keep only the first `dimensions` dims of dense vectors and renormalize them (Matryoshka
+    models; the catalog's `dense.truncatable`). Unset or equal to the model's dims: unchanged.
+    """
     @_builtins.property
     def output_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """"dense", "sparse", "multivector". Empty: the profile's default."""
@@ -81,15 +86,20 @@ class EncodeParams(_message.Message):
         output_dtype: _builtins.str = ...,
         is_query: _builtins.bool | None = ...,
         options: _struct_pb2.Struct | None = ...,
+        dimensions: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_instruction", b"_instruction", "_is_query", b"_is_query", "instruction", b"instruction", "is_query", b"is_query", "options", b"options"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_instruction", b"_instruction", "_is_query", b"_is_query", "dimensions", b"dimensions", "instruction", b"instruction", "is_query", b"is_query", "options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_instruction", b"_instruction", "_is_query", b"_is_query", "instruction", b"instruction", "is_query", b"is_query", "options", b"options", "output_dtype", b"output_dtype", "output_types", b"output_types"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_instruction", b"_instruction", "_is_query", b"_is_query", "dimensions", b"dimensions", "instruction", b"instruction", "is_query", b"is_query", "options", b"options", "output_dtype", b"output_dtype", "output_types", b"output_types"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__dimensions: _TypeAlias = _typing.Literal["dimensions"]  # noqa: Y015
+    _WhichOneofArgType__dimensions: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions"]  # noqa: Y015
     _WhichOneofReturnType__instruction: _TypeAlias = _typing.Literal["instruction"]  # noqa: Y015
     _WhichOneofArgType__instruction: _TypeAlias = _typing.Literal["_instruction", b"_instruction"]  # noqa: Y015
     _WhichOneofReturnType__is_query: _TypeAlias = _typing.Literal["is_query"]  # noqa: Y015
     _WhichOneofArgType__is_query: _TypeAlias = _typing.Literal["_is_query", b"_is_query"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dimensions) -> _WhichOneofReturnType__dimensions | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__instruction) -> _WhichOneofReturnType__instruction | None: ...
     @_typing.overload

@@ -1,4 +1,4 @@
-"""Domain errors -> gRPC statuses: the one mapping table of this transport.
+"""Domain errors -> gRPC statuses, by the one table ``sie_sdk.reasons.REASONS``.
 
 Each error status carries exactly one ``google.rpc.ErrorInfo`` (reason, domain ``sie.v1``,
 metadata with the model) in ``grpc-status-details-bin``; retryable ones add
@@ -16,39 +16,18 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
+from sie_sdk.reasons import ERROR_DOMAIN, RETRY_PUSHBACK_KEY, STATUS_DETAILS_KEY, reason
 
 from sie_server.errors import SIEServerError
 
 log = logging.getLogger(__name__)
-
-ERROR_DOMAIN = "sie.v1"
-
-STATUS_BY_REASON: dict[str, grpc.StatusCode] = {
-    "INVALID_INPUT": grpc.StatusCode.INVALID_ARGUMENT,
-    "INPUT_TOO_LONG": grpc.StatusCode.INVALID_ARGUMENT,
-    "MODEL_NOT_FOUND": grpc.StatusCode.NOT_FOUND,
-    "MODEL_NOT_LOADED": grpc.StatusCode.UNAVAILABLE,
-    "MODEL_LOADING": grpc.StatusCode.UNAVAILABLE,
-    "LORA_LOADING": grpc.StatusCode.UNAVAILABLE,
-    "MODEL_LOAD_FAILED": grpc.StatusCode.FAILED_PRECONDITION,
-    "DEPENDENCY_CONFLICT": grpc.StatusCode.FAILED_PRECONDITION,
-    "QUEUE_FULL": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "DEADLINE_EXCEEDED": grpc.StatusCode.DEADLINE_EXCEEDED,
-    "SHUTTING_DOWN": grpc.StatusCode.UNAVAILABLE,
-    "INFERENCE_ERROR": grpc.StatusCode.INTERNAL,
-    "INTERNAL_ERROR": grpc.StatusCode.INTERNAL,
-}
-
-RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
 def status_for(
     error: SIEServerError,
 ) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str | bytes], ...]]:
     """(code, message, trailing metadata) for a domain error."""
-    code = STATUS_BY_REASON.get(error.reason, grpc.StatusCode.INTERNAL)
+    code = reason(error.reason).grpc_code
     info = error_details_pb2.ErrorInfo(
         reason=error.reason,
         domain=ERROR_DOMAIN,

@@ -1,0 +1,149 @@
+"""The one error vocabulary (``sie.v1.ErrorReason``) and what each reason means on each transport.
+
+``REASONS`` is the single table: for every reason, the gRPC status code the server answers with,
+the HTTP status the bridge answers with, and whether retrying can help (then the server sends
+``google.rpc.RetryInfo`` and the bridge ``Retry-After``). The server's gRPC mapping, the bridge's
+HTTP mapping and the SDK's exception mapping all read this table, and a test holds every
+``ErrorReason`` to exactly one row.
+
+``error_from_rpc`` reads a failed call back into an ``ErrorDetail``: the reason from the status's
+``google.rpc.ErrorInfo`` when the server sent one, else a reason inferred from the bare gRPC code
+(a channel that cannot connect, a deadline, a message over the size limit).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import cast
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+from sie_sdk.v1 import common_pb2
+
+ERROR_DOMAIN = "sie.v1"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+_PREFIX = "ERROR_REASON_"
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    """One row: a reason and its meaning on each transport."""
+
+    name: str
+    grpc_code: grpc.StatusCode
+    http_status: int
+    #: Seconds after which a retry may succeed; None when retrying does not help.
+    retry_after_s: float | None = None
+
+
+REASONS: Mapping[str, Reason] = {
+    row.name: row
+    for row in (
+        Reason("INVALID_INPUT", grpc.StatusCode.INVALID_ARGUMENT, 400),
+        Reason("INPUT_TOO_LONG", grpc.StatusCode.INVALID_ARGUMENT, 400),
+        Reason("MODEL_NOT_FOUND", grpc.StatusCode.NOT_FOUND, 404),
+        Reason("MODEL_NOT_LOADED", grpc.StatusCode.UNAVAILABLE, 503, 1.0),
+        Reason("MODEL_LOADING", grpc.StatusCode.UNAVAILABLE, 503, 2.0),
+        Reason("MODEL_LOAD_FAILED", grpc.StatusCode.FAILED_PRECONDITION, 502),
+        Reason("QUEUE_FULL", grpc.StatusCode.RESOURCE_EXHAUSTED, 503, 0.5),
+        Reason("RESOURCE_EXHAUSTED", grpc.StatusCode.RESOURCE_EXHAUSTED, 503, 1.0),
+        Reason("LORA_LOADING", grpc.StatusCode.UNAVAILABLE, 503, 1.0),
+        Reason("DEPENDENCY_CONFLICT", grpc.StatusCode.FAILED_PRECONDITION, 409),
+        Reason("INFERENCE_ERROR", grpc.StatusCode.INTERNAL, 500),
+        Reason("INTERNAL_ERROR", grpc.StatusCode.INTERNAL, 500),
+        Reason("DEADLINE_EXCEEDED", grpc.StatusCode.DEADLINE_EXCEEDED, 504),
+        Reason("SHUTTING_DOWN", grpc.StatusCode.UNAVAILABLE, 503, 1.0),
+        Reason("BACKEND_UNAVAILABLE", grpc.StatusCode.UNAVAILABLE, 503, 1.0),
+        Reason("REQUEST_TOO_LARGE", grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
+    )
+}
+
+#: The reason a bare gRPC status (no ErrorInfo: raised by grpc itself, not by our server) means.
+REASON_BY_BARE_CODE: Mapping[grpc.StatusCode, str] = {
+    grpc.StatusCode.UNAVAILABLE: "BACKEND_UNAVAILABLE",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "DEADLINE_EXCEEDED",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "REQUEST_TOO_LARGE",
+    grpc.StatusCode.INVALID_ARGUMENT: "INVALID_INPUT",
+    grpc.StatusCode.NOT_FOUND: "MODEL_NOT_FOUND",
+}
+
+
+def reason_names() -> tuple[str, ...]:
+    """Every reason of the proto enum, without its prefix (UNSPECIFIED left out)."""
+    return tuple(
+        name.removeprefix(_PREFIX)
+        for name in common_pb2.ErrorReason.keys()  # noqa: SIM118 (an enum wrapper, not a dict)
+        if name != _PREFIX + "UNSPECIFIED"
+    )
+
+
+def reason(name: str) -> Reason:
+    """The row of ``name``; unknown names (a newer server) read as INTERNAL_ERROR."""
+    return REASONS.get(name, REASONS["INTERNAL_ERROR"])
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorDetail:
+    """A failed call, transport-neutral: what the HTTP body and SDK exceptions are built from."""
+
+    reason: str
+    message: str
+    model: str | None = None
+    retry_after_s: float | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def http_status(self) -> int:
+        return reason(self.reason).http_status
+
+    def retry_after_header(self) -> str | None:
+        """``Retry-After`` (whole seconds, at least 1) when retrying helps."""
+        if self.retry_after_s is None:
+            return None
+        return str(max(1, math.ceil(self.retry_after_s)))
+
+
+def error_from_rpc(error: grpc.RpcError) -> ErrorDetail:
+    """Read a failed call's reason, message, model and retry hint from its status details."""
+    code: grpc.StatusCode = error.code()
+    message: str = error.details() or code.name
+    # Sync calls give (key, value) namedtuples, aio calls a Metadata of (key, value) pairs.
+    trailers = cast(Iterable[tuple[str, str | bytes]], error.trailing_metadata() or ())
+    detail = _from_details(trailers, message)
+    if detail is not None:
+        return detail
+    name = REASON_BY_BARE_CODE.get(code, "INTERNAL_ERROR")
+    if name == "BACKEND_UNAVAILABLE":
+        message = f"the SIE gRPC server is unavailable: {message}"
+    return ErrorDetail(name, message, retry_after_s=REASONS[name].retry_after_s)
+
+
+def _from_details(trailers: Iterable[tuple[str, str | bytes]], message: str) -> ErrorDetail | None:
+    raw = next((value for key, value in trailers if key == STATUS_DETAILS_KEY), None)
+    if not isinstance(raw, bytes):
+        return None
+    status = status_pb2.Status.FromString(raw)
+    info: error_details_pb2.ErrorInfo | None = None
+    retry_after_s: float | None = None
+    for packed in status.details:
+        if packed.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            packed.Unpack(info)
+        elif packed.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            packed.Unpack(retry)
+            retry_after_s = retry.retry_delay.ToMilliseconds() / 1000.0
+    if info is None or info.domain != ERROR_DOMAIN:
+        return None
+    metadata = dict(info.metadata)
+    return ErrorDetail(
+        info.reason,
+        status.message or message,
+        model=metadata.get("model"),
+        retry_after_s=retry_after_s,
+        metadata=metadata,
+    )
