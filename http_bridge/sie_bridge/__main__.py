@@ -1,0 +1,3 @@
+from sie_bridge.cli import main
+
+main()

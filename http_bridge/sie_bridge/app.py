@@ -1,0 +1,107 @@
+"""Assembling the bridge (``create_app``) and running it (``serve``).
+
+``create_app`` takes settings and an ``Upstream`` so tests can bind ``127.0.0.1:0`` and point it at
+a server they started; ``serve`` runs until SIGTERM/SIGINT, then stops accepting, lets requests in
+flight finish, and closes the channel. aiohttp cancels the handler of a client that disconnects
+(``handler_cancellation``), which cancels its gRPC call and so its queued work on the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+from sie_sdk.metrics import Metrics
+
+from sie_bridge.config import BridgeSettings
+from sie_bridge.errors import Handler, error_middleware
+from sie_bridge.negotiate import SERVER_VERSION, VERSION_HEADER
+from sie_bridge.routes import inference, models, openai, ops, status
+from sie_bridge.state import METRICS, SETTINGS, UPSTREAM
+from sie_bridge.upstream import Upstream
+
+log = logging.getLogger(__name__)
+SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Counts and times every request by route template (not raw path: bounded label values),
+    and stamps the server version on every response."""
+    started = time.perf_counter()
+    response = await handler(request)
+    route = request.match_info.route.resource
+    template = route.canonical if route is not None else "unmatched"
+    metrics = request.app[METRICS]
+    metrics.inc(
+        "sie_bridge_requests_total",
+        route=template,
+        method=request.method,
+        status=str(response.status),
+    )
+    metrics.observe(
+        "sie_bridge_request_duration_seconds",
+        time.perf_counter() - started,
+        SECONDS_BUCKETS,
+        route=template,
+    )
+    if not response.prepared:
+        response.headers[VERSION_HEADER] = SERVER_VERSION
+    return response
+
+
+def create_app(settings: BridgeSettings, upstream: Upstream) -> web.Application:
+    app = web.Application(
+        middlewares=[metrics_middleware, error_middleware],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[SETTINGS] = settings
+    app[UPSTREAM] = upstream
+    app[METRICS] = Metrics()
+    for group in (inference, models, openai, ops, status):
+        group.add_routes(app)
+
+    async def close_upstream(app: web.Application) -> None:
+        await app[UPSTREAM].close()
+
+    app.on_cleanup.append(close_upstream)
+    return app
+
+
+@dataclass(slots=True)
+class RunningBridge:
+    runner: web.AppRunner
+    port: int
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_bridge(settings: BridgeSettings, upstream: Upstream | None = None) -> RunningBridge:
+    """Bind and start; returns the bound port (``--port 0`` picks a free one)."""
+    app = create_app(settings, upstream or Upstream(settings))
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    port = int(runner.addresses[0][1]) if runner.addresses else settings.port
+    return RunningBridge(runner, port)
+
+
+async def serve(settings: BridgeSettings) -> None:
+    bridge = await start_bridge(settings)
+    log.info(
+        "sie-bridge listening on %s:%d, backend %s", settings.host, bridge.port, settings.backend
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await bridge.stop()
+    log.info("stopped")
