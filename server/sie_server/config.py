@@ -40,6 +40,9 @@ class Settings:
     max_message_bytes: int = 64 * MIB
     keepalive_time_ms: int = 30000
     keepalive_timeout_ms: int = 10000
+    #: Port of the Prometheus ``GET /metrics`` endpoint on ``host``; None: no endpoint, 0: a
+    #: free port.
+    metrics_port: int | None = None
     # Lifecycle.
     drain_delay_s: float = 1.0
     grace_period_s: float = 30.0
@@ -77,6 +80,11 @@ _OPTIONS: tuple[tuple[str, type, str], ...] = (
     ("max-message-bytes", int, "largest gRPC message sent or received"),
     ("keepalive-time-ms", int, "gRPC keepalive ping interval"),
     ("keepalive-timeout-ms", int, "gRPC keepalive ping timeout"),
+    (
+        "metrics-port",
+        int,
+        "port of the Prometheus GET /metrics endpoint (0 picks a free one; default: none)",
+    ),
     ("drain-delay-s", float, "on SIGTERM: seconds NOT_SERVING before refusing new calls"),
     ("grace-period-s", float, "on SIGTERM: seconds in-flight calls get to finish"),
     ("status-interval-ms", int, "default interval of the status stream"),

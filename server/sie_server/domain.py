@@ -4,7 +4,8 @@ Nothing here imports torch, transformers or gRPC. The layering is::
 
     domain, tasks  <-  adapters  <-  engine  <-  grpc_api
 
-* Request items as the engine sees them (``InputItem``), after the transport decoded them.
+* Request items as the engine sees them (``InputItem``), after the transport decoded them: text,
+  images, a multivector, or token ids (decoded to text by the family, where tokenizing runs).
 * What adapters produce on the model thread (``EncodeOutput``; scores are plain floats).
 * The unit a capability hands the engine for one request: a ``Job`` of ``WorkGroup`` s (payloads
   that may share forward passes, with their cost and a ``BatchRunner``) and a ``finish`` step
@@ -40,6 +41,9 @@ class InputItem:
     images: tuple[ImageData, ...] = ()
     #: A multivector the client computed already ([tokens, dims] float32), e.g. a score query.
     multivector: F32 | None = None
+    #: Token ids in the model's vocabulary instead of text (empty: none). A family that can
+    #: decode them turns them into text in its prepare step; the others refuse them.
+    token_ids: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)

@@ -73,9 +73,14 @@ def work_group(
 
 
 def require_texts(items: Sequence[InputItem], model: str) -> list[str]:
-    """The items' texts; text-only families refuse images and items without text."""
+    """The items' texts; text-only families refuse images and items without text, and token ids
+    (a family that decodes them does so before, see ``HFTextAdapter.item_texts``)."""
     texts: list[str] = []
     for index, item in enumerate(items):
+        if item.token_ids:
+            raise InvalidInput(
+                f"item {index}: model {model} does not accept token ids (send text)", model=model
+            )
         if item.images:
             raise InvalidInput(f"item {index}: model {model} accepts text only", model=model)
         if item.text is None:
@@ -169,7 +174,13 @@ class Encoder(Scorer, Generic[P]):
     ) -> list[EncodedItem]:
         """Convert to the requested dtype (worker pool)."""
         tokens = [(p.cost, p.truncated) for p in payloads]
-        return convert_outputs(outputs, tokens, call.settings.output_types, call.output_dtype)
+        return convert_outputs(
+            outputs,
+            tokens,
+            call.settings.output_types,
+            call.output_dtype,
+            dimensions=call.dimensions,
+        )
 
     def encode_key(self, settings: EncodeSettings) -> Hashable:
         return ("encode", settings.batch_key())

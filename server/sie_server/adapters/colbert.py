@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 
-from sie_server.adapters.base import require_texts
 from sie_server.adapters.hf import model_file, torch_dtype
 from sie_server.adapters.hf_text import HFTextEncoder
 from sie_server.catalog import CatalogError
@@ -115,7 +114,7 @@ class ColBERTAdapter(HFTextEncoder):
     def prepare_encode(
         self, items: Sequence[InputItem], settings: EncodeSettings
     ) -> list[TokenizedText]:
-        texts = [format_text(t, settings) for t in require_texts(items, self.spec.name)]
+        texts = [format_text(t, settings) for t in self.item_texts(items)]
         maxlen = self.query_maxlen if settings.is_query else self.doc_maxlen
         marker = self.query_marker_id if settings.is_query else self.doc_marker_id
         # Tokenize with one slot left for the marker, which goes right after [CLS].

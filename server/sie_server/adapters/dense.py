@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from sie_server.adapters.base import require_texts
 from sie_server.adapters.hf import model_file, torch_dtype
 from sie_server.adapters.hf_text import HFTextEncoder
 from sie_server.adapters.st_config import (
@@ -114,7 +113,7 @@ class DenseEncoderAdapter(HFTextEncoder):
     def prepare_encode(
         self, items: Sequence[InputItem], settings: EncodeSettings
     ) -> list[TokenizedText]:
-        texts = require_texts(items, self.spec.name)
+        texts = self.item_texts(items)
         prompt = self.model_prompt(settings)
         payloads = self.tokenize([prompt + format_text(text, settings) for text in texts])
         count = self.prompt_tokens.get(prompt, 0)

@@ -2,7 +2,9 @@
 loading, unloading, memory, tokenizing with truncation, right-pad collation), so that a family
 keeps only what differs: its Auto class, its load-time extras and its forward pass.
 
-* ``HFTextAdapter``: one tokenizer, one model, texts to padded ids.
+* ``HFTextAdapter``: one tokenizer, one model, texts to padded ids; items sent as token ids are
+  decoded back to text with the same tokenizer (``item_texts``), so templates, prompts and
+  truncation apply to them exactly as to text.
 * ``HFTextEncoder``: templates, then tokens, for encoders.
 * ``HFPairAdapter``: a sequence classifier over text pairs (rerankers, NLI), one side of each pair
   cut at the model's max length, token types where the model takes them.
@@ -10,6 +12,7 @@ keeps only what differs: its Auto class, its load-time extras and its forward pa
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
@@ -23,7 +26,7 @@ from sie_server.adapters.hf import (
     tokenize_texts,
 )
 from sie_server.domain import InputItem, LoadTarget, TokenizedText
-from sie_server.errors import InputTooLong
+from sie_server.errors import InputTooLong, InvalidInput
 from sie_server.tasks.encode import TEMPLATE_KEYS, EncodeSettings, format_text
 
 
@@ -62,6 +65,32 @@ class HFTextAdapter(ModelAdapter):
         pad = self.tokenizer.pad_token_id
         return 0 if pad is None else int(pad)
 
+    def item_texts(self, items: Sequence[InputItem]) -> list[str]:
+        """Each item's text (``require_texts``), items sent as token ids decoded first (tokenizer
+        pool): ids outside the vocabulary, or ids together with text, are ``InvalidInput``."""
+        if any(item.token_ids for item in items):
+            items = [
+                dataclasses.replace(item, text=self.decode_ids(index, item), token_ids=())
+                if item.token_ids
+                else item
+                for index, item in enumerate(items)
+            ]
+        return require_texts(items, self.spec.name)
+
+    def decode_ids(self, index: int, item: InputItem) -> str:
+        """Item ``index``'s token ids as text, special tokens skipped."""
+        name = self.spec.name
+        if item.text is not None:
+            raise InvalidInput(f"item {index} has both text and token_ids", model=name)
+        vocab = len(self.tokenizer)
+        bad = next((t for t in item.token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidInput(
+                f"item {index}: token id {bad} is outside the vocabulary of {name} (0..{vocab - 1})",
+                model=name,
+            )
+        return str(self.tokenizer.decode(list(item.token_ids), skip_special_tokens=True))
+
     def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> list[TokenizedText]:
         """Token ids with special tokens, cut at ``max_length`` (default: the model's)."""
         return tokenize_texts(self.tokenizer, texts, max_length or self.max_length)
@@ -79,7 +108,7 @@ class HFTextEncoder(HFTextAdapter, Encoder[TokenizedText]):
     def prepare_encode(
         self, items: Sequence[InputItem], settings: EncodeSettings
     ) -> list[TokenizedText]:
-        texts = require_texts(items, self.spec.name)
+        texts = self.item_texts(items)
         return self.tokenize([format_text(text, settings) for text in texts])
 
     def collate_encode(self, payloads: Sequence[TokenizedText], settings: EncodeSettings) -> Any:

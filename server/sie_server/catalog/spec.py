@@ -9,7 +9,7 @@ adapter: bge_m3                    # adapter family (see sie_server.adapters.reg
 inputs: [text]
 max_sequence_length: 8192
 outputs:                           # what the model produces, with dims and similarity
-  dense: {dims: 1024, similarity: cosine}
+  dense: {dims: 1024, similarity: cosine}   # truncatable: true for Matryoshka models
   sparse: {dims: 250002, similarity: dot}
   multivector: {dims: 1024, similarity: maxsim}
   # score: {}                      # a reranker's relevance score (no dims)
@@ -22,6 +22,10 @@ default_profile: default           # optional; "default" or the first profile ot
 max_batch_tokens: 16384            # optional per-model batching overrides
 max_batch_items: 64
 ```
+
+Names never contain ``:``: ``<name>:<profile>`` is how a request selects a profile through the
+model name. ``outputs.dense.truncatable: true`` marks a Matryoshka model, whose dense vectors may
+be cut to their first N dims (and renormalized) with the encode ``dimensions`` parameter.
 
 Weights are looked for in that order: ``weights_path``, then ``weights_package`` when that
 package is installed, then ``hf_id``.
@@ -57,6 +61,8 @@ class OutputSpec:
     dims: int | None
     #: None for outputs that are not vectors.
     similarity: str | None
+    #: A Matryoshka dense output: its first N dims, renormalized, are a valid embedding.
+    truncatable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +137,8 @@ def parse_spec(raw: Mapping[str, Any], source_file: Path | None = None) -> Model
     name = raw.get("name")
     if not isinstance(name, str) or not name:
         raise fail("'name' must be a non-empty string")
+    if ":" in name:
+        raise fail(f"'name' {name!r} must not contain ':' (it selects a profile: <name>:<profile>)")
     adapter = raw.get("adapter")
     if not isinstance(adapter, str) or not adapter:
         raise fail("'adapter' must be a non-empty string")
@@ -153,12 +161,22 @@ def parse_spec(raw: Mapping[str, Any], source_file: Path | None = None) -> Model
                 raise fail(f"outputs.{kind} has no dims or similarity (write {kind}: {{}})")
             outputs[kind] = OutputSpec(dims=None, similarity=None)
             continue
+        extra = sorted(set(out) - {"dims", "similarity", "truncatable"})
+        if extra:
+            raise fail(
+                f"outputs.{kind} has unknown key {extra[0]!r} (dims, similarity, truncatable)"
+            )
         if not isinstance(out.get("dims"), int) or out["dims"] <= 0:
             raise fail(f"outputs.{kind} needs a positive integer 'dims'")
         similarity = out.get("similarity", "cosine")
         if similarity not in SIMILARITIES:
             raise fail(f"outputs.{kind}.similarity must be one of {', '.join(SIMILARITIES)}")
-        outputs[kind] = OutputSpec(dims=out["dims"], similarity=similarity)
+        truncatable = out.get("truncatable", False)
+        if not isinstance(truncatable, bool):
+            raise fail(f"outputs.{kind}.truncatable must be true or false")
+        if truncatable and kind != "dense":
+            raise fail(f"outputs.{kind}.truncatable: only a dense output may be truncatable")
+        outputs[kind] = OutputSpec(dims=out["dims"], similarity=similarity, truncatable=truncatable)
     tasks = _tasks(raw.get("tasks"), outputs, fail)
 
     profiles_raw = raw.get("profiles") or {"default": {"output_types": [next(iter(outputs))]}}

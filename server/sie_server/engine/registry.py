@@ -4,6 +4,11 @@ States: available -> loading -> loaded, or -> failed. A request for an available
 background load and is answered ``ModelLoading`` (retryable) at once; ``--preload`` awaits the
 load at startup. A failed load answers ``ModelLoadFailed`` and is retried by the first request
 after ``load_retry_s``.
+
+Names: a request names a catalog model, or ``<catalog name>:<profile>`` (catalog names never
+contain ``:``), which is the same model with that profile selected, as if ``options.profile`` were
+set (``resolve`` gives a ``ModelRef``). The variant shares the catalog model's entry: one load,
+one executor, metrics under the catalog name.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import dataclasses
 import enum
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -40,7 +45,7 @@ from sie_server.errors import (
     ModelNotFound,
     ShuttingDown,
 )
-from sie_server.observability.metrics import BATCH_SIZE_BUCKETS, Metrics
+from sie_server.observability.metrics import BATCH_SIZE_BUCKETS, Metrics, record_timing
 from sie_server.tasks.encode import EncodeCall, EncodedItem
 from sie_server.tasks.extract import ExtractCall, ExtractedItem
 from sie_server.tasks.score import RankedScore, ScoreCall, rank
@@ -73,6 +78,36 @@ class ModelEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelRef:
+    """A model name as a client sent it, resolved: the catalog entry, and the profile that a
+    ``<name>:<profile>`` variant selects (None for a plain catalog name)."""
+
+    name: str
+    entry: ModelEntry
+    profile: str | None = None
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.entry.spec
+
+    def options(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """The request's options with the variant's profile selected; ``options.profile``
+        naming another profile is InvalidInput."""
+        options = dict(request)
+        if self.profile is None:
+            return options
+        given = options.get("profile")
+        if given is not None and given != self.profile:
+            raise InvalidInput(
+                f"model {self.name} selects profile {self.profile!r}, but options.profile is "
+                f"{given!r}",
+                model=self.name,
+            )
+        options["profile"] = self.profile
+        return options
+
+
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
     executor: ExecutorConfig
     placement: Placement
@@ -100,10 +135,26 @@ class ModelRegistry:
         return iter(self._entries.values())
 
     def entry(self, name: str) -> ModelEntry:
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise ModelNotFound(f"Model '{name}' not found", model=name) from None
+        """The catalog entry of ``name`` (a catalog name or a ``<name>:<profile>`` variant)."""
+        return self.resolve(name).entry
+
+    def resolve(self, name: str) -> ModelRef:
+        """``name`` as a catalog model, else as ``<catalog name>:<profile>``: ModelNotFound when
+        no such catalog model, InvalidInput (listing the profiles) when no such profile."""
+        found = self._entries.get(name)
+        if found is not None:
+            return ModelRef(name, found)
+        base, colon, profile = name.partition(":")
+        found = self._entries.get(base) if colon else None
+        if found is None:
+            raise ModelNotFound(f"Model '{name}' not found", model=name)
+        if profile not in found.spec.profiles:
+            known = ", ".join(sorted(found.spec.profiles))
+            raise InvalidInput(
+                f"unknown profile {profile!r} in model name {name!r} (profiles of {base}: {known})",
+                model=name,
+            )
+        return ModelRef(name, found, profile)
 
     def adapter_type(self, name: str) -> type[ModelAdapter]:
         """The model's adapter class; a catalog entry naming a missing family fails to load."""
@@ -133,16 +184,18 @@ class ModelRegistry:
             assert entry.adapter_class is not None
             check_profiles(entry.spec, entry.adapter_class)
 
-    def require_task(self, name: str, task: str) -> tuple[ModelSpec, type[ModelAdapter]]:
-        """The spec and adapter class of a model that serves ``task`` (else InvalidInput)."""
-        cls = self.adapter_type(name)
-        entry = self.entry(name)
+    def require_task(self, name: str, task: str) -> tuple[ModelRef, type[ModelAdapter]]:
+        """The resolved name and adapter class of a model that serves ``task`` (else
+        InvalidInput)."""
+        ref = self.resolve(name)
+        cls = self.adapter_type(ref.spec.name)
+        entry = ref.entry
         if task not in entry.served:
             raise InvalidInput(
                 f"model {name} does not support {task} (it supports {', '.join(entry.served) or 'nothing'})",
                 model=name,
             )
-        return entry.spec, cls
+        return ref, cls
 
     def ready(self, name: str) -> tuple[ModelAdapter, BatchExecutor]:
         """The loaded model, or a retryable ModelLoading after starting its load."""
@@ -166,26 +219,34 @@ class ModelRegistry:
     async def encode(self, model: str, call: EncodeCall) -> Outcome[list[EncodedItem]]:
         adapter, executor = self.ready(model)
         assert isinstance(adapter, Encoder)
-        return await self._run(model, executor, lambda: adapter.encode_job(call), call.deadline)
+        return await self._run(
+            model, "encode", executor, lambda: adapter.encode_job(call), call.deadline
+        )
 
     async def score(self, model: str, call: ScoreCall) -> Outcome[list[RankedScore]]:
         adapter, executor = self.ready(model)
         assert isinstance(adapter, Scorer)
-        outcome = await self._run(model, executor, lambda: adapter.score_job(call), call.deadline)
+        outcome = await self._run(
+            model, "score", executor, lambda: adapter.score_job(call), call.deadline
+        )
         return Outcome(rank(outcome.result), outcome.timing, outcome.tokens)
 
     async def extract(self, model: str, call: ExtractCall) -> Outcome[list[ExtractedItem]]:
         adapter, executor = self.ready(model)
         assert isinstance(adapter, Extractor)
-        return await self._run(model, executor, lambda: adapter.extract_job(call), call.deadline)
+        return await self._run(
+            model, "extract", executor, lambda: adapter.extract_job(call), call.deadline
+        )
 
     async def _run(
         self,
         model: str,
+        endpoint: str,
         executor: BatchExecutor,
         make_job: Callable[[], Job[R]],
         deadline: float | None,
     ) -> Outcome[R]:
+        """Run the job; a completed request records its tokens and one duration per phase."""
         outcome = await run_job(
             executor,
             make_job,
@@ -194,6 +255,7 @@ class ModelRegistry:
             finish_pool=self._tokenizer_pool,
         )
         self.metrics.inc("sie_tokens_processed_total", outcome.tokens, model=model)
+        record_timing(self.metrics, outcome.timing, model=model, endpoint=endpoint)
         return outcome
 
     # ---- loading -----------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """Proto <-> engine conversions every service shares: items, options, deadlines, timing, ids.
-No validation beyond decoding lives here; the task modules validate."""
+No validation beyond decoding lives here; the task modules validate. Two fields no engine path
+reads are refused here: documents (no document parser is served) and token ids outside Encode
+(the adapters of Encode decode them)."""
 
 from __future__ import annotations
 
@@ -39,9 +41,19 @@ def item_id(item: common_pb2.Item, index: int) -> str:
     return item.id or f"item-{index}"
 
 
-def input_item(item: common_pb2.Item, index: int, model: str, *, what: str = "item") -> InputItem:
+def input_item(
+    item: common_pb2.Item,
+    index: int,
+    model: str,
+    *,
+    what: str = "item",
+    token_ids: bool = False,
+) -> InputItem:
+    """``token_ids``: the RPC accepts token ids (Encode); elsewhere they are InvalidInput."""
     if item.HasField("document"):
         raise InvalidInput(f"{what} {index}: model {model} does not parse documents", model=model)
+    if item.token_ids and not token_ids:
+        raise InvalidInput(f"{what} {index}: token_ids are accepted by Encode only", model=model)
     multivector = None
     if item.HasField("multivector"):
         try:
@@ -57,11 +69,14 @@ def input_item(item: common_pb2.Item, index: int, model: str, *, what: str = "it
         text=item.text if item.HasField("text") else None,
         images=tuple(ImageData(image.data, image.format) for image in item.images),
         multivector=multivector,
+        token_ids=tuple(item.token_ids),
     )
 
 
-def input_items(items: Sequence[common_pb2.Item], model: str) -> list[InputItem]:
-    return [input_item(item, index, model) for index, item in enumerate(items)]
+def input_items(
+    items: Sequence[common_pb2.Item], model: str, *, token_ids: bool = False
+) -> list[InputItem]:
+    return [input_item(item, index, model, token_ids=token_ids) for index, item in enumerate(items)]
 
 
 def timing_pb(timing: Timing) -> common_pb2.Timing:

@@ -1,4 +1,7 @@
-"""``sie.v1.EncodeService``: the servicer and its converters."""
+"""``sie.v1.EncodeService``: the servicer and its converters.
+
+The response echoes the model name the client sent (a ``<name>:<profile>`` variant too); the
+engine runs under the catalog name. Items may carry token ids (decoded by the family)."""
 
 from __future__ import annotations
 
@@ -29,29 +32,31 @@ class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
     async def Encode(
         self, request: encode_pb2.EncodeRequest, context: Context
     ) -> encode_pb2.EncodeResponse:
-        spec, cls = self.registry.require_task(request.model, "encode")
+        ref, cls = self.registry.require_task(request.model, "encode")
         assert issubclass(cls, Encoder)
+        spec = ref.spec
         params = request.params
         call = resolve_encode(
             spec,
-            input_items(request.items, spec.name),
+            input_items(request.items, spec.name, token_ids=True),
             EncodeParams(
                 output_types=list(params.output_types),
                 output_dtype=params.output_dtype or None,
                 is_query=params.is_query if params.HasField("is_query") else None,
                 instruction=params.instruction if params.HasField("instruction") else None,
-                options=struct_to_dict(params.options),
+                options=ref.options(struct_to_dict(params.options)),
+                dimensions=params.dimensions if params.HasField("dimensions") else None,
             ),
             accepted_options=cls.encode_options,
             max_items=self.max_items,
             deadline=deadline_of(context),
         )
-        outcome = await self.registry.encode(request.model, call)
+        outcome = await self.registry.encode(spec.name, call)
         dtype = DTYPE_BY_NAME[call.output_dtype]
         return encode_pb2.EncodeResponse(
             model=request.model,
             items=[
-                encode_result(item_id(item, index), result, dtype, spec)
+                encode_result(item_id(item, index), result, dtype, spec, call.dimensions)
                 for index, (item, result) in enumerate(
                     zip(request.items, outcome.result, strict=True)
                 )
@@ -61,13 +66,18 @@ class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
 
 
 def encode_result(
-    result_id: str, result: EncodedItem, dtype: common_pb2.Dtype.ValueType, spec: ModelSpec
+    result_id: str,
+    result: EncodedItem,
+    dtype: common_pb2.Dtype.ValueType,
+    spec: ModelSpec,
+    dimensions: int | None = None,
 ) -> encode_pb2.EncodeResult:
+    """One item's result; ``dimensions``: the dense dims kept (None: the model's)."""
     out = encode_pb2.EncodeResult(
         id=result_id, num_tokens=result.num_tokens, truncated=result.truncated
     )
     if result.dense is not None:
-        out.dense.dims = spec.outputs["dense"].dims or 0
+        out.dense.dims = dimensions or spec.outputs["dense"].dims or 0
         out.dense.values.CopyFrom(to_tensor(result.dense, dtype))
     if result.sparse is not None:
         out.sparse.dims = spec.outputs["sparse"].dims or 0

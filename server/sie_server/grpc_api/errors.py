@@ -8,8 +8,10 @@ logged with their traceback and answered INTERNAL, never UNKNOWN.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -19,6 +21,7 @@ from google.rpc import error_details_pb2, status_pb2
 from sie_sdk.reasons import ERROR_DOMAIN, RETRY_PUSHBACK_KEY, STATUS_DETAILS_KEY, reason
 
 from sie_server.errors import SIEServerError
+from sie_server.observability.metrics import REQUESTS_TOTAL
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +61,35 @@ Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Res
 
 
 def translate_errors(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    """Wrap a unary servicer method: domain errors and surprises end in ``context.abort``."""
+    """Wrap a unary servicer method: domain errors and surprises end in ``context.abort``.
+
+    Every call is counted once in ``sie_requests_total{model, endpoint, status}`` of the
+    servicer's ``registry.metrics``: endpoint is the method name in snake case (``Encode`` ->
+    ``encode``, ``ListModels`` -> ``list_models``); model is the catalog name of the request's
+    ``model`` (``name`` for GetModel; "" for ListModels, and for a name the catalog does not
+    resolve, so clients cannot grow the series without bound); status is ``ok``, the error's
+    reason, ``CANCELLED`` when the client went away first (or the gRPC code's name when the
+    handler aborted by itself).
+    """
+    endpoint = _snake_case(handler.__name__)
 
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
+        status = "INTERNAL_ERROR"
         try:
-            return await handler(self, request, context)
+            response = await handler(self, request, context)
+            status = "ok"
+            return response
         except SIEServerError as exc:
+            status = exc.reason
             code, message, trailers = status_for(exc)
             await context.abort(code, message, trailing_metadata=trailers)
         except grpc.aio.AbortError:
+            code = context.code()  # the handler aborted by itself
+            status = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+            raise
+        except asyncio.CancelledError:
+            status = "CANCELLED"
             raise
         except Exception as exc:
             log.exception("unexpected error in %s", handler.__qualname__)
@@ -75,6 +97,32 @@ def translate_errors(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
                 SIEServerError(f"internal error: {type(exc).__name__}")
             )
             await context.abort(code, message, trailing_metadata=trailers)
+        finally:
+            registry = self.registry
+            registry.metrics.inc(
+                REQUESTS_TOTAL,
+                model=_model_label(registry, request),
+                endpoint=endpoint,
+                status=status,
+            )
         raise AssertionError("unreachable: abort raises")
 
     return wrapper
+
+
+def _snake_case(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _model_label(registry: Any, request: Any) -> str:
+    """The catalog name of the model the request names, "" when none or not in the catalog."""
+    name = getattr(request, "model", None)
+    if name is None:
+        name = getattr(request, "name", "")
+    if not isinstance(name, str) or not name:
+        return ""
+    try:
+        spec_name: str = registry.entry(name).spec.name
+    except SIEServerError:
+        return ""
+    return spec_name

@@ -1,4 +1,6 @@
-"""``sie.v1.ExtractService``: the servicer and its converters."""
+"""``sie.v1.ExtractService``: the servicer and its converters. The response echoes the model
+name the client sent (a ``<name>:<profile>`` variant too); the engine runs under the catalog
+name."""
 
 from __future__ import annotations
 
@@ -28,8 +30,9 @@ class ExtractServicer(extract_pb2_grpc.ExtractServiceServicer):
     async def Extract(
         self, request: extract_pb2.ExtractRequest, context: Context
     ) -> extract_pb2.ExtractResponse:
-        spec, cls = self.registry.require_task(request.model, "extract")
+        ref, cls = self.registry.require_task(request.model, "extract")
         assert issubclass(cls, Extractor)
+        spec = ref.spec
         params = request.params
         call = resolve_extract(
             spec,
@@ -38,14 +41,14 @@ class ExtractServicer(extract_pb2_grpc.ExtractServiceServicer):
                 labels=list(params.labels),
                 output_schema=struct_to_dict(params.output_schema) or None,
                 instruction=params.instruction if params.HasField("instruction") else None,
-                options=struct_to_dict(params.options),
+                options=ref.options(struct_to_dict(params.options)),
             ),
             support=cls.extract_support,
             accepted_options=cls.extract_options,
             max_items=self.max_items,
             deadline=deadline_of(context),
         )
-        outcome = await self.registry.extract(request.model, call)
+        outcome = await self.registry.extract(spec.name, call)
         return extract_pb2.ExtractResponse(
             model=request.model,
             items=[

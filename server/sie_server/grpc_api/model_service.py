@@ -1,10 +1,14 @@
-"""``sie.v1.ModelService``: the catalog and each model's state."""
+"""``sie.v1.ModelService``: the catalog and each model's state.
+
+ListModels lists the catalog names. GetModel also takes a ``<name>:<profile>`` variant and
+describes the catalog model as requests under that name see it: ``name`` is the name sent and
+the variant's profile is the default one."""
 
 from __future__ import annotations
 
 from sie_sdk.v1 import models_pb2, models_pb2_grpc
 
-from sie_server.engine.registry import ModelEntry, ModelRegistry, ModelState
+from sie_server.engine.registry import ModelEntry, ModelRef, ModelRegistry, ModelState
 from sie_server.grpc_api.convert import Context
 from sie_server.grpc_api.errors import translate_errors
 
@@ -26,24 +30,26 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
     ) -> models_pb2.ListModelsResponse:
         device = self.registry.config.placement.device
         return models_pb2.ListModelsResponse(
-            models=[model_info(entry, device) for entry in self.registry.entries()]
+            models=[model_info(ModelRef(e.spec.name, e), device) for e in self.registry.entries()]
         )
 
     @translate_errors
     async def GetModel(
         self, request: models_pb2.GetModelRequest, context: Context
     ) -> models_pb2.GetModelResponse:
-        entry = self.registry.entry(request.name)
+        ref = self.registry.resolve(request.name)
         return models_pb2.GetModelResponse(
-            model=model_info(entry, self.registry.config.placement.device)
+            model=model_info(ref, self.registry.config.placement.device)
         )
 
 
-def model_info(entry: ModelEntry, device: str) -> models_pb2.ModelInfo:
+def model_info(ref: ModelRef, device: str) -> models_pb2.ModelInfo:
+    entry: ModelEntry = ref.entry
     spec = entry.spec
+    default = ref.profile or spec.default_profile
     loaded = entry.state is ModelState.LOADED
     return models_pb2.ModelInfo(
-        name=spec.name,
+        name=ref.name,
         inputs=list(spec.inputs),
         outputs=list(spec.outputs),
         dims={kind: out.dims for kind, out in spec.outputs.items() if out.dims is not None},
@@ -51,7 +57,7 @@ def model_info(entry: ModelEntry, device: str) -> models_pb2.ModelInfo:
         max_sequence_length=spec.max_sequence_length,
         profiles={
             name: models_pb2.ProfileInfo(
-                is_default=name == spec.default_profile,
+                is_default=name == default,
                 output_types=list(profile.output_types),
                 output_similarity={
                     t: sim

@@ -1,4 +1,5 @@
-"""``sie.v1.ScoreService``: the servicer and its converters."""
+"""``sie.v1.ScoreService``: the servicer and its converters. The response echoes the model name
+the client sent (a ``<name>:<profile>`` variant too); the engine runs under the catalog name."""
 
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ class ScoreServicer(score_pb2_grpc.ScoreServiceServicer):
     async def Score(
         self, request: score_pb2.ScoreRequest, context: Context
     ) -> score_pb2.ScoreResponse:
-        spec, cls = self.registry.require_task(request.model, "score")
+        ref, cls = self.registry.require_task(request.model, "score")
         assert issubclass(cls, Scorer)
+        spec = ref.spec
         query = (
             input_item(request.query, 0, spec.name, what="query")
             if request.HasField("query")
@@ -41,13 +43,13 @@ class ScoreServicer(score_pb2_grpc.ScoreServiceServicer):
             input_items(request.items, spec.name),
             ScoreParams(
                 instruction=request.instruction if request.HasField("instruction") else None,
-                options=struct_to_dict(request.options),
+                options=ref.options(struct_to_dict(request.options)),
             ),
             accepted_options=cls.score_option_keys(),
             max_items=self.max_items,
             deadline=deadline_of(context),
         )
-        outcome = await self.registry.score(request.model, call)
+        outcome = await self.registry.score(spec.name, call)
         return score_pb2.ScoreResponse(
             model=request.model,
             query_id=request.query.id,

@@ -1,4 +1,10 @@
-"""Assembling the gRPC server (``create_server``) and running it until SIGTERM (``serve``)."""
+"""Assembling the gRPC server (``create_server``) and running it until SIGTERM (``serve``).
+
+Lifecycle of a ``RunningServer``: ``set_serving(True)`` once preloading is done; ``drain``
+reports NOT_SERVING and ends every open status stream; ``stop(grace)`` refuses new calls, lets
+in-flight ones finish within ``grace``, then closes the metrics port (when one was asked for)
+and the engine.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from sie_sdk.prometheus import render
 from sie_sdk.v1 import (
     encode_pb2,
     encode_pb2_grpc,
@@ -34,7 +41,8 @@ from sie_server.grpc_api.encode_service import EncodeServicer
 from sie_server.grpc_api.extract_service import ExtractServicer
 from sie_server.grpc_api.model_service import ModelServicer
 from sie_server.grpc_api.score_service import ScoreServicer
-from sie_server.grpc_api.status import StatusServicer
+from sie_server.grpc_api.status import StatusServicer, StatusSource
+from sie_server.observability.metrics_http import MetricsHTTPServer
 
 log = logging.getLogger(__name__)
 #: grpc's public asyncio health servicer (grpc-stubs' health.pyi predates ``health.aio``).
@@ -58,6 +66,14 @@ class RunningServer:
     port: int
     registry: ModelRegistry
     health: Any  # AioHealthServicer
+    status: StatusServicer
+    #: The Prometheus endpoint, when ``--metrics-port`` was given.
+    metrics_http: MetricsHTTPServer | None = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound metrics port; None without ``--metrics-port``."""
+        return self.metrics_http.port if self.metrics_http is not None else None
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -69,13 +85,17 @@ class RunningServer:
             await self.health.set(name, status)
 
     async def drain(self) -> None:
-        """NOT_SERVING for every service from now on (later ``set`` calls are ignored)."""
+        """NOT_SERVING for every service from now on (later ``set`` calls are ignored); open
+        status streams end."""
         await self.health.enter_graceful_shutdown()
+        self.status.end_streams()
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new calls, let in-flight ones finish within ``grace_s``, stop the engine."""
         await self.drain()
         await self.server.stop(grace_s)
+        if self.metrics_http is not None:
+            await self.metrics_http.close()
         await self.registry.close()
 
 
@@ -120,9 +140,9 @@ async def create_server(settings: Settings, registry: ModelRegistry) -> RunningS
         ExtractServicer(registry, max_items), server
     )
     models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(registry), server)
-    status_pb2_grpc.add_StatusServiceServicer_to_server(
-        StatusServicer(registry, settings.status_interval_ms), server
-    )
+    source = StatusSource(registry)
+    status = StatusServicer(source, settings.status_interval_ms)
+    status_pb2_grpc.add_StatusServiceServicer_to_server(status, server)
     health_servicer = AioHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -136,8 +156,16 @@ async def create_server(settings: Settings, registry: ModelRegistry) -> RunningS
     port = server.add_insecure_port(f"{_host(settings.host)}:{settings.port}")
     if port == 0:
         raise SystemExit(f"could not bind {settings.host}:{settings.port}")
+    metrics_http = None
+    if settings.metrics_port is not None:
+
+        async def metrics_text() -> str:
+            return render(await source.snapshot())
+
+        metrics_http = MetricsHTTPServer(metrics_text)
+        await metrics_http.start(settings.host, settings.metrics_port)
     await server.start()
-    running = RunningServer(server, port, registry, health_servicer)
+    running = RunningServer(server, port, registry, health_servicer, status, metrics_http)
     await running.set_serving(False)
     return running
 
@@ -157,6 +185,8 @@ async def serve(settings: Settings) -> None:
         registry.config.placement.device,
         registry.config.placement.dtype,
     )
+    if running.metrics_port is not None:
+        log.info("metrics on http://%s:%d/metrics", settings.host, running.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

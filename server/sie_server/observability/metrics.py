@@ -1,67 +1,80 @@
-"""In-process metrics: counters and histograms keyed by name and labels.
+"""The server's metrics: its bucket bounds and series names over the shared store.
 
-Updated on the event loop only (request completion, batch completion), so no locks. The status
-stream publishes every series as typed samples; a Prometheus exposition can be rendered from the
-same data. Counters count whole things (requests, tokens, batches), so they are integers.
+The store (``Metrics``, ``Histogram``) lives in ``sie_sdk.metrics`` so the HTTP bridge records
+its own request metrics the same way; it is re-exported here for the server's imports.
+
+Series the server records (labels as in the API spec):
+
+* ``sie_requests_total{model, endpoint, status}``: every unary RPC, once, where it arrives
+  (``grpc_api.errors.translate_errors``); status ``ok`` or the error reason.
+* ``sie_request_duration_seconds{model, endpoint, phase}``: every request the engine completed,
+  one observation per phase of ``PHASES`` (``engine.registry``).
+* ``sie_batch_size{model}``, ``sie_batches_total{model, status}``, ``sie_batch_tokens_total``,
+  ``sie_batch_padded_tokens_total``: every batch run.
+* ``sie_tokens_processed_total{model}``: the tokens of every completed request.
+* ``sie_model_load_failures_total{model}``.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left
-from collections import defaultdict
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from sie_sdk.metrics import Histogram, Labels, Metrics
 
-Labels = tuple[tuple[str, str], ...]
+from sie_server.domain import Timing
+
+__all__ = [
+    "BATCH_SIZE_BUCKETS",
+    "PHASES",
+    "REQUESTS_TOTAL",
+    "REQUEST_DURATION",
+    "SECONDS_BUCKETS",
+    "Histogram",
+    "Labels",
+    "Metrics",
+    "record_timing",
+]
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+SECONDS_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+REQUESTS_TOTAL = "sie_requests_total"
+REQUEST_DURATION = "sie_request_duration_seconds"
+#: The phases of ``sie_request_duration_seconds``, as ``domain.Timing`` measures them.
+PHASES = ("total", "queue", "tokenization", "inference", "postprocessing")
 
 
-@dataclass(slots=True)
-class Histogram:
-    buckets: tuple[float, ...]
-    counts: list[int] = field(default_factory=list)
-    total: float = 0.0
-    count: int = 0
-
-    def __post_init__(self) -> None:
-        self.counts = [0] * (len(self.buckets) + 1)
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.buckets, value)] += 1
-        self.total += value
-        self.count += 1
-
-
-class Metrics:
-    def __init__(self) -> None:
-        self._counters: dict[str, dict[Labels, int]] = defaultdict(dict)
-        self._histograms: dict[str, dict[Labels, Histogram]] = defaultdict(dict)
-
-    def inc(self, name: str, value: int = 1, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        series = self._counters[name]
-        series[key] = series.get(key, 0) + value
-
-    def observe(self, name: str, value: float, buckets: tuple[float, ...], **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        series = self._histograms[name]
-        if key not in series:
-            series[key] = Histogram(buckets)
-        series[key].observe(value)
-
-    def counter(self, name: str, **labels: str) -> int:
-        return self._counters.get(name, {}).get(tuple(sorted(labels.items())), 0)
-
-    def counters(self) -> Iterator[tuple[str, dict[str, str], int]]:
-        """Every counter series: (name, labels, value)."""
-        for name, series in self._counters.items():
-            for key, value in series.items():
-                yield name, dict(key), value
-
-    def histograms(self) -> Iterator[tuple[str, dict[str, str], Histogram]]:
-        """Every histogram series: (name, labels, histogram)."""
-        for name, series in self._histograms.items():
-            for key, histogram in series.items():
-                yield name, dict(key), histogram
+def record_timing(metrics: Metrics, timing: Timing, *, model: str, endpoint: str) -> None:
+    """One ``sie_request_duration_seconds`` observation per phase of a completed request."""
+    for phase, ms in zip(
+        PHASES,
+        (
+            timing.total_ms,
+            timing.queue_ms,
+            timing.tokenization_ms,
+            timing.inference_ms,
+            timing.postprocessing_ms,
+        ),
+        strict=True,
+    ):
+        metrics.observe(
+            REQUEST_DURATION,
+            ms / 1000.0,
+            SECONDS_BUCKETS,
+            model=model,
+            endpoint=endpoint,
+            phase=phase,
+        )

@@ -2,8 +2,15 @@
 
 ``resolve_encode`` turns transport-neutral parameters into an ``EncodeCall`` or raises
 ``InvalidInput``. The typed parameters (``output_types``, ``output_dtype``, ``is_query``,
-``instruction``) may also arrive inside ``options`` (the published SIE SDK sends ``is_query``
-there); a typed field that is set wins over the same key in options, which wins over the profile.
+``instruction``, ``dimensions``) may also arrive inside ``options`` (the published SIE SDK sends
+``is_query`` there); a typed field that is set wins over the same key in options, which wins over
+the profile.
+
+``dimensions`` (OpenAI's ``dimensions``) keeps the first N dims of each dense vector and
+L2-renormalizes them, in postprocessing, before the output dtype conversion. It is a no-op when N
+equals the model's dims (any model); otherwise the model's dense output must be ``truncatable``
+(Matryoshka) and 1 <= N < dims. The call carries ``dimensions`` only when it truncates; it never
+enters the batch key (the forward pass is the same).
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ from sie_server.tasks.options import Options
 from sie_server.tasks.output_dtype import OUTPUT_DTYPES, convert, sparse_dtype
 
 #: Option keys every encoder accepts: the profile and the typed parameters.
-ENCODE_KEYS = frozenset({"profile", "output_types", "output_dtype", "is_query", "instruction"})
+ENCODE_KEYS = frozenset(
+    {"profile", "output_types", "output_dtype", "is_query", "instruction", "dimensions"}
+)
 #: Option keys of models that format text with templates.
 TEMPLATE_KEYS = frozenset({"query_template", "document_template", "instruction_template"})
 
@@ -54,6 +63,8 @@ class EncodeParams:
     is_query: bool | None = None
     instruction: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    #: Keep the first N dense dims (renormalized); None: unset.
+    dimensions: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +75,8 @@ class EncodeCall:
     settings: EncodeSettings
     output_dtype: str = "float32"
     deadline: float | None = None  # time.monotonic() seconds
+    #: Cut dense vectors to their first N dims and renormalize; None: full vectors.
+    dimensions: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,13 +137,74 @@ def resolve_encode(
         )
     is_query = params.is_query if params.is_query is not None else option_is_query
     instruction = params.instruction or option_instruction or None
+    dimensions = params.dimensions
+    if dimensions is None:
+        dimensions = _option_dimensions(options)
+    requested = params.dimensions is not None or "dimensions" in params.options
     settings = EncodeSettings(
         output_types=types,
         is_query=bool(is_query),
         instruction=instruction,
         options=options.without(ENCODE_KEYS),
     )
-    return EncodeCall(items=items, settings=settings, output_dtype=dtype, deadline=deadline)
+    return EncodeCall(
+        items=items,
+        settings=settings,
+        output_dtype=dtype,
+        deadline=deadline,
+        dimensions=resolve_dimensions(spec, dimensions, types, requested=requested),
+    )
+
+
+def _option_dimensions(options: Options) -> int | None:
+    """``options["dimensions"]``: an integer (a Struct carries numbers as doubles: 256.0 is 256)."""
+    value = options.values.get("dimensions")
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        shown = f"{type(value).__name__} {value!r}"
+        raise InvalidInput(
+            f"option 'dimensions' must be an integer, got {shown}", model=options.model
+        )
+    return value
+
+
+def resolve_dimensions(
+    spec: ModelSpec, dimensions: int | None, types: Sequence[str], *, requested: bool = True
+) -> int | None:
+    """The dense dims to keep, or None for full vectors (InvalidInput when the model cannot).
+
+    ``requested``: the request set it (not only the profile); a profile's ``dimensions`` is
+    ignored by a request that asks for no dense output, a request's is refused."""
+    if dimensions is None:
+        return None
+    name = spec.name
+    dense = spec.outputs.get("dense")
+    if dense is None or "dense" not in types:
+        if not requested:
+            return None
+        raise InvalidInput(
+            f"dimensions applies to dense vectors; this request asks for {', '.join(types)} "
+            f"of model {name}",
+            model=name,
+        )
+    full = dense.dims or 0
+    if dimensions == full:
+        return None
+    if not 1 <= dimensions <= full:
+        raise InvalidInput(
+            f"dimensions must be between 1 and {full} for model {name}, got {dimensions}",
+            model=name,
+        )
+    if not dense.truncatable:
+        raise InvalidInput(
+            f"model {name} does not support dimensions={dimensions}: its dense vectors are not "
+            f"truncatable (not a Matryoshka model); only its full {full} dims are served",
+            model=name,
+        )
+    return dimensions
 
 
 def format_text(text: str, settings: EncodeSettings) -> str:
@@ -154,16 +228,31 @@ def convert_outputs(
     tokens: Sequence[tuple[int, bool]],
     types: Sequence[str],
     dtype: str,
+    *,
+    dimensions: int | None = None,
 ) -> list[EncodedItem]:
-    """Adapter outputs (float32) to results in ``dtype``; ``tokens`` is (num_tokens, truncated)."""
+    """Adapter outputs (float32) to results in ``dtype``; ``tokens`` is (num_tokens, truncated).
+    Dense vectors are cut to ``dimensions`` and renormalized first (None: full vectors)."""
     return [
-        _convert(out, count, truncated, types, dtype)
+        _convert(out, count, truncated, types, dtype, dimensions)
         for out, (count, truncated) in zip(outputs, tokens, strict=True)
     ]
 
 
+def truncate_dense(vector: npt.NDArray[np.float32], dimensions: int) -> npt.NDArray[np.float32]:
+    """The first ``dimensions`` values, L2-normalized (a zero vector stays zero)."""
+    head = np.asarray(vector[:dimensions], dtype=np.float32)
+    norm = float(np.linalg.norm(head))
+    return head / np.float32(norm) if norm > 0 else head.copy()
+
+
 def _convert(
-    out: EncodeOutput, num_tokens: int, truncated: bool, types: Sequence[str], dtype: str
+    out: EncodeOutput,
+    num_tokens: int,
+    truncated: bool,
+    types: Sequence[str],
+    dtype: str,
+    dimensions: int | None,
 ) -> EncodedItem:
     def need(kind: str, value: Any) -> Any:
         if kind in types and value is None:
@@ -171,6 +260,8 @@ def _convert(
         return value if kind in types else None
 
     dense = need("dense", out.dense)
+    if dense is not None and dimensions is not None:
+        dense = truncate_dense(dense, dimensions)
     sparse = need("sparse", out.sparse)
     multivector = need("multivector", out.multivector)
     sparse_kind = sparse_dtype(dtype)

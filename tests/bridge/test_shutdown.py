@@ -1,0 +1,96 @@
+"""SIGTERM on a server that has the bridge attached (a ``/ws/status`` client holding a status
+stream open): the server exits within its drain delay plus the work in flight, not the 30 s grace
+period; the WebSocket stays open, says the backend is unavailable, and relays real status again
+once a server is back on the same port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.bridge_utils import bridged
+from tests.server_utils import write_catalog_entry
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "fake/shutdown"
+GRACE_S = 30.0
+EXIT_GUARD_S = 10.0  # well under the grace period: a bound, not a benchmark
+START_GUARD_S = 120.0
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def start_server(catalog: Path, port: int) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sie_server", "--host", "127.0.0.1", "--port", str(port),
+        "--models-dir", str(catalog), "--preload", MODEL,
+        "--drain-delay-s", "0.2", "--grace-period-s", str(GRACE_S),
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+async def next_status(ws: aiohttp.ClientWebSocketResponse, want_backend: bool) -> dict[str, Any]:
+    """The next message that is (or, with ``want_backend=False``, is not) a real snapshot."""
+    deadline = time.monotonic() + START_GUARD_S
+    while time.monotonic() < deadline:
+        message = json.loads(await ws.receive_str(timeout=START_GUARD_S))
+        if ("models" in message) is want_backend:
+            return dict(message)
+    raise AssertionError("no such status message")
+
+
+async def test_sigterm_with_a_relayed_status_stream_exits_promptly(tmp_path: Path) -> None:
+    write_catalog_entry(
+        tmp_path / "catalog",
+        {
+            "name": MODEL,
+            "adapter": "tests.fakes:FakeAdapter",
+            "weights_path": str(tmp_path),
+            "max_sequence_length": 32,
+            "outputs": {"dense": {"dims": 2}},
+        },
+    )
+    port = free_port()
+    server = await start_server(tmp_path / "catalog", port)
+    restarted: asyncio.subprocess.Process | None = None
+    try:
+        async with (
+            bridged(f"127.0.0.1:{port}") as http,
+            http.session.ws_connect("/ws/status") as ws,
+        ):
+            first = await next_status(ws, want_backend=True)
+            assert first["loaded_models"] == [MODEL]
+
+            server.send_signal(signal.SIGTERM)
+            code = await asyncio.wait_for(server.wait(), EXIT_GUARD_S)
+            assert code == 0
+
+            gone = await next_status(ws, want_backend=False)
+            assert gone["backend"] == "unavailable"
+
+            restarted = await start_server(tmp_path / "catalog", port)
+            back = await next_status(ws, want_backend=True)
+            assert back["server"]["pid"] == restarted.pid
+            assert not ws.closed
+    finally:
+        for proc in (server, restarted):
+            if proc is not None and proc.returncode is None:
+                proc.kill()
+                await proc.wait()
