@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -49,6 +50,25 @@ async def serving(
             yield ServerHandle(running, channel, address)
     finally:
         await running.stop(1.0)
+
+
+def fake_entry(name: str, **fields: Any) -> dict[str, Any]:
+    """A catalog entry serving the fake adapter (dense, 2 dims), with ``fields`` added."""
+    return {
+        "name": name,
+        "adapter": "tests.fakes:FakeAdapter",
+        "weights_path": str(Path(__file__).parent),  # the fake reads no weights
+        "max_sequence_length": 64,
+        "outputs": {"dense": {"dims": 2}},
+        **fields,
+    }
+
+
+def free_port() -> int:
+    """A port nothing listens on now (for a process that must be restarted on the same one)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def write_catalog_entry(folder: Path, entry: dict[str, Any]) -> Path:

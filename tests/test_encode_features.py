@@ -30,7 +30,7 @@ from sie_server.errors import InvalidInput
 from sie_server.grpc_api.convert import input_items
 from sie_server.tasks.encode import resolve_dimensions
 
-from tests.server_utils import ServerHandle, error_info, serving, write_catalog_entry
+from tests.server_utils import ServerHandle, error_info, fake_entry, serving, write_catalog_entry
 from tests.tiny_models import dense
 
 TEXTS = [
@@ -63,7 +63,6 @@ def catalog_dir(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
         "default": {"output_types": ["dense"]},
         "retrieval": {"output_types": ["dense"], "options": RETRIEVAL},
     }
-    fake_weights = tmp_path_factory.mktemp("fake-weights")
     catalog = tmp_path_factory.mktemp("features-catalog")
     for item in (
         entry("tiny/dense", profiles=profiles),
@@ -76,13 +75,7 @@ def catalog_dir(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
                 "small": {"output_types": ["dense"], "options": {"dimensions": 4}},
             },
         ),
-        {
-            "name": "fake/words",
-            "adapter": "tests.fakes:FakeAdapter",
-            "weights_path": str(fake_weights),
-            "max_sequence_length": 64,
-            "outputs": {"dense": {"dims": 2}},
-        },
+        fake_entry("fake/words"),
     ):
         write_catalog_entry(catalog, item)
     return catalog

@@ -17,6 +17,7 @@ from sie_sdk.v1 import common_pb2, extract_pb2, extract_pb2_grpc
 
 from tests.server_utils import ServerHandle, error_info, serving, write_catalog_entry
 from tests.tiny_models import classifiers, gliclass, gliner
+from tests.tiny_models.entries import JSON_OUTPUTS, entry
 
 # transformers' DeBERTa-v2 module (imported by gliclass and gliner) uses torch.jit.script,
 # deprecated in torch 2.13; the models load in the server's model thread.
@@ -38,20 +39,14 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def catalog_dir(root: Path) -> Path:
     entries: list[dict[str, Any]] = [
-        {
-            "name": "tiny/gliner",
-            "adapter": "gliner",
-            "weights_path": str(gliner.build_tiny_gliner(root / "gliner")),
-            "max_sequence_length": 128,
-            "outputs": {"json": {}},
-        },
-        {
-            "name": "tiny/gliclass",
-            "adapter": "gliclass",
-            "weights_path": str(gliclass.build_tiny_gliclass(root / "gliclass")),
-            "max_sequence_length": 64,
-            "outputs": {"json": {}},
-        },
+        entry("tiny/gliner", "gliner", gliner.build_tiny_gliner(root / "gliner"), JSON_OUTPUTS),
+        entry(
+            "tiny/gliclass",
+            "gliclass",
+            gliclass.build_tiny_gliclass(root / "gliclass"),
+            JSON_OUTPUTS,
+            max_sequence_length=64,
+        ),
         {
             "name": "tiny/nli",
             "adapter": "nli_zero_shot",
@@ -67,8 +62,8 @@ def catalog_dir(root: Path) -> Path:
             "outputs": {"json": {}},
         },
     ]
-    for entry in entries:
-        write_catalog_entry(root / "catalog", entry)
+    for item in entries:
+        write_catalog_entry(root / "catalog", item)
     return root / "catalog"
 
 

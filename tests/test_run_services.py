@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,17 +16,13 @@ from typing import IO
 
 import pytest
 
+from tests.server_utils import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 START_GUARD_S = 120.0
 STOP_GUARD_S = 60.0
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start(tmp_path: Path) -> tuple[subprocess.Popen[str], int, Path]:

@@ -20,6 +20,7 @@ from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc, score_pb2, score
 
 from tests.server_utils import ServerHandle, error_info, serving, write_catalog_entry
 from tests.tiny_models import bge_m3, classifiers, colbert, dense
+from tests.tiny_models.entries import BGE_M3_OUTPUTS, entry
 
 # transformers' DeBERTa-v2 module uses torch.jit.script, deprecated in torch 2.13 (import time).
 pytestmark = pytest.mark.filterwarnings(classifiers.DEBERTA_JIT_WARNING)
@@ -60,17 +61,7 @@ def catalog_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "outputs": {"dense": {"dims": dense.HIDDEN}},
             "tasks": ["encode"],
         },
-        {
-            "name": "tiny/bge-m3",
-            "adapter": "bge_m3",
-            "weights_path": str(bge_m3.build_tiny_bge_m3(root / "bge-m3")),
-            "max_sequence_length": 128,
-            "outputs": {
-                "dense": {"dims": bge_m3.HIDDEN},
-                "sparse": {"dims": 1000, "similarity": "dot"},
-                "multivector": {"dims": bge_m3.HIDDEN, "similarity": "maxsim"},
-            },
-        },
+        entry("tiny/bge-m3", "bge_m3", bge_m3.build_tiny_bge_m3(root / "bge-m3"), BGE_M3_OUTPUTS),
         {
             "name": "tiny/reranker",
             "adapter": "cross_encoder",
@@ -94,8 +85,8 @@ def catalog_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "outputs": {"multivector": {"dims": colbert.DIM, "similarity": "maxsim"}},
         },
     ]
-    for entry in entries:
-        write_catalog_entry(root / "catalog", entry)
+    for item in entries:
+        write_catalog_entry(root / "catalog", item)
     return root / "catalog"
 
 

@@ -20,7 +20,7 @@ from sie_server.grpc_api import status
 from sie_server.grpc_api.server import RunningServer, build_registry, create_server
 from sie_server.grpc_api.status import DeviceSampler
 
-from tests.server_utils import HANG_GUARD_S, write_catalog_entry
+from tests.server_utils import HANG_GUARD_S, fake_entry, write_catalog_entry
 
 MODEL = "fake/status"
 #: Much longer than any bounded wait below: a stream that held ``stop`` would time them out.
@@ -30,16 +30,7 @@ GRACE_S = 30.0
 @pytest.fixture
 def catalog(tmp_path: Path) -> Path:
     folder = tmp_path / "catalog"
-    write_catalog_entry(
-        folder,
-        {
-            "name": MODEL,
-            "adapter": "tests.fakes:FakeAdapter",
-            "weights_path": str(tmp_path),
-            "max_sequence_length": 64,
-            "outputs": {"dense": {"dims": 2}},
-        },
-    )
+    write_catalog_entry(folder, fake_entry(MODEL))
     return folder
 
 

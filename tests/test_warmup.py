@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sie_server.catalog import CatalogError
@@ -13,21 +12,9 @@ from sie_server.engine.warmup import QUERY, TEXT
 from sie_server.grpc_api.server import build_registry
 
 from tests.fakes import FakeAdapter
-from tests.server_utils import serving, write_catalog_entry
+from tests.server_utils import fake_entry, serving, write_catalog_entry
 
 HERE = Path(__file__).parent
-
-
-def fake_entry(name: str, **fields: Any) -> dict[str, Any]:
-    """A catalog entry serving the fake adapter (dense, 2 dims), with ``fields`` added."""
-    return {
-        "name": name,
-        "adapter": "tests.fakes:FakeAdapter",
-        "weights_path": str(HERE),
-        "max_sequence_length": 64,
-        "outputs": {"dense": {"dims": 2}},
-        **fields,
-    }
 
 
 async def test_warm_up_encodes_as_document_and_query_and_scores(tmp_path: Path) -> None:

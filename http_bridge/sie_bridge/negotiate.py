@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from aiohttp import web
+from sie_sdk.reasons import ErrorDetail
 from sie_sdk.wire import (
     JSON,
     MSGPACK,
@@ -23,7 +24,7 @@ from sie_sdk.wire import (
 )
 
 from sie_bridge import __version__
-from sie_bridge.errors import invalid_input
+from sie_bridge.errors import BridgeError, invalid_input
 
 
 def _server_version() -> str:
@@ -52,7 +53,17 @@ def reply(
 ) -> web.Response:
     """``payload`` as msgpack or JSON, as the client's ``Accept`` asks."""
     if wants_json(request.headers.get("Accept")):
-        return web.Response(body=dump_json(payload), content_type=JSON, headers=headers)
+        try:
+            body = dump_json(payload)
+        except ValueError:  # NaN or infinity: JSON has neither
+            raise BridgeError(
+                ErrorDetail(
+                    "INFERENCE_ERROR",
+                    "the result holds NaN or infinity, which JSON cannot carry; "
+                    "ask for msgpack (Accept: application/msgpack) to receive it as computed",
+                )
+            ) from None
+        return web.Response(body=body, content_type=JSON, headers=headers)
     return web.Response(body=pack_msgpack(payload), content_type=MSGPACK, headers=headers)
 
 

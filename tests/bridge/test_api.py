@@ -18,6 +18,13 @@ from sie_server.catalog import BUILTIN_CATALOG_DIR
 from tests.bridge_utils import JSON_HEADERS, BridgeHandle, bridged, pack, unpack
 from tests.server_utils import ServerHandle, serving, write_catalog_entry
 from tests.tiny_models import bge_m3, classifiers, dense, gliclass, gliner
+from tests.tiny_models.entries import (
+    BGE_M3_OUTPUTS,
+    DENSE_OUTPUTS,
+    JSON_OUTPUTS,
+    SCORE_OUTPUTS,
+    entry,
+)
 
 pytestmark = pytest.mark.filterwarnings(classifiers.DEBERTA_JIT_WARNING)
 
@@ -28,56 +35,39 @@ TEXTS = ["Hello, world!", "Dynamic batching groups concurrent requests.", "x"]
 @pytest.fixture(scope="module")
 def catalog_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("bridge-api")
-    entries: list[dict[str, Any]] = [
-        {
-            "name": "tiny/dense",
-            "adapter": "dense",
-            "weights_path": str(dense.build_tiny_dense(root / "dense")),
-            "max_sequence_length": 128,
-            "outputs": {"dense": {"dims": dense.HIDDEN}},
-            "profiles": {
+    entries = [
+        entry(
+            "tiny/dense",
+            "dense",
+            dense.build_tiny_dense(root / "dense"),
+            DENSE_OUTPUTS,
+            profiles={
                 "default": {"output_types": ["dense"]},
                 "retrieval": {
                     "output_types": ["dense"],
                     "options": {"query_template": "query: {text}"},
                 },
             },
-        },
-        {
-            "name": "tiny/bge-m3",
-            "adapter": "bge_m3",
-            "weights_path": str(bge_m3.build_tiny_bge_m3(root / "bge-m3")),
-            "max_sequence_length": 128,
-            "outputs": {
-                "dense": {"dims": bge_m3.HIDDEN},
-                "sparse": {"dims": 1000, "similarity": "dot"},
-                "multivector": {"dims": bge_m3.HIDDEN, "similarity": "maxsim"},
-            },
-        },
-        {
-            "name": "tiny/reranker",
-            "adapter": "cross_encoder",
-            "weights_path": str(classifiers.build_bert_classifier(root / "reranker")),
-            "max_sequence_length": 64,
-            "outputs": {"score": {}},
-        },
-        {
-            "name": "tiny/gliner",
-            "adapter": "gliner",
-            "weights_path": str(gliner.build_tiny_gliner(root / "gliner")),
-            "max_sequence_length": 128,
-            "outputs": {"json": {}},
-        },
-        {
-            "name": "tiny/gliclass",
-            "adapter": "gliclass",
-            "weights_path": str(gliclass.build_tiny_gliclass(root / "gliclass")),
-            "max_sequence_length": 64,
-            "outputs": {"json": {}},
-        },
+        ),
+        entry("tiny/bge-m3", "bge_m3", bge_m3.build_tiny_bge_m3(root / "bge-m3"), BGE_M3_OUTPUTS),
+        entry(
+            "tiny/reranker",
+            "cross_encoder",
+            classifiers.build_bert_classifier(root / "reranker"),
+            SCORE_OUTPUTS,
+            max_sequence_length=64,
+        ),
+        entry("tiny/gliner", "gliner", gliner.build_tiny_gliner(root / "gliner"), JSON_OUTPUTS),
+        entry(
+            "tiny/gliclass",
+            "gliclass",
+            gliclass.build_tiny_gliclass(root / "gliclass"),
+            JSON_OUTPUTS,
+            max_sequence_length=64,
+        ),
     ]
-    for entry in entries:
-        write_catalog_entry(root / "catalog", entry)
+    for item in entries:
+        write_catalog_entry(root / "catalog", item)
     return root / "catalog"
 
 
@@ -382,3 +372,26 @@ async def test_a_json_query_multivector_scores_like_grpc(http: BridgeHandle) -> 
     )
     assert as_json["scores"] == as_msgpack["scores"]
     assert len(as_json["scores"]) == len(TEXTS)
+
+
+async def test_metrics_hold_the_spec_table_and_the_bridges_own(http: BridgeHandle) -> None:
+    await post_json(http, "/v1/encode/tiny/dense", {"items": [{"text": "counted"}]})
+    async with http.session.get("/metrics") as response:
+        assert response.status == 200
+        assert response.content_type == "text/plain"
+        text = await response.text()
+    types = dict(line.split()[2:4] for line in text.splitlines() if line.startswith("# TYPE "))
+    assert types["sie_requests_total"] == "counter"
+    assert types["sie_request_duration_seconds"] == "histogram"
+    assert types["sie_batch_size"] == "histogram"
+    assert types["sie_tokens_processed_total"] == "counter"
+    assert types["sie_queue_depth"] == "gauge"
+    assert types["sie_model_loaded"] == "gauge"
+    assert types["sie_model_memory_bytes"] == "gauge"
+    assert types["sie_bridge_requests_total"] == "counter"
+    assert types["sie_bridge_request_duration_seconds"] == "histogram"
+    assert 'sie_model_loaded{device="cpu",model="tiny/dense"} 1' in text
+    ok = 'sie_requests_total{endpoint="encode",model="tiny/dense",status="ok"} '
+    assert any(line.startswith(ok) and int(line.split()[-1]) >= 1 for line in text.splitlines())
+    bridge_ok = 'sie_bridge_requests_total{method="POST",route="/v1/encode/{model}",status="200"} '
+    assert any(line.startswith(bridge_ok) for line in text.splitlines()), text

@@ -21,7 +21,14 @@ from sie_server.grpc_api.errors import status_for
 
 from tests.bridge_utils import JSON_HEADERS, BridgeHandle, bridged
 from tests.fakes import FakeAdapter
-from tests.server_utils import HANG_GUARD_S, ServerHandle, eventually, serving, write_catalog_entry
+from tests.server_utils import (
+    HANG_GUARD_S,
+    ServerHandle,
+    eventually,
+    fake_entry,
+    serving,
+    write_catalog_entry,
+)
 
 FAKE = "fake/model"
 
@@ -77,14 +84,8 @@ async def test_every_reason_maps_to_its_status_body_and_retry_after(reason_backe
 @pytest.fixture
 def catalog(tmp_path: Path) -> Path:
     folder = tmp_path / "catalog"
-    fake = {
-        "adapter": "tests.fakes:FakeAdapter",
-        "weights_path": str(tmp_path),
-        "max_sequence_length": 64,
-        "outputs": {"dense": {"dims": 2}},
-    }
-    write_catalog_entry(folder, {"name": FAKE, **fake, "load_options": {"fail_word": "boom"}})
-    write_catalog_entry(folder, {"name": "fake/lazy", **fake, "load_options": {"delay_s": 0.2}})
+    write_catalog_entry(folder, fake_entry(FAKE, load_options={"fail_word": "boom"}))
+    write_catalog_entry(folder, fake_entry("fake/lazy", load_options={"delay_s": 0.2}))
     write_catalog_entry(
         folder,
         {

@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import aiohttp
 import pytest
 
 from tests.bridge_utils import bridged
-from tests.server_utils import write_catalog_entry
+from tests.server_utils import fake_entry, free_port, write_catalog_entry
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "fake/shutdown"
@@ -28,12 +27,6 @@ EXIT_GUARD_S = 10.0  # well under the grace period: a bound, not a benchmark
 START_GUARD_S = 120.0
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def start_server(catalog: Path, port: int) -> asyncio.subprocess.Process:
@@ -57,16 +50,7 @@ async def next_status(ws: aiohttp.ClientWebSocketResponse, want_backend: bool) -
 
 
 async def test_sigterm_with_a_relayed_status_stream_exits_promptly(tmp_path: Path) -> None:
-    write_catalog_entry(
-        tmp_path / "catalog",
-        {
-            "name": MODEL,
-            "adapter": "tests.fakes:FakeAdapter",
-            "weights_path": str(tmp_path),
-            "max_sequence_length": 32,
-            "outputs": {"dense": {"dims": 2}},
-        },
-    )
+    write_catalog_entry(tmp_path / "catalog", fake_entry(MODEL))
     port = free_port()
     server = await start_server(tmp_path / "catalog", port)
     restarted: asyncio.subprocess.Process | None = None

@@ -10,7 +10,7 @@ from sie_bridge.upstream import target_of
 
 from tests.bridge_utils import bridged
 from tests.fakes import FakeAdapter
-from tests.server_utils import serving, write_catalog_entry
+from tests.server_utils import fake_entry, serving, write_catalog_entry
 
 MODEL = "fake/rr"
 
@@ -39,16 +39,7 @@ def test_bad_backends_exit_with_a_line(backend: str, fragment: str) -> None:
 
 
 async def test_calls_spread_over_every_address(tmp_path: Path) -> None:
-    write_catalog_entry(
-        tmp_path / "catalog",
-        {
-            "name": MODEL,
-            "adapter": "tests.fakes:FakeAdapter",
-            "weights_path": str(tmp_path),
-            "max_sequence_length": 32,
-            "outputs": {"dense": {"dims": 2}},
-        },
-    )
+    write_catalog_entry(tmp_path / "catalog", fake_entry(MODEL))
     catalog = [tmp_path / "catalog"]
     async with serving(catalog, [MODEL]) as one, serving(catalog, [MODEL]) as two:
         adapters = []
