@@ -2,7 +2,7 @@
 
 The document is generated from the code it describes, so it cannot drift silently:
 
-* request bodies take their keys from ``sie_bridge.requests`` (``ITEM_KEYS``, ``ENCODE_PARAM_KEYS``,
+* request bodies take their keys from ``sie_sdk.convert.to_proto`` (``ITEM_KEYS``, ``ENCODE_PARAM_KEYS``,
   ``EXTRACT_PARAM_KEYS``) and ``routes.openai.KEYS``, closed with ``additionalProperties: false``
   exactly where the bridge refuses unknown keys; a key without a schema in ``FIELDS`` fails the
   build (so the bridge's tests) instead of going undocumented;
@@ -29,6 +29,8 @@ from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
+from sie_sdk.convert.from_proto import timing_headers
+from sie_sdk.convert.to_proto import ENCODE_PARAM_KEYS, EXTRACT_PARAM_KEYS, ITEM_KEYS
 from sie_sdk.prometheus import CONTENT_TYPE as PROMETHEUS
 from sie_sdk.reasons import REASONS, reason_names
 from sie_sdk.tensors import DTYPE_NAMES
@@ -37,8 +39,6 @@ from sie_sdk.wire import JSON, MSGPACK, dump_json
 
 from sie_bridge import __version__
 from sie_bridge.negotiate import VERSION_HEADER
-from sie_bridge.requests import ENCODE_PARAM_KEYS, EXTRACT_PARAM_KEYS, ITEM_KEYS
-from sie_bridge.responses import timing_headers
 from sie_bridge.routes.openai import KEYS as EMBEDDINGS_KEYS
 
 Schema = dict[str, Any]

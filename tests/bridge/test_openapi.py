@@ -16,17 +16,19 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from google.protobuf import struct_pb2
-from sie_bridge import __version__, openapi, requests, responses
+from sie_bridge import __version__, openapi
 from sie_bridge.app import create_app
 from sie_bridge.config import BridgeSettings
-from sie_bridge.errors import _HTTP_CODES, BridgeError
+from sie_bridge.errors import _HTTP_CODES
 from sie_bridge.routes import openai
 from sie_bridge.state import UPSTREAM
 from sie_bridge.upstream import Upstream
+from sie_sdk.convert import from_proto as responses
+from sie_sdk.convert import to_proto as requests
 from sie_sdk.reasons import REASONS, reason_names
 from sie_sdk.tensors import to_tensor
 from sie_sdk.v1 import common_pb2, encode_pb2, extract_pb2, models_pb2, score_pb2
-from sie_sdk.wire import dump_json
+from sie_sdk.wire import WireError, dump_json
 
 DOC = openapi.document()
 METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
@@ -253,7 +255,7 @@ def test_schema_keys_are_the_keys_the_bridge_accepts(
 ) -> None:
     parse, base = PARSERS[request_name], BASES[request_name]
     properties = DOC["components"]["schemas"][schema]["properties"]
-    with pytest.raises(BridgeError, match="unknown field") as refused:
+    with pytest.raises(WireError, match="unknown field") as refused:
         parse(place(base, {"not_a_documented_key": None}))
     known = re.search(r"\(known: ([^)]*)\)", str(refused.value))  # the bridge lists its keys
     assert known is not None, str(refused.value)

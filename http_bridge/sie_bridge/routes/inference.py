@@ -11,9 +11,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from aiohttp import web
+from sie_sdk.convert import from_proto as responses
+from sie_sdk.convert import to_proto as requests
 from sie_sdk.v1 import common_pb2
 
-from sie_bridge import requests, responses
 from sie_bridge.negotiate import read_body, reply
 from sie_bridge.state import UPSTREAM
 from sie_bridge.upstream import Upstream

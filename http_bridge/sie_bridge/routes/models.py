@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from aiohttp import web
+from sie_sdk.convert import from_proto as responses
 from sie_sdk.v1 import models_pb2
 
-from sie_bridge import responses
 from sie_bridge.negotiate import reply
 from sie_bridge.state import UPSTREAM
 

@@ -16,14 +16,16 @@ from typing import Any
 
 import numpy as np
 from aiohttp import web
+from sie_sdk.convert import to_proto as requests
+from sie_sdk.convert.from_proto import timing_headers
+from sie_sdk.convert.to_proto import invalid_input
 from sie_sdk.tensors import from_tensor
 from sie_sdk.v1 import common_pb2, encode_pb2
 from sie_sdk.wire import JSON, WireError, dump_json
 
-from sie_bridge import requests
-from sie_bridge.errors import BridgeError, error_body, invalid_input
+from sie_bridge.errors import BridgeError, error_body
+from sie_bridge.errors import invalid_input as invalid_request
 from sie_bridge.negotiate import read_body
-from sie_bridge.responses import timing_headers
 from sie_bridge.state import UPSTREAM
 
 KEYS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
@@ -83,7 +85,7 @@ async def embeddings(request: web.Request) -> web.Response:
         upstream = request.app[UPSTREAM]
         reply = await upstream.call(upstream.encode.Encode, message)
     except WireError as exc:
-        return _openai_error(invalid_input(str(exc)))
+        return _openai_error(invalid_request(str(exc)))
     except BridgeError as exc:
         return _openai_error(exc)
     payload = {

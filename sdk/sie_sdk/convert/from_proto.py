@@ -1,4 +1,5 @@
-"""Protobuf responses -> the documented HTTP response shapes.
+"""Protobuf responses -> the documented HTTP response shapes (the bridge sends them; the SDK's
+gRPC transport reads results from them, so both transports parse one shape).
 
 Vectors stay in their proto bytes: each becomes a msgpack-numpy map sharing the Tensor's buffer
 (``sie_sdk.wire.packed_tensor``), which the msgpack codec writes as is and the JSON codec turns
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
+
 from sie_sdk.tensors import DTYPE_NAMES
 from sie_sdk.v1 import common_pb2, encode_pb2, extract_pb2, models_pb2, score_pb2
 from sie_sdk.wire import packed_tensor

@@ -1,4 +1,7 @@
-"""Decoded HTTP bodies -> protobuf requests, checking shapes and types (400 naming the field).
+"""Request bodies in the HTTP API's shape -> protobuf requests, checking shapes and types.
+
+A wrong shape raises ``WireError`` naming the field (the bridge answers 400 INVALID_INPUT; the
+SDK raises ``RequestError`` before anything is sent).
 
 Only the wire shape is checked here (types, unknown keys). What the values mean (a known output
 type, an option the model reads, a profile) is the server's job: it answers INVALID_INPUT with the
@@ -14,10 +17,15 @@ from typing import Any
 
 import numpy as np
 from google.protobuf import struct_pb2
+
 from sie_sdk.tensors import to_tensor
 from sie_sdk.v1 import common_pb2, encode_pb2, extract_pb2, score_pb2
+from sie_sdk.wire import WireError
 
-from sie_bridge.errors import invalid_input
+
+def invalid_input(message: str) -> WireError:
+    return WireError(message)
+
 
 ITEM_KEYS = frozenset({"id", "text", "images", "document", "metadata", "multivector", "token_ids"})
 ENCODE_PARAM_KEYS = frozenset(
