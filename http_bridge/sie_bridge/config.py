@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from sie_sdk.targets import grpc_target
+
 MIB = 1024 * 1024
 
 
@@ -78,6 +80,10 @@ def load_settings(
                 ) from None
     assert set(values) <= known
     settings = BridgeSettings(**values)
+    try:
+        grpc_target(settings.backend)
+    except ValueError as exc:
+        raise SystemExit(f"--backend: {exc}") from None
     if settings.request_timeout_s <= 0 or settings.max_body_bytes <= 0:
         raise SystemExit("--request-timeout-s and --max-body-bytes must be positive")
     return settings

@@ -1,8 +1,7 @@
 """The bridge's one long-lived gRPC channel to the server, and the calls made over it.
 
-``target_of`` turns ``--backend`` into a gRPC target: one ``host:port`` stays as it is (DNS may
-return several addresses), a comma-separated list of addresses becomes an ``ipv4:``/``ipv6:``
-target, and grpc's own ``round_robin`` policy spreads calls over every address. The channel
+``--backend`` becomes a gRPC target by ``sie_sdk.targets.grpc_target`` (the SDK's gRPC transport
+uses it too), and grpc's own ``round_robin`` policy spreads calls over every address. The channel
 reconnects by itself when the backend comes back; a call while it is down fails at once
 (``wait_for_ready`` is off) and reads as ``BACKEND_UNAVAILABLE``.
 
@@ -13,15 +12,13 @@ handler, the cancellation reaches the pending gRPC call, and the server drops it
 
 from __future__ import annotations
 
-import ipaddress
-import json
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sie_sdk.reasons import error_from_rpc
+from sie_sdk.targets import ROUND_ROBIN, grpc_target
 from sie_sdk.v1 import (
     encode_pb2_grpc,
     extract_pb2_grpc,
@@ -35,36 +32,6 @@ from sie_bridge.config import BridgeSettings
 from sie_bridge.errors import BridgeError
 
 Resp = TypeVar("Resp")
-_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
-
-
-def target_of(backend: str) -> str:
-    """A gRPC target for ``--backend`` (see the module docstring)."""
-    parts = [part.strip() for part in backend.split(",") if part.strip()]
-    if not parts:
-        raise SystemExit("--backend is empty")
-    if len(parts) == 1:
-        return parts[0]
-    addresses = [_resolve(part) for part in parts]
-    families = {"ipv6" if address.startswith("[") else "ipv4" for address in addresses}
-    if len(families) > 1:
-        raise SystemExit(f"--backend mixes IPv4 and IPv6 addresses: {backend}")
-    return f"{families.pop()}:{','.join(addresses)}"
-
-
-def _resolve(address: str) -> str:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise SystemExit(f"--backend address {address!r} is not host:port")
-    host = host.strip("[]")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        try:  # a name in a list: resolve it once, at startup
-            ip = ipaddress.ip_address(socket.getaddrinfo(host, int(port))[0][4][0])
-        except (OSError, ValueError) as exc:
-            raise SystemExit(f"--backend host {host!r} does not resolve: {exc}") from None
-    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
 
 class Upstream:
@@ -76,9 +43,9 @@ class Upstream:
     def __init__(self, settings: BridgeSettings) -> None:
         self.timeout_s = settings.request_timeout_s
         self.channel = grpc.aio.insecure_channel(
-            target_of(settings.backend),
+            grpc_target(settings.backend),
             options=[
-                ("grpc.service_config", _SERVICE_CONFIG),
+                ("grpc.service_config", ROUND_ROBIN),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.keepalive_time_ms", 30000),

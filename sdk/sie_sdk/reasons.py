@@ -1,10 +1,11 @@
 """The one error vocabulary (``sie.v1.ErrorReason``) and what each reason means on each transport.
 
 ``REASONS`` is the single table: for every reason, the gRPC status code the server answers with,
-the HTTP status the bridge answers with, and whether retrying can help (then the server sends
-``google.rpc.RetryInfo`` and the bridge ``Retry-After``). The server's gRPC mapping, the bridge's
-HTTP mapping and the SDK's exception mapping all read this table, and a test holds every
-``ErrorReason`` to exactly one row.
+the HTTP status the bridge answers with, the SDK exception class (by name, in
+``sie_sdk.client.errors``) and whether retrying can help (then the server sends
+``google.rpc.RetryInfo`` and the bridge ``Retry-After``; the SDK retries the reasons marked
+``sdk_retries``). The server's gRPC mapping, the bridge's HTTP mapping and the SDK's exception
+mapping all read this table, and a test holds every ``ErrorReason`` to exactly one row.
 
 ``error_from_rpc`` reads a failed call back into an ``ErrorDetail``: the reason from the status's
 ``google.rpc.ErrorInfo`` when the server sent one, else a reason inferred from the bare gRPC code
@@ -36,29 +37,37 @@ class Reason:
     name: str
     grpc_code: grpc.StatusCode
     http_status: int
+    #: The ``sie_sdk.client.errors`` class an SDK call raises.
+    sdk_error: str
     #: Seconds after which a retry may succeed; None when retrying does not help.
     retry_after_s: float | None = None
+    #: Whether the SDK retries it by itself (with backoff, within ``provision_timeout_s``).
+    sdk_retries: bool = False
 
+
+_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+_RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+_FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 
 REASONS: Mapping[str, Reason] = {
     row.name: row
     for row in (
-        Reason("INVALID_INPUT", grpc.StatusCode.INVALID_ARGUMENT, 400),
-        Reason("INPUT_TOO_LONG", grpc.StatusCode.INVALID_ARGUMENT, 400),
-        Reason("MODEL_NOT_FOUND", grpc.StatusCode.NOT_FOUND, 404),
-        Reason("MODEL_NOT_LOADED", grpc.StatusCode.UNAVAILABLE, 503, 1.0),
-        Reason("MODEL_LOADING", grpc.StatusCode.UNAVAILABLE, 503, 2.0),
-        Reason("MODEL_LOAD_FAILED", grpc.StatusCode.FAILED_PRECONDITION, 502),
-        Reason("QUEUE_FULL", grpc.StatusCode.RESOURCE_EXHAUSTED, 503, 0.5),
-        Reason("RESOURCE_EXHAUSTED", grpc.StatusCode.RESOURCE_EXHAUSTED, 503, 1.0),
-        Reason("LORA_LOADING", grpc.StatusCode.UNAVAILABLE, 503, 1.0),
-        Reason("DEPENDENCY_CONFLICT", grpc.StatusCode.FAILED_PRECONDITION, 409),
-        Reason("INFERENCE_ERROR", grpc.StatusCode.INTERNAL, 500),
-        Reason("INTERNAL_ERROR", grpc.StatusCode.INTERNAL, 500),
-        Reason("DEADLINE_EXCEEDED", grpc.StatusCode.DEADLINE_EXCEEDED, 504),
-        Reason("SHUTTING_DOWN", grpc.StatusCode.UNAVAILABLE, 503, 1.0),
-        Reason("BACKEND_UNAVAILABLE", grpc.StatusCode.UNAVAILABLE, 503, 1.0),
-        Reason("REQUEST_TOO_LARGE", grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
+        Reason("INVALID_INPUT", grpc.StatusCode.INVALID_ARGUMENT, 400, "RequestError"),
+        Reason("INPUT_TOO_LONG", grpc.StatusCode.INVALID_ARGUMENT, 400, "InputTooLongError"),
+        Reason("MODEL_NOT_FOUND", grpc.StatusCode.NOT_FOUND, 404, "RequestError"),
+        Reason("MODEL_NOT_LOADED", _UNAVAILABLE, 503, "ProvisioningError", 1.0, True),
+        Reason("MODEL_LOADING", _UNAVAILABLE, 503, "ProvisioningError", 2.0, True),
+        Reason("MODEL_LOAD_FAILED", _FAILED_PRECONDITION, 502, "ServerError"),
+        Reason("QUEUE_FULL", _RESOURCE_EXHAUSTED, 503, "ServerError", 0.5, True),
+        Reason("RESOURCE_EXHAUSTED", _RESOURCE_EXHAUSTED, 503, "ServerError", 1.0),
+        Reason("LORA_LOADING", _UNAVAILABLE, 503, "LoraLoadingError", 1.0, True),
+        Reason("DEPENDENCY_CONFLICT", _FAILED_PRECONDITION, 409, "RequestError"),
+        Reason("INFERENCE_ERROR", grpc.StatusCode.INTERNAL, 500, "ServerError"),
+        Reason("INTERNAL_ERROR", grpc.StatusCode.INTERNAL, 500, "ServerError"),
+        Reason("DEADLINE_EXCEEDED", grpc.StatusCode.DEADLINE_EXCEEDED, 504, "ServerError"),
+        Reason("SHUTTING_DOWN", _UNAVAILABLE, 503, "ServerError", 1.0, True),
+        Reason("BACKEND_UNAVAILABLE", _UNAVAILABLE, 503, "SIEConnectionError", 1.0, True),
+        Reason("REQUEST_TOO_LARGE", _RESOURCE_EXHAUSTED, 413, "RequestError"),
     )
 }
 

@@ -110,22 +110,23 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
-def _json_ready(value: Any) -> Any:
-    """Packed tensor maps (bytes keys) become arrays; everything else passes through."""
+def unpacked(value: Any) -> Any:
+    """``value`` with every packed tensor map (``packed_tensor``) turned into a read-only numpy
+    view of its bytes; everything else passes through."""
     if isinstance(value, dict):
         if value.get(b"nd") is True:
             dtype = np.dtype(value[b"type"])
             return np.frombuffer(value[b"data"], dtype=dtype).reshape(value[b"shape"])
-        return {key: _json_ready(item) for key, item in value.items()}
+        return {key: unpacked(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [_json_ready(item) for item in value]
+        return [unpacked(item) for item in value]
     return value
 
 
 def dump_json(value: Any) -> bytes:
     """JSON: arrays as lists, bytes as base64; non-finite floats refused (JSON has none)."""
     return json.dumps(
-        _json_ready(value), default=_json_default, allow_nan=False, separators=(",", ":")
+        unpacked(value), default=_json_default, allow_nan=False, separators=(",", ":")
     ).encode()
 
 

@@ -16,9 +16,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from sie_bridge.app import start_bridge
+from sie_bridge.config import BridgeSettings
 
 from tests.bridge_utils import bridged
-from tests.server_utils import fake_entry, free_port, write_catalog_entry
+from tests.server_utils import fake_entry, free_port, serving, write_catalog_entry
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "fake/shutdown"
@@ -78,3 +80,19 @@ async def test_sigterm_with_a_relayed_status_stream_exits_promptly(tmp_path: Pat
             if proc is not None and proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+
+async def test_the_bridge_stops_promptly_with_a_status_socket_open(tmp_path: Path) -> None:
+    write_catalog_entry(tmp_path / "catalog", fake_entry(MODEL))
+    async with serving([tmp_path / "catalog"], [MODEL]) as server:
+        settings = BridgeSettings(host="127.0.0.1", port=0, backend=server.address)
+        bridge = await start_bridge(settings)
+        async with (
+            aiohttp.ClientSession(f"http://127.0.0.1:{bridge.port}") as session,
+            session.ws_connect("/ws/status") as ws,
+        ):
+            await next_status(ws, want_backend=True)
+            # aiohttp would otherwise wait its whole shutdown timeout for the open socket.
+            await asyncio.wait_for(bridge.stop(), EXIT_GUARD_S)
+            closing = await ws.receive(timeout=EXIT_GUARD_S)
+            assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)

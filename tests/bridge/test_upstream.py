@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sie_bridge.upstream import target_of
+from sie_sdk.targets import grpc_target as target_of
 
 from tests.bridge_utils import bridged
 from tests.fakes import FakeAdapter
@@ -33,8 +33,8 @@ def test_backend_targets(backend: str, target: str) -> None:
     ("backend", "fragment"),
     [("", "empty"), ("127.0.0.1:1,b", "not host:port"), ("127.0.0.1:1,[::1]:2", "mixes")],
 )
-def test_bad_backends_exit_with_a_line(backend: str, fragment: str) -> None:
-    with pytest.raises(SystemExit, match=fragment):
+def test_bad_backends_are_refused_with_a_line(backend: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
         target_of(backend)
 
 

@@ -13,88 +13,19 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from importlib.resources import files
-from typing import Any
 
 import grpc
-from aiohttp import WSMsgType, web
-from sie_sdk.v1 import status_pb2
+from aiohttp import WSCloseCode, WSMsgType, web
+from sie_sdk.convert.from_proto import status_message
 from sie_sdk.wire import dump_json
 
 from sie_bridge.state import SETTINGS, UPSTREAM
 
 log = logging.getLogger(__name__)
 RECONNECT_S = 1.0
-
-
-def _config(config: status_pb2.ModelConfig) -> dict[str, Any]:
-    return {
-        "adapter": config.adapter,
-        "max_sequence_length": config.max_sequence_length,
-        "outputs": list(config.outputs),
-        "default_profile": config.default_profile,
-        "tasks": list(config.tasks),
-    }
-
-
-def status_json(snapshot: status_pb2.WatchStatusResponse) -> dict[str, Any]:
-    """The spec's ``/ws/status`` message. ``counters`` and ``histograms`` are keyed by metric name,
-    then by model (summed over other labels), as the original SIE server sends them."""
-    counters: dict[str, dict[str, int]] = {}
-    for sample in snapshot.counters:
-        by_model = counters.setdefault(sample.name, {})
-        model = sample.labels.get("model", "")
-        by_model[model] = by_model.get(model, 0) + sample.value
-    histograms: dict[str, dict[str, dict[str, Any]]] = {}
-    for h in snapshot.histograms:
-        entry = histograms.setdefault(h.name, {}).setdefault(
-            h.labels.get("model", ""),
-            {"buckets": list(h.bounds), "counts": [0] * len(h.counts), "sum": 0.0, "count": 0},
-        )
-        if len(entry["counts"]) == len(h.counts):
-            entry["counts"] = [a + b for a, b in zip(entry["counts"], h.counts, strict=True)]
-            entry["sum"] += h.sum
-            entry["count"] += h.count
-    server = snapshot.server
-    return {
-        "timestamp": snapshot.timestamp,
-        "gpu": snapshot.gpu,
-        "loaded_models": list(snapshot.loaded_models),
-        "server": {
-            "version": server.version,
-            "uptime_seconds": server.uptime_seconds,
-            "user": server.user,
-            "working_dir": server.working_dir,
-            "pid": server.pid,
-        },
-        "gpus": [
-            {
-                "index": g.index,
-                "name": g.name,
-                "gpu_type": g.gpu_type,
-                "utilization_percent": g.utilization_percent,
-                "memory_used_bytes": g.memory_used_bytes,
-                "memory_total_bytes": g.memory_total_bytes,
-                "memory_threshold_pct": g.memory_threshold_pct,
-                "temperature_c": g.temperature_c,
-            }
-            for g in snapshot.gpus
-        ],
-        "models": [
-            {
-                "name": m.name,
-                "state": m.state,
-                "device": m.device or None,
-                "memory_bytes": m.memory_bytes,
-                "queue_depth": m.queue_depth,
-                "queue_pending_items": m.queue_pending_items,
-                "config": _config(m.config),
-            }
-            for m in snapshot.models
-        ],
-        "counters": counters,
-        "histograms": histograms,
-    }
+STATUS_SOCKETS = web.AppKey("status_sockets", weakref.WeakSet[web.WebSocketResponse])
 
 
 async def _relay(request: web.Request, ws: web.WebSocketResponse) -> None:
@@ -104,7 +35,7 @@ async def _relay(request: web.Request, ws: web.WebSocketResponse) -> None:
         stream = upstream.watch_status(interval_ms)
         try:
             async for snapshot in stream:
-                await ws.send_str(dump_json(status_json(snapshot)).decode())
+                await ws.send_str(dump_json(status_message(snapshot)).decode())
         except grpc.aio.AioRpcError as exc:
             log.debug("status stream ended: %s", exc.code().name)
         except ConnectionResetError:
@@ -120,6 +51,7 @@ async def _relay(request: web.Request, ws: web.WebSocketResponse) -> None:
 async def ws_status(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(heartbeat=30.0)
     await ws.prepare(request)
+    request.app[STATUS_SOCKETS].add(ws)
     relay = asyncio.create_task(_relay(request, ws))
     try:
         async for message in ws:  # the client only closes; anything it sends is ignored
@@ -137,6 +69,16 @@ async def page(request: web.Request) -> web.Response:
     return web.Response(text=html, content_type="text/html")
 
 
+async def _close_sockets(app: web.Application) -> None:
+    """On shutdown, close every status socket (the page reconnects by itself); an open socket
+    would otherwise hold the bridge's stop for aiohttp's whole shutdown timeout."""
+    sockets: weakref.WeakSet[web.WebSocketResponse] = app[STATUS_SOCKETS]
+    for ws in list(sockets):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"bridge shutting down")
+
+
 def add_routes(app: web.Application) -> None:
+    app[STATUS_SOCKETS] = weakref.WeakSet()
+    app.on_shutdown.append(_close_sockets)
     app.router.add_get("/ws/status", ws_status)
     app.router.add_get("/", page)

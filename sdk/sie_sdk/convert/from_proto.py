@@ -13,7 +13,7 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2
 
 from sie_sdk.tensors import DTYPE_NAMES
-from sie_sdk.v1 import common_pb2, encode_pb2, extract_pb2, models_pb2, score_pb2
+from sie_sdk.v1 import common_pb2, encode_pb2, extract_pb2, models_pb2, score_pb2, status_pb2
 from sie_sdk.wire import packed_tensor
 
 _MODEL_STATES = {
@@ -165,3 +165,73 @@ def model_info(info: models_pb2.ModelInfo) -> dict[str, Any]:
     if info.error:
         out["error"] = info.error
     return out
+
+
+def _config(config: status_pb2.ModelConfig) -> dict[str, Any]:
+    return {
+        "adapter": config.adapter,
+        "max_sequence_length": config.max_sequence_length,
+        "outputs": list(config.outputs),
+        "default_profile": config.default_profile,
+        "tasks": list(config.tasks),
+    }
+
+
+def status_message(snapshot: status_pb2.WatchStatusResponse) -> dict[str, Any]:
+    """The spec's ``/ws/status`` message (the bridge relays it; the SDK's ``watch_status`` yields it). ``counters`` and ``histograms`` are keyed by metric name,
+    then by model (summed over other labels), as the original SIE server sends them."""
+    counters: dict[str, dict[str, int]] = {}
+    for sample in snapshot.counters:
+        by_model = counters.setdefault(sample.name, {})
+        model = sample.labels.get("model", "")
+        by_model[model] = by_model.get(model, 0) + sample.value
+    histograms: dict[str, dict[str, dict[str, Any]]] = {}
+    for h in snapshot.histograms:
+        entry = histograms.setdefault(h.name, {}).setdefault(
+            h.labels.get("model", ""),
+            {"buckets": list(h.bounds), "counts": [0] * len(h.counts), "sum": 0.0, "count": 0},
+        )
+        if len(entry["counts"]) == len(h.counts):
+            entry["counts"] = [a + b for a, b in zip(entry["counts"], h.counts, strict=True)]
+            entry["sum"] += h.sum
+            entry["count"] += h.count
+    server = snapshot.server
+    return {
+        "timestamp": snapshot.timestamp,
+        "gpu": snapshot.gpu,
+        "loaded_models": list(snapshot.loaded_models),
+        "server": {
+            "version": server.version,
+            "uptime_seconds": server.uptime_seconds,
+            "user": server.user,
+            "working_dir": server.working_dir,
+            "pid": server.pid,
+        },
+        "gpus": [
+            {
+                "index": g.index,
+                "name": g.name,
+                "gpu_type": g.gpu_type,
+                "utilization_percent": g.utilization_percent,
+                "memory_used_bytes": g.memory_used_bytes,
+                "memory_total_bytes": g.memory_total_bytes,
+                "memory_threshold_pct": g.memory_threshold_pct,
+                "temperature_c": g.temperature_c,
+            }
+            for g in snapshot.gpus
+        ],
+        "models": [
+            {
+                "name": m.name,
+                "state": m.state,
+                "device": m.device or None,
+                "memory_bytes": m.memory_bytes,
+                "queue_depth": m.queue_depth,
+                "queue_pending_items": m.queue_pending_items,
+                "config": _config(m.config),
+            }
+            for m in snapshot.models
+        ],
+        "counters": counters,
+        "histograms": histograms,
+    }

@@ -1,0 +1,333 @@
+"""The client core: everything ``SIEClient`` and ``SIEAsyncClient`` share, written once.
+
+For each method the core validates the arguments, builds the request bodies (in the HTTP API's
+shape; the gRPC transport converts them with ``sie_sdk.convert``), and returns a ``Prepared``
+call: the operation, the bodies (one per chunk when a request has more items than
+``max_items_per_request``), and the function that turns the responses into the reference's result
+types. The two clients only send the bodies (with the retry policy of ``_retry``) and call
+``parse``: their methods are a line each.
+
+Choosing the transport: ``transport="http"`` or ``"grpc"``; by default the URL decides
+(``http(s)://`` means HTTP through the bridge, ``grpc(s)://`` or a bare ``host:port`` (list)
+means gRPC to the server).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeVar
+
+from sie_sdk.client._transports.base import Kind, Operation
+from sie_sdk.client.errors import PoolError, RequestError, SIEError
+from sie_sdk.inputs import InputError, prepare_item
+from sie_sdk.types import (
+    CapacityInfo,
+    EncodeResult,
+    ExtractResult,
+    Item,
+    ModelInfo,
+    ScoreEntry,
+    ScoreResult,
+)
+
+R = TypeVar("R")
+TransportName = Literal["http", "grpc"]
+DEFAULT_MAX_ITEMS_PER_REQUEST = 1024
+DEFAULT_PROVISION_TIMEOUT_S = 300.0
+
+
+def choose_transport(base_url: str, transport: str | None) -> TransportName:
+    if transport is not None:
+        if transport not in ("http", "grpc"):
+            raise ValueError(f"transport must be 'http' or 'grpc', got {transport!r}")
+        return "http" if transport == "http" else "grpc"
+    if base_url.startswith(("http://", "https://")):
+        return "http"
+    return "grpc"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    base_url: str
+    timeout_s: float = 30.0
+    api_key: str | None = None
+    gpu: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    transport: TransportName = "http"
+    max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST
+    #: How many chunks of one split request are in flight at once.
+    max_concurrency: int = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared(Generic[R]):
+    op: Operation
+    bodies: list[dict[str, Any] | None]
+    parse: Callable[[list[Any]], R]
+    provision_timeout_s: float
+    gpu: str | None = None
+
+
+def no_pools(name: str) -> PoolError:
+    return PoolError(
+        f"resource pool {name!r}: a standalone SIE server has no pools (a cluster feature)",
+        pool_name=name,
+    )
+
+
+def _chunks(items: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
+    return [items[i : i + size] for i in range(0, len(items), size)] or [[]]
+
+
+def _array_result(item: Mapping[str, Any]) -> EncodeResult:
+    result: EncodeResult = {}
+    if "id" in item:
+        result["id"] = item["id"]
+    if item.get("dense") is not None:
+        result["dense"] = item["dense"]["values"]
+    if item.get("sparse") is not None:
+        sparse = item["sparse"]
+        result["sparse"] = {"indices": sparse["indices"], "values": sparse["values"]}
+    if item.get("multivector") is not None:
+        result["multivector"] = item["multivector"]["values"]
+    if "num_tokens" in item:
+        result["num_tokens"] = int(item["num_tokens"])
+    if "truncated" in item:
+        result["truncated"] = bool(item["truncated"])
+    return result
+
+
+def _extract_result(item: Mapping[str, Any]) -> ExtractResult:
+    result: ExtractResult = {
+        "entities": list(item.get("entities", [])),
+        "relations": list(item.get("relations", [])),
+        "classifications": list(item.get("classifications", [])),
+        "objects": list(item.get("objects", [])),
+    }
+    if item.get("id") is not None:
+        result["id"] = item["id"]
+    if item.get("data"):
+        result["data"] = item["data"]
+    return result
+
+
+class ClientCore:
+    """Request building and response parsing for both clients and both transports."""
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+
+    # ---- shared pieces -------------------------------------------------------------------------
+    def _options(self, options: Mapping[str, Any] | None) -> dict[str, Any] | None:
+        merged = {**self.config.options, **(options or {})}
+        return merged or None
+
+    def _route(self, gpu: str | None) -> str | None:
+        """Cluster GPU routing does not exist on a standalone server: say so clearly."""
+        gpu = gpu if gpu is not None else self.config.gpu
+        if gpu is None:
+            return None
+        if "/" in gpu:
+            raise PoolError(
+                f"gpu={gpu!r} routes to a resource pool; a standalone SIE server has no pools",
+                pool_name=gpu.split("/", 1)[0],
+            )
+        raise SIEError(
+            f"gpu={gpu!r}: a standalone SIE server serves on its one device and routes nothing "
+            "by GPU type; leave gpu unset (GPU routing is a cluster feature)",
+            code="GPU_ROUTING_UNSUPPORTED",
+        )
+
+    def _provision(self, provision_timeout_s: float | None) -> float:
+        return DEFAULT_PROVISION_TIMEOUT_S if provision_timeout_s is None else provision_timeout_s
+
+    def _items(self, items: Item | Sequence[Item]) -> tuple[list[dict[str, Any]], bool]:
+        single = isinstance(items, Mapping)
+        listed = [items] if single else list(items)
+        prepared = []
+        for index, item in enumerate(listed):
+            if not isinstance(item, Mapping):
+                raise RequestError(
+                    f"items[{index}] must be an Item (a dict), got {type(item).__name__}",
+                    code="INVALID_INPUT",
+                    status_code=400,
+                )
+            try:
+                prepared.append(prepare_item(item, where=f"items[{index}]"))
+            except InputError as exc:
+                raise RequestError(str(exc), code="INVALID_INPUT", status_code=400) from exc
+        return prepared, single
+
+    # ---- tasks -------------------------------------------------------------------------------------
+    def encode(
+        self,
+        model: str,
+        items: Item | Sequence[Item],
+        *,
+        output_types: Sequence[str] | None = None,
+        instruction: str | None = None,
+        output_dtype: str | None = None,
+        is_query: bool | None = None,
+        options: Mapping[str, Any] | None = None,
+        gpu: str | None = None,
+        wait_for_capacity: bool = False,
+        provision_timeout_s: float | None = None,
+    ) -> Prepared[EncodeResult | list[EncodeResult]]:
+        route = self._route(gpu)
+        prepared, single = self._items(items)
+        params: dict[str, Any] = {}
+        if output_types is not None:
+            params["output_types"] = list(output_types)
+        if instruction is not None:
+            params["instruction"] = instruction
+        if output_dtype is not None:
+            params["output_dtype"] = output_dtype
+        if is_query is not None:
+            params["is_query"] = is_query
+        if (merged := self._options(options)) is not None:
+            params["options"] = merged
+        bodies: list[dict[str, Any] | None] = [
+            {"items": chunk, **({"params": params} if params else {})}
+            for chunk in _chunks(prepared, self.config.max_items_per_request)
+        ]
+
+        def parse(responses: list[Any]) -> EncodeResult | list[EncodeResult]:
+            results = [_array_result(item) for r in responses for item in r["items"]]
+            return results[0] if single else results
+
+        return Prepared(
+            Operation(Kind.ENCODE, model),
+            bodies,
+            parse,
+            self._provision(provision_timeout_s),
+            route,
+        )
+
+    def score(
+        self,
+        model: str,
+        query: Item,
+        items: Sequence[Item],
+        *,
+        instruction: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        gpu: str | None = None,
+        wait_for_capacity: bool = False,
+        provision_timeout_s: float | None = None,
+    ) -> Prepared[ScoreResult]:
+        route = self._route(gpu)
+        if not isinstance(query, Mapping):
+            raise RequestError(
+                "query must be an Item (a dict)", code="INVALID_INPUT", status_code=400
+            )
+        [query_item], _ = self._items(query)
+        prepared, _ = self._items(list(items))
+        extra: dict[str, Any] = {}
+        if instruction is not None:
+            extra["instruction"] = instruction
+        if (merged := self._options(options)) is not None:
+            extra["options"] = merged
+        size = self.config.max_items_per_request
+        chunks = _chunks(prepared, size)
+        bodies: list[dict[str, Any] | None] = [
+            {"query": query_item, "items": chunk, **extra} for chunk in chunks
+        ]
+
+        def parse(responses: list[Any]) -> ScoreResult:
+            entries: list[tuple[float, int, str]] = []
+            for chunk_index, response in enumerate(responses):
+                for entry in response["scores"]:
+                    # Rank within the chunk orders ties; the chunk offset keeps them stable.
+                    order = chunk_index * size + int(entry["rank"])
+                    entries.append((float(entry["score"]), order, str(entry["item_id"])))
+            entries.sort(key=lambda e: (-e[0], e[1]))
+            scores = [
+                ScoreEntry(item_id=item_id, score=score, rank=rank)
+                for rank, (score, _, item_id) in enumerate(entries)
+            ]
+            result: ScoreResult = {"model": responses[0]["model"], "scores": scores}
+            if responses[0].get("query_id"):
+                result["query_id"] = responses[0]["query_id"]
+            return result
+
+        return Prepared(
+            Operation(Kind.SCORE, model), bodies, parse, self._provision(provision_timeout_s), route
+        )
+
+    def extract(
+        self,
+        model: str,
+        items: Item | Sequence[Item],
+        *,
+        labels: Sequence[str] | None = None,
+        output_schema: Mapping[str, Any] | None = None,
+        instruction: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        gpu: str | None = None,
+        wait_for_capacity: bool = False,
+        provision_timeout_s: float | None = None,
+    ) -> Prepared[ExtractResult | list[ExtractResult]]:
+        route = self._route(gpu)
+        prepared, single = self._items(items)
+        params: dict[str, Any] = {}
+        if labels is not None:
+            params["labels"] = list(labels)
+        if output_schema is not None:
+            params["output_schema"] = dict(output_schema)
+        if instruction is not None:
+            params["instruction"] = instruction
+        if (merged := self._options(options)) is not None:
+            params["options"] = merged
+        bodies: list[dict[str, Any] | None] = [
+            {"items": chunk, **({"params": params} if params else {})}
+            for chunk in _chunks(prepared, self.config.max_items_per_request)
+        ]
+
+        def parse(responses: list[Any]) -> ExtractResult | list[ExtractResult]:
+            results = [_extract_result(item) for r in responses for item in r["items"]]
+            return results[0] if single else results
+
+        return Prepared(
+            Operation(Kind.EXTRACT, model),
+            bodies,
+            parse,
+            self._provision(provision_timeout_s),
+            route,
+        )
+
+    # ---- models and capacity -------------------------------------------------------------------
+    def list_models(self) -> Prepared[list[ModelInfo]]:
+        return Prepared(
+            Operation(Kind.LIST_MODELS),
+            [None],
+            lambda responses: [ModelInfo(**m) for m in responses[0]["models"]],  # type: ignore[typeddict-item]
+            0.0,
+        )
+
+    def get_model(self, model: str) -> Prepared[ModelInfo]:
+        return Prepared(
+            Operation(Kind.GET_MODEL, model),
+            [None],
+            lambda responses: ModelInfo(**responses[0]),  # type: ignore[typeddict-item]
+            0.0,
+        )
+
+    @staticmethod
+    def capacity(ready: bool, status: Mapping[str, Any] | None) -> CapacityInfo:
+        """What a standalone server has, from its readiness and one status message."""
+        info: CapacityInfo = {"ready": ready, "loaded_models": [], "models": []}
+        if status is None or "models" not in status:
+            return info
+        info["gpu"] = str(status.get("gpu", ""))
+        info["loaded_models"] = list(status.get("loaded_models", []))
+        devices = {m.get("device") for m in status["models"] if m.get("device")}
+        info["device"] = devices.pop() if len(devices) == 1 else str(status.get("gpu", ""))
+        info["models"] = [
+            {
+                key: m.get(key)
+                for key in ("name", "state", "queue_depth", "queue_pending_items", "memory_bytes")
+            }
+            for m in status["models"]
+        ]
+        return info

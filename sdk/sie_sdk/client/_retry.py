@@ -1,0 +1,40 @@
+"""When a failed call is retried, and after how long: written once for both clients.
+
+Retried: the reasons whose row in ``sie_sdk.reasons.REASONS`` says ``sdk_retries``
+(MODEL_LOADING, MODEL_NOT_LOADED, QUEUE_FULL, LORA_LOADING, SHUTTING_DOWN and an unreachable
+backend). The wait honours the server's hint (``Retry-After`` on HTTP; ``RetryInfo`` or
+``grpc-retry-pushback-ms`` on gRPC, both read into ``SIEError.retry_after``), else backs off
+exponentially from ``INITIAL_DELAY_S`` to ``MAX_DELAY_S``, and never past the call's
+``provision_timeout_s``; after that the last error is raised.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from sie_sdk.client.errors import SIEError
+from sie_sdk.reasons import REASONS
+
+INITIAL_DELAY_S = 0.25
+MAX_DELAY_S = 5.0
+
+
+@dataclass(slots=True)
+class RetryPolicy:
+    budget_s: float
+    started: float = field(default_factory=time.monotonic)
+    attempts: int = 0
+
+    def delay_after(self, error: SIEError) -> float | None:
+        """Seconds to wait before the next attempt, or None to give up and raise ``error``."""
+        row = REASONS.get(error.code or "")
+        if row is None or not row.sdk_retries:
+            return None
+        remaining = self.budget_s - (time.monotonic() - self.started)
+        if remaining <= 0:
+            return None
+        backoff = min(MAX_DELAY_S, INITIAL_DELAY_S * (2**self.attempts))
+        self.attempts += 1
+        hint = error.retry_after if error.retry_after is not None else backoff
+        return max(0.0, min(hint, remaining))

@@ -1,0 +1,196 @@
+"""The gRPC transport: straight to the server, one channel per client.
+
+A call's body (the HTTP API's shape) becomes the proto request through ``sie_sdk.convert.to_proto``
+and the reply comes back through ``sie_sdk.convert.from_proto``, the same conversions the bridge
+runs, so both transports hand the core identical responses; vectors end as numpy views of the
+reply's bytes. ``GrpcTransport`` (blocking channel) and ``AsyncGrpcTransport`` (``grpc.aio``)
+differ only in how they wait.
+
+Targets: ``grpc://host:port`` or a bare ``host:port`` (plaintext), ``grpcs://host:port`` (TLS with
+the system roots), or a comma-separated address list spread with grpc's ``round_robin``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sie_sdk.client._transports.base import CallOptions, Kind, Operation
+from sie_sdk.client.errors import SIEError, error_from_detail
+from sie_sdk.convert import from_proto, to_proto
+from sie_sdk.reasons import error_from_rpc
+from sie_sdk.targets import ROUND_ROBIN, grpc_target
+from sie_sdk.v1 import (
+    encode_pb2_grpc,
+    extract_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+    score_pb2_grpc,
+    status_pb2,
+    status_pb2_grpc,
+)
+from sie_sdk.wire import unpacked
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def parse_target(base_url: str) -> tuple[str, bool]:
+    """(gRPC target, use TLS) of ``grpc://``, ``grpcs://`` or a bare address (list)."""
+    secure = base_url.startswith("grpcs://")
+    address = base_url.removeprefix("grpcs://").removeprefix("grpc://").rstrip("/")
+    return grpc_target(address), secure
+
+
+def _options() -> list[tuple[str, Any]]:
+    return [
+        ("grpc.service_config", ROUND_ROBIN),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ]
+
+
+def _metadata(call: CallOptions) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {call.api_key}"),) if call.api_key else ()
+
+
+def _request(op: Operation, body: Mapping[str, Any] | None) -> Any:
+    if op.kind is Kind.ENCODE:
+        return to_proto.encode_request(op.model, body)
+    if op.kind is Kind.SCORE:
+        return to_proto.score_request(op.model, body)
+    if op.kind is Kind.EXTRACT:
+        return to_proto.extract_request(op.model, body)
+    if op.kind is Kind.LIST_MODELS:
+        return models_pb2.ListModelsRequest()
+    return models_pb2.GetModelRequest(name=op.model)
+
+
+def _response(op: Operation, reply: Any) -> Any:
+    if op.kind is Kind.ENCODE:
+        return unpacked(from_proto.encode_response(reply))
+    if op.kind is Kind.SCORE:
+        return from_proto.score_response(reply)
+    if op.kind is Kind.EXTRACT:
+        return from_proto.extract_response(reply)
+    if op.kind is Kind.LIST_MODELS:
+        return {"models": [from_proto.model_info(info) for info in reply.models]}
+    return from_proto.model_info(reply.model)
+
+
+class _Stubs:
+    """One stub per service on a channel (sync or aio: the stubs are built the same way)."""
+
+    def __init__(self, channel: Any) -> None:
+        self.encode = encode_pb2_grpc.EncodeServiceStub(channel)
+        self.score = score_pb2_grpc.ScoreServiceStub(channel)
+        self.extract = extract_pb2_grpc.ExtractServiceStub(channel)
+        self.models = models_pb2_grpc.ModelServiceStub(channel)
+        self.status = status_pb2_grpc.StatusServiceStub(channel)
+        self.health = health_pb2_grpc.HealthStub(channel)
+
+    def method(self, op: Operation) -> Callable[..., Any]:
+        methods: dict[Kind, Callable[..., Any]] = {
+            Kind.ENCODE: self.encode.Encode,
+            Kind.SCORE: self.score.Score,
+            Kind.EXTRACT: self.extract.Extract,
+            Kind.LIST_MODELS: self.models.ListModels,
+            Kind.GET_MODEL: self.models.GetModel,
+        }
+        return methods[op.kind]
+
+
+def _failure(exc: grpc.RpcError) -> SIEError:
+    return error_from_detail(error_from_rpc(exc))
+
+
+class GrpcTransport:
+    def __init__(self, base_url: str) -> None:
+        target, secure = parse_target(base_url)
+        self.channel = (
+            grpc.secure_channel(target, grpc.ssl_channel_credentials(), _options())
+            if secure
+            else grpc.insecure_channel(target, _options())
+        )
+        self.stubs = _Stubs(self.channel)
+
+    def send(self, op: Operation, body: Mapping[str, Any] | None, call: CallOptions) -> Any:
+        request = _request(op, body)
+        try:
+            reply = self.stubs.method(op)(request, timeout=call.timeout_s, metadata=_metadata(call))
+        except grpc.RpcError as exc:
+            raise _failure(exc) from exc
+        return _response(op, reply)
+
+    def ready(self, call: CallOptions) -> bool:
+        try:
+            reply = self.stubs.health.Check(
+                health_pb2.HealthCheckRequest(), timeout=call.timeout_s, metadata=_metadata(call)
+            )
+        except grpc.RpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def watch_status(self, interval_ms: int, call: CallOptions) -> Iterator[dict[str, Any]]:
+        stream = self.stubs.status.WatchStatus(
+            status_pb2.WatchStatusRequest(interval_ms=interval_ms), metadata=_metadata(call)
+        )
+        try:
+            for message in stream:
+                yield from_proto.status_message(message)
+        except grpc.RpcError as exc:
+            raise _failure(exc) from exc
+        finally:
+            stream.cancel()
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class AsyncGrpcTransport:
+    def __init__(self, base_url: str) -> None:
+        target, secure = parse_target(base_url)
+        self.channel = (
+            grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(), _options())
+            if secure
+            else grpc.aio.insecure_channel(target, _options())
+        )
+        self.stubs = _Stubs(self.channel)
+
+    async def send(self, op: Operation, body: Mapping[str, Any] | None, call: CallOptions) -> Any:
+        request = _request(op, body)
+        try:
+            reply = await self.stubs.method(op)(
+                request, timeout=call.timeout_s, metadata=_metadata(call)
+            )
+        except grpc.RpcError as exc:
+            raise _failure(exc) from exc
+        return _response(op, reply)
+
+    async def ready(self, call: CallOptions) -> bool:
+        try:
+            reply = await self.stubs.health.Check(
+                health_pb2.HealthCheckRequest(), timeout=call.timeout_s, metadata=_metadata(call)
+            )
+        except grpc.RpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def watch_status(
+        self, interval_ms: int, call: CallOptions
+    ) -> AsyncIterator[dict[str, Any]]:
+        stream = self.stubs.status.WatchStatus(
+            status_pb2.WatchStatusRequest(interval_ms=interval_ms), metadata=_metadata(call)
+        )
+        try:
+            async for message in stream:
+                yield from_proto.status_message(message)
+        except grpc.RpcError as exc:
+            raise _failure(exc) from exc
+        finally:
+            stream.cancel()
+
+    async def close(self) -> None:
+        await self.channel.close(None)

@@ -1,0 +1,178 @@
+"""``SIEAsyncClient``: the asyncio client, with the same methods as coroutines. Everything but the
+waiting lives in ``_core``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+from sie_sdk.client._core import ClientConfig, ClientCore, Prepared, choose_transport, no_pools
+from sie_sdk.client._retry import RetryPolicy
+from sie_sdk.client._transports.base import AsyncTransport, CallOptions, Operation
+from sie_sdk.client.errors import ProvisioningError, SIEError
+from sie_sdk.types import CapacityInfo, EncodeResult, ExtractResult, Item, ModelInfo, ScoreResult
+
+R = TypeVar("R")
+
+
+async def _off_loop(build: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+    """Build the request, in a worker thread when items carry images or documents (reading
+    files and encoding JPEGs must not block the event loop)."""
+    if any(_has_files(arg) for arg in args):
+        return await asyncio.to_thread(build, *args, **kwargs)
+    return build(*args, **kwargs)
+
+
+def _has_files(value: Any) -> bool:
+    items = [value] if isinstance(value, Mapping) else value if isinstance(value, list) else []
+    return any(isinstance(i, Mapping) and ("images" in i or "document" in i) for i in items)
+
+
+def _transport(config: ClientConfig) -> AsyncTransport:
+    if config.transport == "http":
+        from sie_sdk.client._transports.http import AsyncHttpTransport
+
+        return AsyncHttpTransport(config.base_url)
+    from sie_sdk.client._transports.grpc import AsyncGrpcTransport
+
+    return AsyncGrpcTransport(config.base_url)
+
+
+class SIEAsyncClient:
+    """Asyncio client for an SIE server, over HTTP (the bridge) or gRPC."""
+
+    def __init__(
+        self,
+        base_url: str,
+        timeout_s: float = 30.0,
+        api_key: str | None = None,
+        gpu: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        pool: Any = None,
+        *,
+        transport: str | None = None,
+        max_items_per_request: int = 1024,
+        max_concurrency: int = 4,
+    ) -> None:
+        if pool is not None:
+            raise no_pools(str(pool))
+        self.config = ClientConfig(
+            base_url=base_url,
+            timeout_s=timeout_s,
+            api_key=api_key,
+            gpu=gpu,
+            options=dict(options or {}),
+            transport=choose_transport(base_url, transport),
+            max_items_per_request=max_items_per_request,
+            max_concurrency=max_concurrency,
+        )
+        self._core = ClientCore(self.config)
+        self._transport = _transport(self.config)
+        self._call = CallOptions(timeout_s, api_key)
+
+    # ---- IO ------------------------------------------------------------------------------------
+    async def _send(self, op: Operation, body: dict[str, Any] | None, budget_s: float) -> Any:
+        policy = RetryPolicy(budget_s)
+        while True:
+            try:
+                return await self._transport.send(op, body, self._call)
+            except SIEError as error:
+                delay = policy.delay_after(error)
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
+
+    async def _run(self, prepared: Prepared[R]) -> R:
+        gate = asyncio.Semaphore(self.config.max_concurrency)
+
+        async def one(body: dict[str, Any] | None) -> Any:
+            async with gate:
+                return await self._send(prepared.op, body, prepared.provision_timeout_s)
+
+        return prepared.parse(list(await asyncio.gather(*(one(b) for b in prepared.bodies))))
+
+    # ---- the reference's methods -----------------------------------------------------------------
+    async def encode(
+        self, model: str, items: Item | Sequence[Item], **kwargs: Any
+    ) -> EncodeResult | list[EncodeResult]:
+        return await self._run(await _off_loop(self._core.encode, model, items, **kwargs))
+
+    async def score(
+        self, model: str, query: Item, items: Sequence[Item], **kwargs: Any
+    ) -> ScoreResult:
+        return await self._run(await _off_loop(self._core.score, model, query, items, **kwargs))
+
+    async def extract(
+        self, model: str, items: Item | Sequence[Item], **kwargs: Any
+    ) -> ExtractResult | list[ExtractResult]:
+        return await self._run(await _off_loop(self._core.extract, model, items, **kwargs))
+
+    async def list_models(self) -> list[ModelInfo]:
+        return await self._run(self._core.list_models())
+
+    async def get_model(self, model: str) -> ModelInfo:
+        return await self._run(self._core.get_model(model))
+
+    def watch_status(self, interval_ms: int = 200) -> AsyncIterator[dict[str, Any]]:
+        """The server's status messages (the ``/ws/status`` schema), until the caller stops."""
+        return self._transport.watch_status(interval_ms, self._call)
+
+    async def get_capacity(self, *, gpu: str | None = None) -> CapacityInfo:
+        self._core._route(gpu)
+        ready = await self._transport.ready(self._call)
+        status = None
+        if ready:
+            stream = self.watch_status()
+            try:
+                status = await anext(stream, None)
+            finally:
+                await stream.aclose()  # type: ignore[attr-defined]
+        return self._core.capacity(ready, status)
+
+    async def wait_for_capacity(
+        self,
+        gpu: str | None = None,
+        *,
+        model: str | None = None,
+        timeout_s: float | None = None,
+        poll_interval_s: float = 5.0,
+    ) -> CapacityInfo:
+        """Wait until the server is ready (and, with ``model``, until it encodes)."""
+        self._core._route(gpu)
+        budget = 300.0 if timeout_s is None else timeout_s
+        deadline = time.monotonic() + budget
+        while not await self._transport.ready(self._call):
+            if time.monotonic() >= deadline:
+                raise ProvisioningError(f"the server was not ready within {budget:.0f}s", gpu=gpu)
+            await asyncio.sleep(min(poll_interval_s, max(0.0, deadline - time.monotonic())))
+        if model is not None:
+            remaining = max(0.0, deadline - time.monotonic())
+            await self.encode(model, {"text": "warm up"}, provision_timeout_s=remaining)
+        return await self.get_capacity()
+
+    async def create_pool(self, name: str, gpus: Mapping[str, int], **kwargs: Any) -> None:
+        raise no_pools(name)
+
+    async def get_pool(self, name: str) -> dict[str, Any]:
+        raise no_pools(name)
+
+    async def delete_pool(self, name: str) -> None:
+        raise no_pools(name)
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    async def close(self) -> None:
+        await self._transport.close()
+
+    async def __aenter__(self) -> SIEAsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

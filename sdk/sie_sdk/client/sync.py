@@ -1,0 +1,163 @@
+"""``SIEClient``: the blocking client. Everything but the waiting lives in ``_core``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+from typing import Any, TypeVar
+
+from sie_sdk.client._core import ClientConfig, ClientCore, Prepared, choose_transport, no_pools
+from sie_sdk.client._retry import RetryPolicy
+from sie_sdk.client._transports.base import CallOptions, Operation, Transport
+from sie_sdk.client.errors import ProvisioningError, SIEError
+from sie_sdk.types import CapacityInfo, EncodeResult, ExtractResult, Item, ModelInfo, ScoreResult
+
+R = TypeVar("R")
+
+
+def _transport(config: ClientConfig) -> Transport:
+    if config.transport == "http":
+        from sie_sdk.client._transports.http import HttpTransport
+
+        return HttpTransport(config.base_url)
+    from sie_sdk.client._transports.grpc import GrpcTransport
+
+    return GrpcTransport(config.base_url)
+
+
+class SIEClient:
+    """Synchronous client for an SIE server, over HTTP (the bridge) or gRPC."""
+
+    def __init__(
+        self,
+        base_url: str,
+        timeout_s: float = 30.0,
+        api_key: str | None = None,
+        gpu: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        pool: Any = None,
+        *,
+        transport: str | None = None,
+        max_items_per_request: int = 1024,
+        max_concurrency: int = 4,
+    ) -> None:
+        if pool is not None:
+            raise no_pools(str(pool))
+        self.config = ClientConfig(
+            base_url=base_url,
+            timeout_s=timeout_s,
+            api_key=api_key,
+            gpu=gpu,
+            options=dict(options or {}),
+            transport=choose_transport(base_url, transport),
+            max_items_per_request=max_items_per_request,
+            max_concurrency=max_concurrency,
+        )
+        self._core = ClientCore(self.config)
+        self._transport = _transport(self.config)
+        self._call = CallOptions(timeout_s, api_key)
+
+    # ---- IO ------------------------------------------------------------------------------------
+    def _send(self, op: Operation, body: dict[str, Any] | None, budget_s: float) -> Any:
+        policy = RetryPolicy(budget_s)
+        while True:
+            try:
+                return self._transport.send(op, body, self._call)
+            except SIEError as error:
+                delay = policy.delay_after(error)
+                if delay is None:
+                    raise
+                time.sleep(delay)
+
+    def _run(self, prepared: Prepared[R]) -> R:
+        def one(body: dict[str, Any] | None) -> Any:
+            return self._send(prepared.op, body, prepared.provision_timeout_s)
+
+        if len(prepared.bodies) == 1:
+            return prepared.parse([one(prepared.bodies[0])])
+        workers = min(self.config.max_concurrency, len(prepared.bodies))
+        with ThreadPoolExecutor(workers, thread_name_prefix="sie-sdk") as pool:
+            return prepared.parse(list(pool.map(one, prepared.bodies)))
+
+    # ---- the reference's methods -----------------------------------------------------------------
+    def encode(
+        self, model: str, items: Item | Sequence[Item], **kwargs: Any
+    ) -> EncodeResult | list[EncodeResult]:
+        return self._run(self._core.encode(model, items, **kwargs))
+
+    def score(self, model: str, query: Item, items: Sequence[Item], **kwargs: Any) -> ScoreResult:
+        return self._run(self._core.score(model, query, items, **kwargs))
+
+    def extract(
+        self, model: str, items: Item | Sequence[Item], **kwargs: Any
+    ) -> ExtractResult | list[ExtractResult]:
+        return self._run(self._core.extract(model, items, **kwargs))
+
+    def list_models(self) -> list[ModelInfo]:
+        return self._run(self._core.list_models())
+
+    def get_model(self, model: str) -> ModelInfo:
+        return self._run(self._core.get_model(model))
+
+    def watch_status(self, interval_ms: int = 200) -> Iterator[dict[str, Any]]:
+        """The server's status messages (the ``/ws/status`` schema), until the caller stops."""
+        return self._transport.watch_status(interval_ms, self._call)
+
+    def get_capacity(self, *, gpu: str | None = None) -> CapacityInfo:
+        self._core._route(gpu)
+        ready = self._transport.ready(self._call)
+        status = None
+        if ready:
+            stream = self.watch_status()
+            try:
+                status = next(stream, None)
+            finally:
+                stream.close()  # type: ignore[attr-defined]
+        return self._core.capacity(ready, status)
+
+    def wait_for_capacity(
+        self,
+        gpu: str | None = None,
+        *,
+        model: str | None = None,
+        timeout_s: float | None = None,
+        poll_interval_s: float = 5.0,
+    ) -> CapacityInfo:
+        """Wait until the server is ready (and, with ``model``, until it encodes)."""
+        self._core._route(gpu)
+        budget = 300.0 if timeout_s is None else timeout_s
+        deadline = time.monotonic() + budget
+        while not self._transport.ready(self._call):
+            if time.monotonic() >= deadline:
+                raise ProvisioningError(f"the server was not ready within {budget:.0f}s", gpu=gpu)
+            time.sleep(min(poll_interval_s, max(0.0, deadline - time.monotonic())))
+        if model is not None:
+            remaining = max(0.0, deadline - time.monotonic())
+            self.encode(model, {"text": "warm up"}, provision_timeout_s=remaining)
+        return self.get_capacity()
+
+    def create_pool(self, name: str, gpus: Mapping[str, int], **kwargs: Any) -> None:
+        raise no_pools(name)
+
+    def get_pool(self, name: str) -> dict[str, Any]:
+        raise no_pools(name)
+
+    def delete_pool(self, name: str) -> None:
+        raise no_pools(name)
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def close(self) -> None:
+        self._transport.close()
+
+    def __enter__(self) -> SIEClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
