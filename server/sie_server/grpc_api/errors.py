@@ -75,29 +75,9 @@ def translate_errors(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
 
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
-        status = "INTERNAL_ERROR"
-        try:
-            response = await handler(self, request, context)
-            status = "ok"
-            return response
-        except SIEServerError as exc:
-            status = exc.reason
-            code, message, trailers = status_for(exc)
-            await context.abort(code, message, trailing_metadata=trailers)
-        except grpc.aio.AbortError:
-            code = context.code()  # the handler aborted by itself
-            status = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
-            raise
-        except asyncio.CancelledError:
-            status = "CANCELLED"
-            raise
-        except Exception as exc:
-            log.exception("unexpected error in %s", handler.__qualname__)
-            code, message, trailers = status_for(
-                SIEServerError(f"internal error: {type(exc).__name__}")
-            )
-            await context.abort(code, message, trailing_metadata=trailers)
-        finally:
+        def record(status: str) -> None:
+            # Before the status goes out: ``abort`` sends it at once, and a client that reads
+            # the metrics next must find its call counted.
             registry = self.registry
             registry.metrics.inc(
                 REQUESTS_TOTAL,
@@ -105,6 +85,27 @@ def translate_errors(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
                 endpoint=endpoint,
                 status=status,
             )
+
+        try:
+            response = await handler(self, request, context)
+        except SIEServerError as exc:
+            error = exc
+        except grpc.aio.AbortError:
+            code = context.code()  # the handler aborted by itself
+            record(code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN")
+            raise
+        except asyncio.CancelledError:
+            record("CANCELLED")
+            raise
+        except Exception as exc:
+            log.exception("unexpected error in %s", handler.__qualname__)
+            error = SIEServerError(f"internal error: {type(exc).__name__}")
+        else:
+            record("ok")
+            return response
+        record(error.reason)
+        code, message, trailers = status_for(error)
+        await context.abort(code, message, trailing_metadata=trailers)
         raise AssertionError("unreachable: abort raises")
 
     return wrapper
