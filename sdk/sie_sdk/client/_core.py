@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
-from sie_sdk.client._transports.base import Kind, Operation
+from sie_sdk.client._transports.base import CallOptions, Kind, Operation
 from sie_sdk.client.errors import PoolError, RequestError, SIEError
 from sie_sdk.inputs import InputError, prepare_item
 from sie_sdk.types import (
@@ -29,6 +29,7 @@ from sie_sdk.types import (
     ModelInfo,
     ScoreEntry,
     ScoreResult,
+    TimingInfo,
 )
 
 R = TypeVar("R")
@@ -67,6 +68,9 @@ class Prepared(Generic[R]):
     parse: Callable[[list[Any]], R]
     provision_timeout_s: float
     gpu: str | None = None
+    #: Whether an unreachable server is waited for the whole provision_timeout_s (True), or
+    #: only for CONNECT_RETRY_S (a restart) before SIEConnectionError.
+    wait_for_capacity: bool = False
 
 
 def no_pools(name: str) -> PoolError:
@@ -76,11 +80,21 @@ def no_pools(name: str) -> PoolError:
     )
 
 
+def closed_error() -> SIEError:
+    return SIEError("the client is closed", code="CLIENT_CLOSED")
+
+
 def _chunks(items: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
+    """``items`` in chunks of ``size``. When it splits, items without an id get the one the
+    server would give them unsplit (``item-<index>``), so results stay distinguishable."""
+    if len(items) > size:
+        items = [
+            item if "id" in item else {**item, "id": f"item-{i}"} for i, item in enumerate(items)
+        ]
     return [items[i : i + size] for i in range(0, len(items), size)] or [[]]
 
 
-def _array_result(item: Mapping[str, Any]) -> EncodeResult:
+def _array_result(item: Mapping[str, Any], timing: Mapping[str, float] | None) -> EncodeResult:
     result: EncodeResult = {}
     if "id" in item:
         result["id"] = item["id"]
@@ -95,6 +109,8 @@ def _array_result(item: Mapping[str, Any]) -> EncodeResult:
         result["num_tokens"] = int(item["num_tokens"])
     if "truncated" in item:
         result["truncated"] = bool(item["truncated"])
+    if timing is not None:
+        result["timing"] = TimingInfo(**timing)  # type: ignore[typeddict-item]
     return result
 
 
@@ -193,7 +209,9 @@ class ClientCore:
         ]
 
         def parse(responses: list[Any]) -> EncodeResult | list[EncodeResult]:
-            results = [_array_result(item) for r in responses for item in r["items"]]
+            results = [
+                _array_result(item, r.get("timing")) for r in responses for item in r["items"]
+            ]
             return results[0] if single else results
 
         return Prepared(
@@ -202,6 +220,7 @@ class ClientCore:
             parse,
             self._provision(provision_timeout_s),
             route,
+            wait_for_capacity,
         )
 
     def score(
@@ -252,7 +271,12 @@ class ClientCore:
             return result
 
         return Prepared(
-            Operation(Kind.SCORE, model), bodies, parse, self._provision(provision_timeout_s), route
+            Operation(Kind.SCORE, model),
+            bodies,
+            parse,
+            self._provision(provision_timeout_s),
+            route,
+            wait_for_capacity,
         )
 
     def extract(
@@ -294,6 +318,7 @@ class ClientCore:
             parse,
             self._provision(provision_timeout_s),
             route,
+            wait_for_capacity,
         )
 
     # ---- models and capacity -------------------------------------------------------------------
@@ -331,3 +356,51 @@ class ClientCore:
             for m in status["models"]
         ]
         return info
+
+
+T = TypeVar("T")
+
+
+class ClientBase(Generic[T]):
+    """The constructor both clients share (the reference's signature plus the transport switch);
+    a subclass opens its transport (``T``: sync or async) in ``_open``."""
+
+    config: ClientConfig
+    _core: ClientCore
+    _transport: T
+    _call: CallOptions
+    _closed: bool = False
+
+    def __init__(
+        self,
+        base_url: str,
+        timeout_s: float = 30.0,
+        api_key: str | None = None,
+        gpu: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        pool: Any = None,
+        *,
+        transport: str | None = None,
+        max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST,
+        max_concurrency: int = 4,
+    ) -> None:
+        if pool is not None:
+            raise no_pools(str(pool))
+        if max_items_per_request < 1 or max_concurrency < 1:
+            raise ValueError("max_items_per_request and max_concurrency must be at least 1")
+        self.config = ClientConfig(
+            base_url=base_url,
+            timeout_s=timeout_s,
+            api_key=api_key,
+            gpu=gpu,
+            options=dict(options or {}),
+            transport=choose_transport(base_url, transport),
+            max_items_per_request=max_items_per_request,
+            max_concurrency=max_concurrency,
+        )
+        self._core = ClientCore(self.config)
+        self._call = CallOptions(timeout_s, api_key)
+        self._transport = self._open(self.config)
+
+    def _open(self, config: ClientConfig) -> T:
+        raise NotImplementedError

@@ -5,7 +5,9 @@ Retried: the reasons whose row in ``sie_sdk.reasons.REASONS`` says ``sdk_retries
 backend). The wait honours the server's hint (``Retry-After`` on HTTP; ``RetryInfo`` or
 ``grpc-retry-pushback-ms`` on gRPC, both read into ``SIEError.retry_after``), else backs off
 exponentially from ``INITIAL_DELAY_S`` to ``MAX_DELAY_S``, and never past the call's
-``provision_timeout_s``; after that the last error is raised.
+``provision_timeout_s``; after that the last error is raised. An unreachable server
+(BACKEND_UNAVAILABLE) is waited for only ``CONNECT_RETRY_S`` (a restart, a rolling update) unless
+the call asked ``wait_for_capacity=True``: a wrong address fails in seconds, not minutes.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from sie_sdk.reasons import REASONS
 
 INITIAL_DELAY_S = 0.25
 MAX_DELAY_S = 5.0
+CONNECT_RETRY_S = 10.0
 
 
 @dataclass(slots=True)
 class RetryPolicy:
     budget_s: float
+    wait_for_capacity: bool = False
     started: float = field(default_factory=time.monotonic)
     attempts: int = 0
 
@@ -31,7 +35,10 @@ class RetryPolicy:
         row = REASONS.get(error.code or "")
         if row is None or not row.sdk_retries:
             return None
-        remaining = self.budget_s - (time.monotonic() - self.started)
+        budget = self.budget_s
+        if error.code == "BACKEND_UNAVAILABLE" and not self.wait_for_capacity:
+            budget = min(budget, CONNECT_RETRY_S)
+        remaining = budget - (time.monotonic() - self.started)
         if remaining <= 0:
             return None
         backoff = min(MAX_DELAY_S, INITIAL_DELAY_S * (2**self.attempts))

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
-from sie_sdk.client._core import ClientConfig, ClientCore, Prepared, choose_transport, no_pools
+from sie_sdk.client._core import ClientBase, ClientConfig, Prepared, closed_error, no_pools
 from sie_sdk.client._retry import RetryPolicy
-from sie_sdk.client._transports.base import AsyncTransport, CallOptions, Operation
+from sie_sdk.client._transports.base import AsyncTransport, Operation
 from sie_sdk.client.errors import ProvisioningError, SIEError
 from sie_sdk.types import CapacityInfo, EncodeResult, ExtractResult, Item, ModelInfo, ScoreResult
 
@@ -41,41 +41,19 @@ def _transport(config: ClientConfig) -> AsyncTransport:
     return AsyncGrpcTransport(config.base_url)
 
 
-class SIEAsyncClient:
+class SIEAsyncClient(ClientBase[AsyncTransport]):
     """Asyncio client for an SIE server, over HTTP (the bridge) or gRPC."""
 
-    def __init__(
-        self,
-        base_url: str,
-        timeout_s: float = 30.0,
-        api_key: str | None = None,
-        gpu: str | None = None,
-        options: Mapping[str, Any] | None = None,
-        pool: Any = None,
-        *,
-        transport: str | None = None,
-        max_items_per_request: int = 1024,
-        max_concurrency: int = 4,
-    ) -> None:
-        if pool is not None:
-            raise no_pools(str(pool))
-        self.config = ClientConfig(
-            base_url=base_url,
-            timeout_s=timeout_s,
-            api_key=api_key,
-            gpu=gpu,
-            options=dict(options or {}),
-            transport=choose_transport(base_url, transport),
-            max_items_per_request=max_items_per_request,
-            max_concurrency=max_concurrency,
-        )
-        self._core = ClientCore(self.config)
-        self._transport = _transport(self.config)
-        self._call = CallOptions(timeout_s, api_key)
+    def _open(self, config: ClientConfig) -> AsyncTransport:
+        return _transport(config)
 
     # ---- IO ------------------------------------------------------------------------------------
-    async def _send(self, op: Operation, body: dict[str, Any] | None, budget_s: float) -> Any:
-        policy = RetryPolicy(budget_s)
+    async def _send(
+        self, op: Operation, body: dict[str, Any] | None, prepared: Prepared[Any]
+    ) -> Any:
+        if self._closed:
+            raise closed_error()
+        policy = RetryPolicy(prepared.provision_timeout_s, prepared.wait_for_capacity)
         while True:
             try:
                 return await self._transport.send(op, body, self._call)
@@ -90,7 +68,7 @@ class SIEAsyncClient:
 
         async def one(body: dict[str, Any] | None) -> Any:
             async with gate:
-                return await self._send(prepared.op, body, prepared.provision_timeout_s)
+                return await self._send(prepared.op, body, prepared)
 
         return prepared.parse(list(await asyncio.gather(*(one(b) for b in prepared.bodies))))
 
@@ -164,6 +142,7 @@ class SIEAsyncClient:
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def close(self) -> None:
+        self._closed = True
         await self._transport.close()
 
     async def __aenter__(self) -> SIEAsyncClient:

@@ -16,7 +16,8 @@ column of ``sie_sdk.reasons.REASONS``, the table the server and the bridge read 
     ├── ProvisioningError            the model is not ready (MODEL_LOADING, MODEL_NOT_LOADED)
     │                                within provision_timeout_s; .gpu, .retry_after
     ├── PoolError                    resource pools: a standalone server has none; .pool_name, .state
-    └── LoraLoadingError             a LoRA adapter still loading after the retries; .lora, .model
+    └── LoraLoadingError             LORA_LOADING: an adapter still loading after the retries;
+                                     .lora, .model
 
 ``code`` is the reason (``"QUEUE_FULL"``), ``status_code`` the HTTP status of its row (the same
 over gRPC, so handlers need not know the transport). ``retry_after`` is the server's hint in

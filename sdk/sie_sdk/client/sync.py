@@ -8,9 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, TypeVar
 
-from sie_sdk.client._core import ClientConfig, ClientCore, Prepared, choose_transport, no_pools
+from sie_sdk.client._core import ClientBase, ClientConfig, Prepared, closed_error, no_pools
 from sie_sdk.client._retry import RetryPolicy
-from sie_sdk.client._transports.base import CallOptions, Operation, Transport
+from sie_sdk.client._transports.base import Operation, Transport
 from sie_sdk.client.errors import ProvisioningError, SIEError
 from sie_sdk.types import CapacityInfo, EncodeResult, ExtractResult, Item, ModelInfo, ScoreResult
 
@@ -27,41 +27,17 @@ def _transport(config: ClientConfig) -> Transport:
     return GrpcTransport(config.base_url)
 
 
-class SIEClient:
+class SIEClient(ClientBase[Transport]):
     """Synchronous client for an SIE server, over HTTP (the bridge) or gRPC."""
 
-    def __init__(
-        self,
-        base_url: str,
-        timeout_s: float = 30.0,
-        api_key: str | None = None,
-        gpu: str | None = None,
-        options: Mapping[str, Any] | None = None,
-        pool: Any = None,
-        *,
-        transport: str | None = None,
-        max_items_per_request: int = 1024,
-        max_concurrency: int = 4,
-    ) -> None:
-        if pool is not None:
-            raise no_pools(str(pool))
-        self.config = ClientConfig(
-            base_url=base_url,
-            timeout_s=timeout_s,
-            api_key=api_key,
-            gpu=gpu,
-            options=dict(options or {}),
-            transport=choose_transport(base_url, transport),
-            max_items_per_request=max_items_per_request,
-            max_concurrency=max_concurrency,
-        )
-        self._core = ClientCore(self.config)
-        self._transport = _transport(self.config)
-        self._call = CallOptions(timeout_s, api_key)
+    def _open(self, config: ClientConfig) -> Transport:
+        return _transport(config)
 
     # ---- IO ------------------------------------------------------------------------------------
-    def _send(self, op: Operation, body: dict[str, Any] | None, budget_s: float) -> Any:
-        policy = RetryPolicy(budget_s)
+    def _send(self, op: Operation, body: dict[str, Any] | None, prepared: Prepared[Any]) -> Any:
+        if self._closed:
+            raise closed_error()
+        policy = RetryPolicy(prepared.provision_timeout_s, prepared.wait_for_capacity)
         while True:
             try:
                 return self._transport.send(op, body, self._call)
@@ -73,7 +49,7 @@ class SIEClient:
 
     def _run(self, prepared: Prepared[R]) -> R:
         def one(body: dict[str, Any] | None) -> Any:
-            return self._send(prepared.op, body, prepared.provision_timeout_s)
+            return self._send(prepared.op, body, prepared)
 
         if len(prepared.bodies) == 1:
             return prepared.parse([one(prepared.bodies[0])])
@@ -149,6 +125,7 @@ class SIEClient:
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def close(self) -> None:
+        self._closed = True
         self._transport.close()
 
     def __enter__(self) -> SIEClient:
