@@ -1,13 +1,15 @@
 """What every SDK call carries, seen from the server's side of each transport: the API key
 (``Authorization: Bearer`` on HTTP, ``authorization`` metadata on gRPC), the client's default
 options merged under the call's, and ``timeout_s`` as the call's deadline (both transports end
-in the same ``ServerError`` with code DEADLINE_EXCEEDED)."""
+in the same ``ServerError`` with code DEADLINE_EXCEEDED), and a multi-address gRPC target spread
+over every server with grpc's round_robin."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -20,6 +22,9 @@ from sie_sdk.client.errors import ServerError
 from sie_sdk.convert import to_proto
 from sie_sdk.v1 import encode_pb2, encode_pb2_grpc
 from sie_sdk.wire import MSGPACK, pack_msgpack, unpack_msgpack
+
+from tests.fakes import FakeAdapter
+from tests.server_utils import fake_entry, serving, write_catalog_entry
 
 
 @dataclass
@@ -129,3 +134,20 @@ async def test_timeout_is_the_calls_deadline(
         endpoints.seen.delay_s = 0.0
     assert raised.value.code == "DEADLINE_EXCEEDED"
     assert raised.value.status_code == 504
+
+
+async def test_a_multi_address_grpc_target_spreads_calls_round_robin(tmp_path: Path) -> None:
+    write_catalog_entry(tmp_path / "catalog", fake_entry("fake/rr"))
+    catalog = [tmp_path / "catalog"]
+    async with serving(catalog, ["fake/rr"]) as one, serving(catalog, ["fake/rr"]) as two:
+        async with SIEAsyncClient(f"{one.address},{two.address}") as client:
+            for n in range(8):
+                await client.encode("fake/rr", {"text": f"call{n}"})
+        seen = []
+        for handle in (one, two):
+            adapter = handle.running.registry.entry("fake/rr").adapter
+            assert isinstance(adapter, FakeAdapter)
+            seen.append({t for t in adapter.seen_texts() if t.startswith("call")})
+    assert seen[0], "the first server took calls"
+    assert seen[1], "the second server took calls"
+    assert seen[0] | seen[1] == {f"call{n}" for n in range(8)}
