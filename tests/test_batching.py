@@ -358,3 +358,22 @@ def test_take_batch_accounting_matches_the_items_left() -> None:
             queue.remove_where(lambda it: it.cost % 7 == 0)
             assert queue.cost == sum(it.cost for it in queue)
             assert len(queue) == len(list(queue))
+
+
+def test_preparing_ahead_takes_the_full_group_not_the_oldest_small_one() -> None:
+    # While a batch runs, the executor prepares the next one only when some group is full; the
+    # prepared slot must then hold that full batch, not the oldest group's lone item.
+    limits = BatchLimits(max_batch_tokens=1000, max_batch_items=4)
+    queue = PendingQueue()
+    lone = fill(queue, [10], key="query")
+    full = fill(queue, [10, 10, 10, 10, 10], key="document")
+    assert queue.has_full_batch(limits)
+    ahead = queue.take_batch(limits, full_only=True)
+    assert ahead is not None
+    assert {id(i) for i in ahead.items} <= {id(i) for i in full}
+    assert len(ahead.items) == 4
+    # When the model is idle the oldest item's group goes first, as always.
+    nxt = queue.take_batch(limits)
+    assert nxt is not None
+    assert [id(i) for i in nxt.items] == [id(lone[0])]
+    assert queue.take_batch(limits, full_only=True) is None  # one document item: not full

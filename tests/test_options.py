@@ -329,3 +329,22 @@ async def test_encode_items_without_ids_get_item_index(server: ServerHandle) -> 
     req.items[1].id = "mine"
     response = await stub.Encode(req)
     assert [item.id for item in response.items] == ["item-0", "mine"]
+
+
+def test_output_type_order_does_not_split_batches() -> None:
+    one = resolve_encode(
+        M3, ITEMS, EncodeParams(output_types=["sparse", "dense"]), accepted_options=(), max_items=4
+    )
+    other = resolve_encode(
+        M3,
+        ITEMS,
+        EncodeParams(options={"output_types": ["dense", "multivector", "sparse", "dense"]}),
+        accepted_options=(),
+        max_items=4,
+    )
+    assert one.settings.output_types == ("dense", "sparse")
+    assert other.settings.output_types == ("dense", "sparse", "multivector")
+    same = resolve_encode(
+        M3, ITEMS, EncodeParams(output_types=["dense", "sparse"]), accepted_options=(), max_items=4
+    )
+    assert one.settings.batch_key() == same.settings.batch_key()

@@ -86,6 +86,10 @@ class EncodeOutput:
 # ---- timing ------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Timing:
+    """One request's time, in ms: total = tokenization + queue + inference + postprocessing.
+    ``queue`` is all the time between admission and the last result that was not the request's
+    own forward passes (waiting, collation, other batches running first)."""
+
     total_ms: float
     queue_ms: float
     tokenization_ms: float

@@ -75,19 +75,26 @@ class PendingQueue:
             self._set_group(key, keep)
         return removed
 
+    def _full_keys(self, limits: BatchLimits) -> list[Hashable]:
+        return [
+            key
+            for key, group in self._groups.items()
+            if len(group) >= limits.max_batch_items
+            or sum(i.cost for i in group) >= limits.max_batch_tokens
+        ]
+
     def has_full_batch(self, limits: BatchLimits) -> bool:
         """Whether some group could fill a batch on its own (worth preparing ahead)."""
-        for group in self._groups.values():
-            if len(group) >= limits.max_batch_items:
-                return True
-            if sum(i.cost for i in group) >= limits.max_batch_tokens:
-                return True
-        return False
+        return bool(self._full_keys(limits))
 
-    def take_batch(self, limits: BatchLimits) -> Batch | None:
-        if not self._groups:
+    def take_batch(self, limits: BatchLimits, *, full_only: bool = False) -> Batch | None:
+        """The batch of the group holding the oldest item; with ``full_only`` (preparing ahead
+        while the model runs), of the oldest group that can fill a batch, so the prepared slot
+        never holds a small batch of another group while a full one waits."""
+        keys = self._full_keys(limits) if full_only else list(self._groups)
+        if not keys:
             return None
-        key = min(self._groups, key=lambda k: self._groups[k][0].seq)
+        key = min(keys, key=lambda k: self._groups[k][0].seq)
         group = self._groups[key]
         oldest = group[0]
         ordered = sorted(group, key=lambda item: item.cost)

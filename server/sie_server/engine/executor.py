@@ -242,7 +242,7 @@ class BatchExecutor:
             await self._wake.wait()
             self._wake.clear()
             while self._should_dispatch():
-                batch = self._take_batch()
+                batch = self._take_batch(ahead=self._in_flight > 0)
                 if batch is None:
                     break
                 await self._dispatch(batch)
@@ -254,19 +254,17 @@ class BatchExecutor:
             return True
         return self._in_flight == 1 and self._pending.has_full_batch(self.config.limits)
 
-    def _take_batch(self) -> Batch | None:
+    def _take_batch(self, *, ahead: bool) -> Batch | None:
         now = time.monotonic()
         for item in self._pending.remove_where(lambda it: it.dead or it.expired(now)):
             self._fail(item, DeadlineExceeded("deadline passed while queued", model=self.name))
-        return self._pending.take_batch(self.config.limits)
+        return self._pending.take_batch(self.config.limits, full_only=ahead)
 
     async def _dispatch(self, batch: Batch) -> None:
         assert self._loop is not None
         self._batch_ids += 1
         batch_id = self._batch_ids
-        now = time.monotonic()
         for item in batch.items:
-            item.timing.queue_ms = (now - item.admitted_at) * 1000.0
             item.timing.batch_id = batch_id
         runner = batch.items[0].runner
         self._in_flight += 1

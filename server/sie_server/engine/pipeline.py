@@ -66,7 +66,9 @@ async def run_job(
     batches = {item.timing.batch_id: item.timing.inference_ms for item in items}
     timing = Timing(
         total_ms=(done - started) * 1000.0,
-        queue_ms=max((item.timing.queue_ms for item in items), default=0.0),
+        # Everything between admission and the last result that was not the request's own
+        # forward passes: waiting in the queue, collation, batches of others running first.
+        queue_ms=max(0.0, (inferred - prepared) * 1000.0 - sum(batches.values())),
         tokenization_ms=(prepared - started) * 1000.0,
         inference_ms=sum(batches.values()),
         postprocessing_ms=(done - inferred) * 1000.0,

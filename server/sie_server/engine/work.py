@@ -20,9 +20,8 @@ from sie_server.domain import BatchRunner
 
 @dataclass(slots=True)
 class ItemTiming:
-    """Filled in as the item moves: queue wait and the forward pass of its batch."""
+    """Filled in as the item moves: its batch and that batch's forward pass."""
 
-    queue_ms: float = 0.0
     inference_ms: float = 0.0
     batch_id: int = -1
 

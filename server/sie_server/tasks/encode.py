@@ -130,6 +130,8 @@ def resolve_encode(
             f"model {spec.name} does not produce {', '.join(missing) or 'embeddings'} (it produces {produced})",
             model=spec.name,
         )
+    # One canonical order: [dense, sparse] and [sparse, dense] share a forward pass.
+    types = tuple(t for t in OUTPUT_TYPES if t in types)
     dtype = params.output_dtype or option_dtype or "float32"
     if dtype not in OUTPUT_DTYPES:
         raise InvalidInput(
