@@ -572,3 +572,27 @@ async def test_every_future_resolves_exactly_once_under_mixed_trouble(
         # Still serving afterwards.
         assert_correct(["still here"], await outcomes(submit(executor, adapter, ["still here"])))
     assert any(p.outcome == "oom" for p in adapter.passes)
+
+
+@pytest.mark.parametrize(
+    ("wait_ms", "first_size", "sizes"),
+    [(0.0, 4, [4, 1, 3]), (300.0, 4, [4, 4]), (300.0, 1, [1, 1, 3])],
+)
+async def test_an_idle_model_waits_briefly_for_the_last_batchs_callers(
+    prep_pool: ThreadPoolExecutor, wait_ms: float, first_size: int, sizes: list[int]
+) -> None:
+    # Closed-loop callers of a 4-item batch come back one by one. With no wait, the first to
+    # return runs alone and the rest wait behind it (1, then 3); with a wait, they ride together.
+    # The fake's forward pass takes 0.4 s, so the window is min(300 ms, 0.4 s / 4) = 100 ms and
+    # the callers below return 20 ms apart. After a batch of one (a lone client) nothing waits.
+    adapter = fake(delay_s=0.4)
+    stats: list[BatchStats] = []
+    async with running(prep_pool, stats.append, batch_wait_ms=wait_ms) as executor:
+        first = [words(f"a{i}", 3) for i in range(first_size)]
+        assert_correct(first, await outcomes(submit(executor, adapter, first)))
+        lone = submit(executor, adapter, [words("b0", 3)])
+        await asyncio.sleep(0.02)
+        rest = [words(f"b{i}", 3) for i in range(1, 4)]
+        later = submit(executor, adapter, rest)
+        assert_correct([words("b0", 3), *rest], await outcomes([*lone, *later]))
+    assert [s.items for s in stats] == sizes

