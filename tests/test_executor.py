@@ -26,6 +26,7 @@ from sie_server.engine.work import WorkItem
 from sie_server.errors import (
     DeadlineExceeded,
     InferenceError,
+    InternalError,
     QueueFull,
     ResourceExhausted,
     ShuttingDown,
@@ -596,3 +597,70 @@ async def test_an_idle_model_waits_briefly_for_the_last_batchs_callers(
         later = submit(executor, adapter, rest)
         assert_correct([words("b0", 3), *rest], await outcomes([*lone, *later]))
     assert [s.items for s in stats] == sizes
+
+
+async def test_cancelled_and_expired_work_leaves_the_queue_at_once(
+    prep_pool: ThreadPoolExecutor,
+) -> None:
+    adapter = fake()
+    async with running(prep_pool) as executor:
+        adapter.hold()
+        try:
+            on_model = submit(executor, adapter, ["on the model"])
+            await eventually(lambda: adapter.passes_started == 1, "the model is busy")
+            doomed = submit(executor, adapter, ["cancelled"], QUERIES)
+            soon = time.monotonic() + 0.05
+            expiring = submit(executor, adapter, ["expiring"], QUERIES, deadline=soon)
+            kept = submit(executor, adapter, ["kept"], QUERIES)
+            assert executor.queued_items == 3
+            doomed[0].future.cancel()
+            await asyncio.sleep(0)
+            assert executor.queued_items == 2, "the cancelled item left the queue"
+            assert executor.pending_items == 3
+            # The deadline fires while the model is still busy, not when a batch next forms.
+            outcome = await outcomes(expiring)
+            assert isinstance(outcome[0], DeadlineExceeded)
+            assert not on_model[0].future.done(), "the model is still held"
+            assert executor.queued_items == 1
+            assert executor.pending_items == 2
+        finally:
+            adapter.release()
+        assert_correct(["on the model"], await outcomes(on_model))
+        assert_correct(["kept"], await outcomes(kept))
+    assert adapter.seen_texts() == {"on the model", "kept"}
+
+
+async def test_call_after_close_fails_instead_of_hanging(prep_pool: ThreadPoolExecutor) -> None:
+    executor = BatchExecutor("fake/model", ExecutorConfig(), prep_pool)
+    executor.start()
+    await executor.close(timeout_s=HANG_GUARD_S)
+    with pytest.raises(ShuttingDown):
+        await asyncio.wait_for(executor.call(lambda: 1), HANG_GUARD_S)
+
+
+async def test_a_dead_scheduler_fails_queued_work_and_refuses_new_work(
+    prep_pool: ThreadPoolExecutor, caplog: pytest.LogCaptureFixture
+) -> None:
+    adapter = fake()
+    async with running(prep_pool) as executor:
+        adapter.hold()
+        try:
+            on_model = submit(executor, adapter, ["on the model"])
+            await eventually(lambda: adapter.passes_started == 1, "the model is busy")
+
+            def broken(*args: Any, **kwargs: Any) -> Any:
+                raise RuntimeError("a bug in batch formation")
+
+            executor._pending.take_batch = broken  # type: ignore[method-assign]
+            queued = submit(executor, adapter, ["queued"], QUERIES)
+        finally:
+            adapter.release()
+        assert_correct(["on the model"], await outcomes(on_model))
+        [outcome] = await outcomes(queued)
+        assert isinstance(outcome, InternalError)
+        assert "a bug in batch formation" in str(outcome)
+        with pytest.raises(InternalError, match="batch scheduler"):
+            submit(executor, adapter, ["after"])
+        with pytest.raises(InternalError):
+            executor.check_capacity()
+    assert "the batch scheduler died" in caplog.text

@@ -65,6 +65,14 @@ class PendingQueue:
         for group in self._groups.values():
             yield from group
 
+    def discard(self, item: WorkItem) -> bool:
+        """Take ``item`` out if it is still pending (its caller left, or its deadline passed)."""
+        group = self._groups.get(item.key)
+        if group is None or not any(member is item for member in group):
+            return False
+        self._set_group(item.key, [member for member in group if member is not item])
+        return True
+
     def remove_where(self, predicate: Callable[[WorkItem], bool]) -> list[WorkItem]:
         """Take out every item the predicate accepts (dead or expired work)."""
         removed: list[WorkItem] = []

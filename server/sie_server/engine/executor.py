@@ -11,8 +11,11 @@
 * The model thread (one per model, named ``sie-model-<name>``) runs forward passes, plus any
   ``call`` (load, warm-up, unload), strictly one at a time.
 * Every item's future is resolved exactly once: by its batch's result or error, by
-  ``DeadlineExceeded`` when it expires while queued, or by ``ShuttingDown`` on close. Work whose
-  caller cancelled is dropped before it reaches the model.
+  ``DeadlineExceeded`` the moment it expires while queued (a timer per item), or by
+  ``ShuttingDown`` on close. Work whose caller cancelled leaves the queue and frees its admission
+  at once, before it can reach the model. A ``call`` after close fails with ``ShuttingDown``. If
+  the scheduler ever dies, it says why in the log, fails everything queued with
+  ``InternalError``, and refuses new work with the same error.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from sie_server.engine.work import WorkItem
 from sie_server.errors import (
     DeadlineExceeded,
     InferenceError,
+    InternalError,
     QueueFull,
     ResourceExhausted,
     ShuttingDown,
@@ -127,6 +131,7 @@ class BatchExecutor:
         self._last_done = 0.0
         self._last_run_s = 0.0
         self._closing = False
+        self._broken: InternalError | None = None
         self._jobs: queue.SimpleQueue[_BatchJob | _CallJob | None] = queue.SimpleQueue()
         self._thread = threading.Thread(
             target=self._model_loop, name=f"sie-model-{name}", daemon=True
@@ -143,6 +148,7 @@ class BatchExecutor:
         self._scheduler = self._loop.create_task(
             self._schedule(), name=f"sie-scheduler-{self.name}"
         )
+        self._scheduler.add_done_callback(self._scheduler_ended)
 
     async def close(self, timeout_s: float = 30.0) -> None:
         """Refuse new work, fail what is still queued, finish the running batch, stop the thread."""
@@ -151,17 +157,34 @@ class BatchExecutor:
             self._fail(item, ShuttingDown("server is shutting down", model=self.name))
         if self._scheduler is not None:
             self._scheduler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._scheduler
+            # A scheduler that died has said why already (``_scheduler_ended``).
+            await asyncio.gather(self._scheduler, return_exceptions=True)
         self._jobs.put(None)
         if self._thread.is_alive():
             await asyncio.to_thread(self._thread.join, timeout_s)
+
+    def _scheduler_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self._closing:
+            return
+        error = task.exception()
+        log.error("%s: the batch scheduler died; failing queued work", self.name, exc_info=error)
+        self._broken = InternalError(
+            f"the batch scheduler of {self.name} failed: {type(error).__name__}: {error}",
+            model=self.name,
+        )
+        for item in self._pending.remove_where(lambda _: True):
+            self._fail(item, self._broken)
 
     # ---- observation -----------------------------------------------------------------------
     @property
     def pending_items(self) -> int:
         """Items admitted and not yet resolved."""
         return self._admitted_items
+
+    @property
+    def queued_items(self) -> int:
+        """Items waiting for a batch (admitted, not yet collated or running)."""
+        return len(self._pending)
 
     @property
     def batches_in_flight(self) -> int:
@@ -172,6 +195,9 @@ class BatchExecutor:
         """Run ``fn`` on the model thread (load, warm-up, unload), in order with batches."""
         assert self._loop is not None, "start() first"
         future: asyncio.Future[T] = self._loop.create_future()
+        if self._closing:
+            future.set_exception(ShuttingDown("server is shutting down", model=self.name))
+            return future
         self._jobs.put(_CallJob(fn, future))
         return future
 
@@ -180,6 +206,8 @@ class BatchExecutor:
         """Fail fast before any work is spent on a request (e.g. tokenizing it)."""
         if self._closing:
             raise ShuttingDown("server is shutting down", model=self.name)
+        if self._broken is not None:
+            raise self._broken
         if (
             self._admitted_cost >= self.config.max_pending_tokens
             or self._admitted_items >= self.config.max_pending_items
@@ -211,6 +239,8 @@ class BatchExecutor:
         assert self._wake is not None
         if self._closing:
             raise ShuttingDown("server is shutting down", model=self.name)
+        if self._broken is not None:
+            raise self._broken
         cost = sum(sum(g.costs) for g in groups)
         count = sum(len(g.payloads) for g in groups)
         if self._admitted_items and (
@@ -224,7 +254,11 @@ class BatchExecutor:
             for payload, item_cost in zip(group.payloads, group.costs, strict=True):
                 future: asyncio.Future[Any] = self._loop.create_future()
                 item = WorkItem(payload, item_cost, group.key, group.runner, future, deadline)
-                future.add_done_callback(functools.partial(self._release, item_cost))
+                future.add_done_callback(functools.partial(self._resolved, item))
+                if deadline is not None:
+                    item.expiry = self._loop.call_later(
+                        max(0.0, deadline - time.monotonic()), self._expire, item
+                    )
                 self._pending.push(item)
                 items.append(item)
             admitted.append(items)
@@ -242,9 +276,19 @@ class BatchExecutor:
             retry_after_s=self.config.queue_full_retry_s,
         )
 
-    def _release(self, cost: int, _future: asyncio.Future[Any]) -> None:
+    def _resolved(self, item: WorkItem, future: asyncio.Future[Any]) -> None:
+        """Release the item's admission; a cancelled item still queued leaves the queue now
+        (other resolutions happen only once the item has left the queue)."""
         self._admitted_items -= 1
-        self._admitted_cost -= cost
+        self._admitted_cost -= item.cost
+        if item.expiry is not None:
+            item.expiry.cancel()
+        if future.cancelled():
+            self._pending.discard(item)
+
+    def _expire(self, item: WorkItem) -> None:
+        if self._pending.discard(item):
+            self._fail(item, DeadlineExceeded("deadline passed while queued", model=self.name))
 
     # ---- scheduling (event loop) ---------------------------------------------------------------
     async def _schedule(self) -> None:

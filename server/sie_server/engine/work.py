@@ -40,6 +40,8 @@ class WorkItem:
     admitted_at: float = field(default_factory=time.monotonic)
     timing: ItemTiming = field(default_factory=ItemTiming)
     seq: int = field(default_factory=lambda: next(_ids))
+    #: The timer that expires the item while it is still queued (cancelled once it resolves).
+    expiry: asyncio.TimerHandle | None = None
 
     @property
     def dead(self) -> bool:
