@@ -12,6 +12,7 @@ import gc
 import random
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -664,3 +665,42 @@ async def test_a_dead_scheduler_fails_queued_work_and_refuses_new_work(
         with pytest.raises(InternalError):
             executor.check_capacity()
     assert "the batch scheduler died" in caplog.text
+
+
+class Tensors:
+    """Stands in for a batch's input tensors; weak-referenceable, so a test can see it freed."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+
+class RecordsFreedInputs(EncodeRunner):
+    """Runs out of memory on the whole batch; when the halves run, records whether the whole
+    batch's inputs were already freed."""
+
+    def __init__(self, adapter: FakeAdapter, settings: EncodeSettings) -> None:
+        super().__init__(adapter, settings)
+        self.whole: weakref.ref[Tensors] | None = None
+        self.freed_before_halves: list[bool] = []
+
+    def collate(self, payloads: Sequence[Any]) -> Any:
+        return Tensors(super().collate(payloads))
+
+    def run(self, inputs: Any) -> list[Any]:
+        if self.whole is None:
+            self.whole = weakref.ref(inputs)
+            raise OutOfMemoryError(f"{len(inputs.inner.texts)} items")
+        self.freed_before_halves.append(self.whole() is None)
+        return super().run(inputs.inner)
+
+
+async def test_an_oom_split_frees_the_whole_batchs_inputs_first(
+    prep_pool: ThreadPoolExecutor,
+) -> None:
+    adapter = fake()
+    runner = RecordsFreedInputs(adapter, DOCS)
+    texts = [words(f"item{i}", 2) for i in range(4)]
+    async with running(prep_pool) as executor:
+        results = await outcomes(submit(executor, adapter, texts, runner=runner))
+    assert_correct(texts, results)
+    assert runner.freed_before_halves == [True, True]

@@ -16,7 +16,7 @@ from sie_sdk.tensors import from_tensor
 from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc, status_pb2, status_pb2_grpc
 
 from tests.fakes import expected_vector
-from tests.server_utils import write_catalog_entry
+from tests.server_utils import fake_entry, write_catalog_entry
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "fake/slow"
@@ -109,3 +109,41 @@ async def test_sigterm_drains_in_flight_work_and_exits_zero(tmp_path: Path) -> N
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_sigterm_during_preload_never_serves_and_exits_zero(tmp_path: Path) -> None:
+    # Warm-up runs several forward passes of 1.5 s each: the signal lands mid-preload.
+    catalog = tmp_path / "catalog"
+    write_catalog_entry(catalog, fake_entry(MODEL, load_options={"delay_s": 1.5}))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sie_server", "--host", "127.0.0.1", "--port", "0",
+        "--models-dir", str(catalog), "--preload", MODEL, "--device", "cpu",
+        "--drain-delay-s", "0.2", "--grace-period-s", "5",
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    log: list[str] = []
+    seen: list[int] = []
+    try:
+        port = (await read_until(process.stderr, r"listening on 127\.0\.0\.1:(\d+)", log)).group(1)
+        await read_until(process.stderr, r"preloading", log)
+        process.send_signal(signal.SIGTERM)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while process.returncode is None:
+                try:
+                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    seen.append(reply.status)
+                except grpc.aio.AioRpcError:
+                    pass  # the port closed: the server is stopping
+                await asyncio.sleep(0.05)
+        rest = await asyncio.wait_for(process.stderr.read(), 30)
+        log.append(rest.decode())
+        assert await asyncio.wait_for(process.wait(), 30) == 0, "".join(log)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in seen, "health answered while stopping"
+    assert health_pb2.HealthCheckResponse.SERVING not in seen, "".join(log)
+    assert "signal during preload" in "".join(log)

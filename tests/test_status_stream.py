@@ -20,7 +20,7 @@ from sie_server.grpc_api import status
 from sie_server.grpc_api.server import RunningServer, build_registry, create_server
 from sie_server.grpc_api.status import DeviceSampler
 
-from tests.server_utils import HANG_GUARD_S, fake_entry, write_catalog_entry
+from tests.server_utils import HANG_GUARD_S, error_info, fake_entry, write_catalog_entry
 
 MODEL = "fake/status"
 #: Much longer than any bounded wait below: a stream that held ``stop`` would time them out.
@@ -202,3 +202,18 @@ async def test_cuda_status_per_gpu(nvml: bool, monkeypatch: pytest.MonkeyPatch) 
         assert cuda.mem_get_info_calls == [0, 1]
     # A second sample within the reuse window is the same reading, not a new one.
     assert await sampler.sample() is gpus
+
+
+async def test_a_failing_snapshot_ends_the_stream_with_internal_not_unknown(
+    running: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken() -> status_pb2.WatchStatusResponse:
+        raise RuntimeError("sensor read failed")
+
+    monkeypatch.setattr(running.status.source, "snapshot", broken)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await drain_stream(stream(channel))
+    assert failed.value.code() == grpc.StatusCode.INTERNAL
+    assert error_info(failed.value)[0] == "INTERNAL_ERROR"
+    assert "sensor read failed" in (failed.value.details() or "")

@@ -272,3 +272,14 @@ def test_import_direction() -> None:
                 if f"import {b}" in text or f"from {b}" in text
             ]
     assert offenders == []
+
+
+def test_memory_heavy_families_batch_within_half_a_gigabyte_of_logits() -> None:
+    # SPLADE computes vocabulary-sized logits per token; its catalog entries carry their own budget.
+    catalog = load_catalog([BUILTIN_CATALOG_DIR])
+    for spec in catalog.values():
+        if spec.adapter == "splade":
+            vocab = spec.outputs["sparse"].dims
+            assert vocab is not None
+            assert spec.max_batch_tokens is not None, spec.name
+            assert spec.max_batch_tokens * vocab * 4 <= 512 * 1024 * 1024, spec.name

@@ -23,8 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -95,11 +97,24 @@ class _BatchJob:
     inputs: Any
     batch_id: int
 
+    def take_inputs(self) -> Any:
+        inputs, self.inputs = self.inputs, None
+        return inputs
+
 
 @dataclass(slots=True)
 class _CallJob:
     fn: Callable[[], Any]
     future: asyncio.Future[Any]
+
+
+def free_device_memory() -> None:
+    """After an out-of-memory: collect cycles and return CUDA's cached blocks (no-op on CPU;
+    torch is only looked up if the process already imported it)."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -386,7 +401,9 @@ class BatchExecutor:
         error: BaseException | None = None
         try:
             with self._run_context():
-                results = self._forward(runner, job.inputs, payloads)
+                # Handed over, not kept: the forward pass holds the only reference to the batch's
+                # tensors, so an out-of-memory split can free them.
+                results = self._forward(runner, job.take_inputs(), payloads)
         except BaseException as exc:  # resolved into the batch's futures
             error = exc
         elapsed_ms = (time.perf_counter() - started) * 1000.0
@@ -400,16 +417,20 @@ class BatchExecutor:
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
-            if len(payloads) == 1:
-                error = ResourceExhausted(f"out of memory running one item: {exc}", model=self.name)
-                return [ItemFailed(error)]
-            log.warning("%s: out of memory on %d items, splitting", self.name, len(payloads))
-            del inputs
-            half = len(payloads) // 2
-            left, right = payloads[:half], payloads[half:]
-            return self._forward(runner, runner.collate(left), left) + self._forward(
-                runner, runner.collate(right), right
-            )
+            message = str(exc)
+        # Outside the except block, so the exception's traceback (whose frames hold the batch's
+        # activations) is gone too; then the inputs, and the device's cached blocks.
+        del inputs
+        free_device_memory()
+        if len(payloads) == 1:
+            error = ResourceExhausted(f"out of memory running one item: {message}", model=self.name)
+            return [ItemFailed(error)]
+        log.warning("%s: out of memory on %d items, splitting", self.name, len(payloads))
+        half = len(payloads) // 2
+        left, right = payloads[:half], payloads[half:]
+        return self._forward(runner, runner.collate(left), left) + self._forward(
+            runner, runner.collate(right), right
+        )
 
     # ---- resolution (event loop) -------------------------------------------------------------------
     def _complete(

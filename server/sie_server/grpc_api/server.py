@@ -190,22 +190,39 @@ async def serve(settings: Settings) -> None:
         log.info("metrics on http://%s:%d/metrics", settings.host, running.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    draining: list[asyncio.Task[None]] = []
+
+    def on_signal() -> None:
+        # NOT_SERVING at once, through the health servicer's own graceful shutdown: a preload
+        # still running can never turn it back to SERVING.
+        if not stop.is_set():
+            stop.set()
+            draining.append(loop.create_task(running.drain()))
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     for name in settings.preload:
         log.info("preloading %s", name)
+        load = loop.create_task(registry.load(name))
+        stopped = loop.create_task(stop.wait())
+        await asyncio.wait({load, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if stop.is_set():
+            log.info("signal during preload: not loading the rest")
+            break
         try:
-            await registry.load(name)
+            load.result()
         except SIEServerError as exc:
             log.error("preload failed, exiting: %s", exc.message)
             await running.stop(0)
             raise SystemExit(1) from None
-    await running.set_serving(True)
-    log.info(
-        "ready: %d models in the catalog, %d preloaded",
-        len(registry.catalog),
-        len(settings.preload),
-    )
+    if not stop.is_set():
+        await running.set_serving(True)
+        log.info(
+            "ready: %d models in the catalog, %d preloaded",
+            len(registry.catalog),
+            len(settings.preload),
+        )
     await stop.wait()
     log.info("shutting down: NOT_SERVING, draining for %.1fs", settings.drain_delay_s)
     await running.drain()

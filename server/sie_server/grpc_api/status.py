@@ -44,6 +44,8 @@ from sie_sdk.v1 import status_pb2, status_pb2_grpc
 import sie_server
 from sie_server.device import gpu_type_of
 from sie_server.engine.registry import ModelRegistry, ModelState
+from sie_server.errors import SIEServerError
+from sie_server.grpc_api.errors import status_for
 
 log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -126,7 +128,15 @@ class StatusServicer(status_pb2_grpc.StatusServiceServicer):
     ) -> AsyncIterator[status_pb2.WatchStatusResponse]:
         interval_s = max(request.interval_ms or self.default_interval_ms, MIN_INTERVAL_MS) / 1000.0
         while True:
-            yield await self.source.snapshot()
+            try:
+                snapshot = await self.source.snapshot()
+            except Exception as exc:  # never UNKNOWN: the one error mapping, as unary calls get
+                log.exception("building a status snapshot failed")
+                code, message, trailers = status_for(
+                    SIEServerError(f"status snapshot failed: {type(exc).__name__}: {exc}")
+                )
+                await context.abort(code, message, trailing_metadata=trailers)
+            yield snapshot
             if self._draining.is_set():
                 return
             try:
