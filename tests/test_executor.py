@@ -704,3 +704,39 @@ async def test_an_oom_split_frees_the_whole_batchs_inputs_first(
         results = await outcomes(submit(executor, adapter, texts, runner=runner))
     assert_correct(texts, results)
     assert runner.freed_before_halves == [True, True]
+
+
+async def test_requests_being_prepared_are_bounded_before_any_work(
+    prep_pool: ThreadPoolExecutor, tokenizer_pool: ThreadPoolExecutor
+) -> None:
+    adapter = fake()
+    gate = threading.Event()
+    started: list[str] = []
+
+    def slow_job(text: str) -> Any:
+        started.append(text)
+        gate.wait(HANG_GUARD_S)
+        return adapter.encode_job(EncodeCall(items=[InputItem(text=text)], settings=DOCS))
+
+    async with running(prep_pool, max_preparing_requests=2) as executor:
+
+        def call(text: str) -> Any:
+            return run_job(
+                executor,
+                lambda: slow_job(text),
+                deadline=None,
+                prepare_pool=tokenizer_pool,
+                finish_pool=tokenizer_pool,
+            )
+
+        first = asyncio.create_task(call("one"))
+        second = asyncio.create_task(call("two"))
+        await eventually(lambda: len(started) == 2, "two requests are being tokenized")
+        with pytest.raises(QueueFull, match="preparing 2 requests"):
+            await call("three")
+        assert started == ["one", "two"], "the refused request was never tokenized"
+        gate.set()
+        outcomes_ = await asyncio.wait_for(asyncio.gather(first, second), HANG_GUARD_S)
+        assert [o.result[0].num_tokens for o in outcomes_] == [3, 3]
+        # The slots are free again.
+        assert (await call("four")).result[0].num_tokens == 3

@@ -35,6 +35,7 @@ class Settings:
     batch_wait_ms: float = 2.0
     max_pending_tokens: int = 262144
     max_pending_items: int = 8192
+    max_preparing_requests: int = 64
     max_items_per_request: int = 1024
     tokenizer_workers: int = 2
     # Transport.
@@ -81,6 +82,7 @@ _OPTIONS: tuple[tuple[str, type, str], ...] = (
     ),
     ("max-pending-tokens", int, "admitted tokens per model before QUEUE_FULL"),
     ("max-pending-items", int, "admitted items per model before QUEUE_FULL"),
+    ("max-preparing-requests", int, "requests per model tokenized at once before QUEUE_FULL"),
     ("max-items-per-request", int, "items in one request at most"),
     ("tokenizer-workers", int, "threads tokenizing requests"),
     ("max-message-bytes", int, "largest gRPC message sent or received"),

@@ -29,7 +29,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Executor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -61,6 +61,9 @@ class ExecutorConfig:
     #: Admission bound: tokens admitted and not yet resolved, per model.
     max_pending_tokens: int = 262144
     max_pending_items: int = 8192
+    #: Requests of this model being prepared (tokenized) at once: work before the queue is
+    #: bounded too, so a burst is refused before it is tokenized, not after.
+    max_preparing_requests: int = 64
     #: Retry hint sent with QueueFull.
     queue_full_retry_s: float = 0.5
     #: Under load, how long an idle model may wait for the callers of the batch that just ended
@@ -146,6 +149,7 @@ class BatchExecutor:
         self._last_done = 0.0
         self._last_run_s = 0.0
         self._closing = False
+        self._preparing = 0
         self._broken: InternalError | None = None
         self._jobs: queue.SimpleQueue[_BatchJob | _CallJob | None] = queue.SimpleQueue()
         self._thread = threading.Thread(
@@ -228,6 +232,23 @@ class BatchExecutor:
             or self._admitted_items >= self.config.max_pending_items
         ):
             raise self._queue_full()
+
+    @contextlib.contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Hold one of the ``max_preparing_requests`` slots while a request is tokenized; refuse
+        with QueueFull (retryable) when they are all taken or the queue is at its bound."""
+        self.check_capacity()
+        if self._preparing >= self.config.max_preparing_requests:
+            raise QueueFull(
+                f"model {self.name!r} is preparing {self._preparing} requests already",
+                model=self.name,
+                retry_after_s=self.config.queue_full_retry_s,
+            )
+        self._preparing += 1
+        try:
+            yield
+        finally:
+            self._preparing -= 1
 
     def submit(
         self,

@@ -42,12 +42,10 @@ async def run_job(
 ) -> Outcome[R]:
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
-    executor.check_capacity()
-
-    job = await loop.run_in_executor(prepare_pool, make_job)
-    prepared = time.perf_counter()
-
-    admitted = executor.submit_groups(job.groups, deadline)
+    with executor.preparing():
+        job = await loop.run_in_executor(prepare_pool, make_job)
+        prepared = time.perf_counter()
+        admitted = executor.submit_groups(job.groups, deadline)
     futures = [item.future for group in admitted for item in group]
     gathered = await asyncio.gather(*futures, return_exceptions=True)
     for value in gathered:

@@ -39,6 +39,7 @@ from sie_server.engine.registry import EngineConfig, ModelRegistry
 from sie_server.errors import SIEServerError
 from sie_server.grpc_api.encode_service import EncodeServicer
 from sie_server.grpc_api.extract_service import ExtractServicer
+from sie_server.grpc_api.interceptors import RejectMalformed
 from sie_server.grpc_api.model_service import ModelServicer
 from sie_server.grpc_api.score_service import ScoreServicer
 from sie_server.grpc_api.status import StatusServicer, StatusSource
@@ -112,6 +113,7 @@ def build_registry(settings: Settings) -> ModelRegistry:
             batch_wait_ms=settings.batch_wait_ms,
             max_pending_tokens=settings.max_pending_tokens,
             max_pending_items=settings.max_pending_items,
+            max_preparing_requests=settings.max_preparing_requests,
         ),
         placement=resolve_placement(settings.device, settings.dtype),
         tokenizer_workers=settings.tokenizer_workers,
@@ -124,6 +126,7 @@ def build_registry(settings: Settings) -> ModelRegistry:
 async def create_server(settings: Settings, registry: ModelRegistry) -> RunningServer:
     """Bind and start (health NOT_SERVING until ``set_serving(True)``); returns the bound port."""
     server = grpc.aio.server(
+        interceptors=[RejectMalformed()],
         options=[
             ("grpc.so_reuseport", 0),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -132,7 +135,7 @@ async def create_server(settings: Settings, registry: ModelRegistry) -> RunningS
             ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-        ]
+        ],
     )
     max_items = settings.max_items_per_request
     encode_pb2_grpc.add_EncodeServiceServicer_to_server(EncodeServicer(registry, max_items), server)

@@ -1,0 +1,80 @@
+"""Server interceptors: what must hold for every method, before any servicer runs.
+
+``RejectMalformed``: a request whose bytes do not parse as its message (corrupt wire format,
+truncated, wrong field types) is answered INVALID_ARGUMENT with our ``ErrorInfo``
+(``INVALID_INPUT``), like every other bad input. Without it grpc's own deserializer raises before
+the servicer and the caller gets UNKNOWN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from sie_server.errors import InvalidInput
+from sie_server.grpc_api.errors import status_for
+
+Context = grpc.aio.ServicerContext[Any, Any]
+#: grpc's stubs type method handlers for the blocking server; the aio ones hold coroutines.
+Handler = Any
+
+
+@dataclass(frozen=True, slots=True)
+class _Malformed:
+    message: str
+
+
+async def _refuse(context: Context, malformed: _Malformed) -> None:
+    code, message, trailers = status_for(InvalidInput(malformed.message))
+    await context.abort(code, message, trailing_metadata=trailers)
+
+
+class RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+        method = handler_call_details.method
+
+        def deserialize(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except Exception as exc:  # DecodeError and whatever a parser may raise
+                return _Malformed(f"{method}: the request is not a valid message: {exc}")
+
+        if handler.unary_unary is not None:
+            unary: Any = handler.unary_unary
+
+            async def unary_behavior(request: Any, context: Context) -> Any:
+                if isinstance(request, _Malformed):
+                    await _refuse(context, request)
+                return await unary(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_behavior,
+                request_deserializer=deserialize,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            stream: Any = handler.unary_stream
+
+            async def stream_behavior(request: Any, context: Context) -> AsyncIterator[Any]:
+                if isinstance(request, _Malformed):
+                    await _refuse(context, request)
+                async for message in stream(request, context):
+                    yield message
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream_behavior,
+                request_deserializer=deserialize,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
