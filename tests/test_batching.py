@@ -377,3 +377,39 @@ def test_preparing_ahead_takes_the_full_group_not_the_oldest_small_one() -> None
     assert nxt is not None
     assert [id(i) for i in nxt.items] == [id(lone[0])]
     assert queue.take_batch(limits, full_only=True) is None  # one document item: not full
+
+
+def request_items(costs: list[int], request: int, key: Hashable = "k") -> list[WorkItem]:
+    return [WorkItem(None, c, key, _NO_RUNNER, _NO_FUTURE, request=request) for c in costs]
+
+
+def test_a_query_behind_a_bulk_request_rides_in_the_next_batch() -> None:
+    limits = BatchLimits(max_batch_tokens=100_000, max_batch_items=8)
+    queue = PendingQueue()
+    for it in request_items([20] * 64, request=1):
+        queue.push(it)
+    [query] = request_items([20], request=2)
+    queue.push(query)
+    first = queue.take_batch(limits)
+    second = queue.take_batch(limits)
+    assert first is not None
+    assert second is not None
+    assert query not in first.items
+    assert query in second.items, "the query does not wait for the whole bulk"
+
+
+def test_two_bulk_requests_are_served_turn_by_turn() -> None:
+    limits = BatchLimits(max_batch_tokens=100_000, max_batch_items=4)
+    queue = PendingQueue()
+    for it in [*request_items([20] * 12, request=1), *request_items([20] * 12, request=2)]:
+        queue.push(it)
+    batches = []
+    while len(queue):
+        batch = queue.take_batch(limits)
+        assert batch is not None
+        batches.append({it.request for it in batch.items})
+    first_of_two = next(n for n, requests in enumerate(batches) if 2 in requests)
+    last_of_one = max(n for n, requests in enumerate(batches) if 1 in requests)
+    assert first_of_two == 1, "the second request rides in the second batch"
+    assert last_of_one > first_of_two
+    assert len(batches) == 6

@@ -740,3 +740,25 @@ async def test_requests_being_prepared_are_bounded_before_any_work(
         assert [o.result[0].num_tokens for o in outcomes_] == [3, 3]
         # The slots are free again.
         assert (await call("four")).result[0].num_tokens == 3
+
+
+async def test_a_query_behind_a_bulk_request_does_not_wait_for_all_of_it(
+    prep_pool: ThreadPoolExecutor,
+) -> None:
+    adapter = fake(delay_s=0.01)
+    stats: list[BatchStats] = []
+    async with running(prep_pool, stats.append, max_batch_items=16) as executor:
+        adapter.hold()
+        try:
+            bulk_texts = [words(f"bulk{i}", 3) for i in range(256)]
+            bulk = submit(executor, adapter, bulk_texts)
+            await eventually(lambda: adapter.passes_started == 1, "the bulk is running")
+            query = submit(executor, adapter, [words("query", 3)], DOCS)
+        finally:
+            adapter.release()
+        assert_correct([words("query", 3)], await outcomes(query))
+        batches_before_query = query[0].timing.batch_id
+        assert_correct(bulk_texts, await outcomes(bulk))
+    # The running batch, then (at most) the batch prepared ahead, then the query's.
+    assert batches_before_query <= 3
+    assert len(stats) >= 256 // 16

@@ -1,8 +1,11 @@
 """The batching policy: which pending items run together. Pure logic, no threads, no loop.
 
 * Items are grouped by key (settings that can share one forward pass).
-* The group of the oldest pending item goes first, and that item is always in the batch, so no
-  item starves.
+* Fair between requests: each batch is built around an anchor item that it always holds, the
+  oldest pending item of the request that has had the fewest items batched so far (ties: the
+  oldest). A one-text query behind a 1,024-item bulk request rides in the next batch instead of
+  waiting for the whole bulk; when every request has one item this is simply the oldest item.
+  Every request's service grows with each batch it anchors, so no item starves.
 * Within the group, items are sorted by cost (token count) and the batch is a contiguous window
   of that order: similar lengths, little padding.
 * The window respects the token budget on *padded* cost (longest x count), the item cap and the
@@ -48,6 +51,9 @@ class PendingQueue:
         self._groups: dict[Hashable, list[WorkItem]] = {}
         self._count = 0
         self._cost = 0
+        #: Per request with pending items: how many are pending, and how many were batched.
+        self._pending_of: dict[int, int] = {}
+        self._served: dict[int, int] = {}
 
     def __len__(self) -> int:
         return self._count
@@ -60,6 +66,7 @@ class PendingQueue:
         self._groups.setdefault(item.key, []).append(item)
         self._count += 1
         self._cost += item.cost
+        self._pending_of[item.request] = self._pending_of.get(item.request, 0) + 1
 
     def __iter__(self) -> Iterator[WorkItem]:
         for group in self._groups.values():
@@ -102,24 +109,44 @@ class PendingQueue:
         keys = self._full_keys(limits) if full_only else list(self._groups)
         if not keys:
             return None
-        key = min(keys, key=lambda k: self._groups[k][0].seq)
-        group = self._groups[key]
-        oldest = group[0]
+        anchor = min(
+            (item for key in keys for item in self._groups[key]),
+            key=self.anchor_order,
+        )
+        group = self._groups[anchor.key]
         ordered = sorted(group, key=lambda item: item.cost)
-        lo, hi = _best_window([item.cost for item in ordered], ordered.index(oldest), limits)
+        lo, hi = _best_window([item.cost for item in ordered], ordered.index(anchor), limits)
         chosen = ordered[lo : hi + 1]
         taken = {id(item) for item in chosen}
-        self._set_group(key, [item for item in group if id(item) not in taken])
+        for item in chosen:
+            self._served[item.request] = self._served.get(item.request, 0) + 1
+        self._set_group(anchor.key, [item for item in group if id(item) not in taken])
         return Batch(items=chosen)
 
     def _set_group(self, key: Hashable, items: list[WorkItem]) -> None:
         before = self._groups.get(key, [])
+        staying = {id(item) for item in items}
+        for item in before:
+            if id(item) not in staying:
+                self._left(item.request)
         self._count += len(items) - len(before)
         self._cost += sum(i.cost for i in items) - sum(i.cost for i in before)
         if items:
             self._groups[key] = items
         else:
             self._groups.pop(key, None)
+
+    def _left(self, request: int) -> None:
+        left = self._pending_of[request] - 1
+        if left:
+            self._pending_of[request] = left
+        else:  # the request has nothing queued any more: forget it
+            del self._pending_of[request]
+            self._served.pop(request, None)
+
+    def anchor_order(self, item: WorkItem) -> tuple[int, int]:
+        """The order anchors are chosen in (fewest items batched for its request, then oldest)."""
+        return (self._served.get(item.request, 0), item.seq)
 
 
 def _best_window(costs: list[int], must: int, limits: BatchLimits) -> tuple[int, int]:

@@ -150,6 +150,7 @@ class BatchExecutor:
         self._last_run_s = 0.0
         self._closing = False
         self._preparing = 0
+        self._requests = 0
         self._broken: InternalError | None = None
         self._jobs: queue.SimpleQueue[_BatchJob | _CallJob | None] = queue.SimpleQueue()
         self._thread = threading.Thread(
@@ -285,11 +286,20 @@ class BatchExecutor:
         ):
             raise self._queue_full()
         admitted: list[list[WorkItem]] = []
+        self._requests += 1
         for group in groups:
             items: list[WorkItem] = []
             for payload, item_cost in zip(group.payloads, group.costs, strict=True):
                 future: asyncio.Future[Any] = self._loop.create_future()
-                item = WorkItem(payload, item_cost, group.key, group.runner, future, deadline)
+                item = WorkItem(
+                    payload,
+                    item_cost,
+                    group.key,
+                    group.runner,
+                    future,
+                    deadline,
+                    request=self._requests,
+                )
                 future.add_done_callback(functools.partial(self._resolved, item))
                 if deadline is not None:
                     item.expiry = self._loop.call_later(

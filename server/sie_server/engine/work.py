@@ -40,6 +40,8 @@ class WorkItem:
     admitted_at: float = field(default_factory=time.monotonic)
     timing: ItemTiming = field(default_factory=ItemTiming)
     seq: int = field(default_factory=lambda: next(_ids))
+    #: The request the item belongs to (batching is fair between requests); its own seq if unset.
+    request: int = -1
     #: The timer that expires the item while it is still queued (cancelled once it resolves).
     expiry: asyncio.TimerHandle | None = None
 
@@ -47,6 +49,10 @@ class WorkItem:
     def dead(self) -> bool:
         """Resolved already (the caller cancelled, or an error was set)."""
         return self.future.done()
+
+    def __post_init__(self) -> None:
+        if self.request < 0:
+            self.request = self.seq
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
