@@ -57,7 +57,7 @@ ITEMS = [InputItem(text="a")]
 
 
 def encode(params: EncodeParams, accepted: frozenset[str] = TEMPLATE_KEYS) -> Any:
-    return resolve_encode(SPEC, ITEMS, params, accepted_options=accepted, max_items=4)
+    return resolve_encode(SPEC, ITEMS, params, accepted_options=accepted, limits=4)
 
 
 # ---- typed parameters inside options ----------------------------------------------------------
@@ -134,7 +134,7 @@ def test_a_profile_serves_every_task_each_reading_its_own_keys() -> None:
         ITEMS,
         ScoreParams(options={"profile": "scoring"}),
         accepted_options={"score_mode", *TEMPLATE_KEYS},
-        max_items=4,
+        limits=4,
     )
     assert score.settings.options == {"score_mode": "dense", "query_template": "q: {text}"}
     with pytest.raises(InvalidInput, match="unknown option 'score_mode'"):
@@ -154,7 +154,7 @@ def test_score_and_extract_refuse_unknown_options_and_take_instruction_in_option
         ITEMS,
         ScoreParams(options={"instruction": "Why:"}),
         accepted_options=(),
-        max_items=4,
+        limits=4,
     )
     assert call.settings.instruction == "Why:"
     with pytest.raises(InvalidInput, match="unknown option 'threshold'"):
@@ -164,7 +164,7 @@ def test_score_and_extract_refuse_unknown_options_and_take_instruction_in_option
             ITEMS,
             ScoreParams(options={"threshold": 1}),
             accepted_options=(),
-            max_items=4,
+            limits=4,
         )
     support = ExtractSupport()
     extract = resolve_extract(
@@ -173,13 +173,13 @@ def test_score_and_extract_refuse_unknown_options_and_take_instruction_in_option
         ExtractParams(labels=["a", "b", "a"], options={"threshold": 0.2}),
         support=support,
         accepted_options={"threshold"},
-        max_items=4,
+        limits=4,
     )
     assert extract.settings.labels == ("a", "b")
     assert extract.settings.options == {"threshold": 0.2}
     with pytest.raises(InvalidInput, match="labels are required"):
         resolve_extract(
-            SPEC, ITEMS, ExtractParams(), support=support, accepted_options=(), max_items=4
+            SPEC, ITEMS, ExtractParams(), support=support, accepted_options=(), limits=4
         )
     with pytest.raises(InvalidInput, match="cannot fill an output_schema"):
         resolve_extract(
@@ -188,7 +188,7 @@ def test_score_and_extract_refuse_unknown_options_and_take_instruction_in_option
             ExtractParams(labels=["a"], output_schema={"type": "object"}),
             support=support,
             accepted_options=(),
-            max_items=4,
+            limits=4,
         )
     with pytest.raises(InvalidInput, match="label 1 is empty"):
         resolve_extract(
@@ -197,7 +197,7 @@ def test_score_and_extract_refuse_unknown_options_and_take_instruction_in_option
             ExtractParams(labels=["a", " "]),
             support=support,
             accepted_options=(),
-            max_items=4,
+            limits=4,
         )
 
 
@@ -333,18 +333,18 @@ async def test_encode_items_without_ids_get_item_index(server: ServerHandle) -> 
 
 def test_output_type_order_does_not_split_batches() -> None:
     one = resolve_encode(
-        M3, ITEMS, EncodeParams(output_types=["sparse", "dense"]), accepted_options=(), max_items=4
+        M3, ITEMS, EncodeParams(output_types=["sparse", "dense"]), accepted_options=(), limits=4
     )
     other = resolve_encode(
         M3,
         ITEMS,
         EncodeParams(options={"output_types": ["dense", "multivector", "sparse", "dense"]}),
         accepted_options=(),
-        max_items=4,
+        limits=4,
     )
     assert one.settings.output_types == ("dense", "sparse")
     assert other.settings.output_types == ("dense", "sparse", "multivector")
     same = resolve_encode(
-        M3, ITEMS, EncodeParams(output_types=["dense", "sparse"]), accepted_options=(), max_items=4
+        M3, ITEMS, EncodeParams(output_types=["dense", "sparse"]), accepted_options=(), limits=4
     )
     assert one.settings.batch_key() == same.settings.batch_key()

@@ -37,6 +37,8 @@ class Settings:
     max_pending_items: int = 8192
     max_preparing_requests: int = 64
     max_items_per_request: int = 1024
+    max_text_chars: int = 1_000_000
+    max_labels: int = 256
     tokenizer_workers: int = 2
     # Transport.
     max_message_bytes: int = 64 * MIB
@@ -84,6 +86,8 @@ _OPTIONS: tuple[tuple[str, type, str], ...] = (
     ("max-pending-items", int, "admitted items per model before QUEUE_FULL"),
     ("max-preparing-requests", int, "requests per model tokenized at once before QUEUE_FULL"),
     ("max-items-per-request", int, "items in one request at most"),
+    ("max-text-chars", int, "characters of one text at most (INVALID_INPUT past it)"),
+    ("max-labels", int, "labels of one extract request at most (INVALID_INPUT past it)"),
     ("tokenizer-workers", int, "threads tokenizing requests"),
     ("max-message-bytes", int, "largest gRPC message sent or received"),
     ("keepalive-time-ms", int, "gRPC keepalive ping interval"),

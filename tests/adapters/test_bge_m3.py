@@ -181,7 +181,7 @@ def score(adapter: ModelAdapter, options: Mapping[str, Any]) -> list[float]:
         [InputItem(text=p) for p in PASSAGES],
         ScoreParams(options=dict(options)),
         accepted_options=model.score_option_keys(),
-        max_items=len(PASSAGES),
+        limits=len(PASSAGES),
     )
     with torch.inference_mode():
         scores: list[float] = run_inline(model.score_job(call))
@@ -288,7 +288,7 @@ def test_unknown_output_type_is_refused_before_any_work(folder: Path) -> None:
             [InputItem(text="x")],
             EncodeParams(output_types=("dense", "colbert")),
             accepted_options=(),
-            max_items=4,
+            limits=4,
         )
     with pytest.raises(InvalidInput, match="does not produce multivector"):
         resolve_encode(
@@ -296,7 +296,7 @@ def test_unknown_output_type_is_refused_before_any_work(folder: Path) -> None:
             [InputItem(text="x")],
             EncodeParams(output_types=("multivector",)),
             accepted_options=(),
-            max_items=4,
+            limits=4,
         )
 
 

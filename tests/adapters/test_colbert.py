@@ -188,7 +188,7 @@ def score(adapter: ModelAdapter, query: InputItem, options: dict[str, Any]) -> l
         [InputItem(text=p) for p in PASSAGES],
         ScoreParams(options=options),
         accepted_options=model.score_option_keys(),
-        max_items=len(PASSAGES),
+        limits=len(PASSAGES),
     )
     with torch.inference_mode():
         scores: list[float] = run_inline(model.score_job(call))

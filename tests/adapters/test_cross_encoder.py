@@ -87,7 +87,7 @@ def score_call(
         [InputItem(text=d) for d in docs],
         ScoreParams(instruction=instruction),
         accepted_options=adapter.score_option_keys(),
-        max_items=100,
+        limits=100,
     )
 
 
@@ -278,7 +278,7 @@ def resolve_score_call(adapter: CrossEncoderAdapter, query: InputItem, docs: Seq
         [InputItem(text=d) for d in docs],
         ScoreParams(),
         accepted_options=adapter.score_option_keys(),
-        max_items=10,
+        limits=10,
     )
 
 

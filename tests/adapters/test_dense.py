@@ -302,7 +302,7 @@ def test_catalog_template_wins_over_the_model_prompt(prompted: Path) -> None:
             items,
             EncodeParams(**params),
             accepted_options=adapter.encode_options,
-            max_items=len(items),
+            limits=len(items),
         )
         with torch.inference_mode():  # as on the model thread
             results = run_inline(adapter.encode_job(call))

@@ -82,7 +82,7 @@ def call_for(
         ExtractParams(labels=labels, instruction=instruction, options=dict(options or {})),
         support=GLiClassAdapter.extract_support,
         accepted_options=GLiClassAdapter.extract_options,
-        max_items=64,
+        limits=64,
     )
 
 
@@ -424,7 +424,7 @@ def test_request_errors_name_the_problem(
             ExtractParams(labels=LABELS, output_schema={"type": "object"}),
             support=GLiClassAdapter.extract_support,
             accepted_options=GLiClassAdapter.extract_options,
-            max_items=8,
+            limits=8,
         )
     with pytest.raises(InvalidInput, match="unknown option 'treshold'"):
         call_for(spec, TEXTS, LABELS, {"treshold": 0.5})
@@ -445,7 +445,7 @@ def test_request_errors_name_the_problem(
                 ExtractParams(labels=LABELS),
                 support=GLiClassAdapter.extract_support,
                 accepted_options=GLiClassAdapter.extract_options,
-                max_items=8,
+                limits=8,
             )
         )
 

@@ -132,7 +132,7 @@ def make_call(
         ExtractParams(labels=labels, options=options),
         support=adapter.extract_support,
         accepted_options=adapter.extract_options,
-        max_items=64,
+        limits=64,
     )
 
 
@@ -567,7 +567,7 @@ def test_request_errors(adapter: GLiNERAdapter) -> None:
             ExtractParams(labels=labels, **params),
             support=adapter.extract_support,
             accepted_options=adapter.extract_options,
-            max_items=8,
+            limits=8,
         )
 
     with pytest.raises(InvalidInput, match="labels are required"):
@@ -596,7 +596,7 @@ def test_request_errors(adapter: GLiNERAdapter) -> None:
         ExtractParams(labels=["person"]),
         support=adapter.extract_support,
         accepted_options=adapter.extract_options,
-        max_items=8,
+        limits=8,
     )
     with pytest.raises(InvalidInput, match="accepts text only"):
         adapter.extract_job(image)

@@ -75,7 +75,7 @@ def extract_call(
         ExtractParams(labels=labels, options=dict(options or {})),
         support=adapter.extract_support,
         accepted_options=adapter.extract_options,
-        max_items=100,
+        limits=100,
     )
 
 
@@ -301,7 +301,7 @@ def test_labels_are_required_and_schemas_refused(adapters: dict[str, NLIZeroShot
             ExtractParams(labels=["a"], output_schema={"type": "object"}),
             support=adapter.extract_support,
             accepted_options=adapter.extract_options,
-            max_items=10,
+            limits=10,
         )
 
 

@@ -46,9 +46,7 @@ def sample_calls(
             params = EncodeParams(
                 output_types=spec.embedding_outputs, is_query=is_query, options=options
             )
-            yield resolve_encode(
-                spec, items, params, accepted_options=cls.encode_options, max_items=1
-            )
+            yield resolve_encode(spec, items, params, accepted_options=cls.encode_options, limits=1)
     if "score" in spec.tasks and issubclass(cls, Scorer):
         call = resolve_score(
             spec,
@@ -56,7 +54,7 @@ def sample_calls(
             items,
             ScoreParams(options=options),
             accepted_options=cls.score_option_keys(),
-            max_items=1,
+            limits=1,
         )
         if issubclass(cls, Encoder):
             resolve_score_mode(spec, call.settings.options)
@@ -69,7 +67,7 @@ def sample_calls(
             ExtractParams(labels=("person", "location") if support.labels else (), options=options),
             support=support,
             accepted_options=cls.extract_options,
-            max_items=1,
+            limits=1,
         )
 
 

@@ -20,13 +20,14 @@ from sie_server.grpc_api.convert import (
     timing_pb,
 )
 from sie_server.grpc_api.errors import translate_errors
+from sie_server.tasks.common import RequestLimits
 from sie_server.tasks.encode import EncodedItem, EncodeParams, resolve_encode
 
 
 class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
-    def __init__(self, registry: ModelRegistry, max_items: int) -> None:
+    def __init__(self, registry: ModelRegistry, limits: RequestLimits) -> None:
         self.registry = registry
-        self.max_items = max_items
+        self.limits = limits
 
     @translate_errors
     async def Encode(
@@ -48,7 +49,7 @@ class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
                 dimensions=params.dimensions if params.HasField("dimensions") else None,
             ),
             accepted_options=cls.encode_options,
-            max_items=self.max_items,
+            limits=self.limits,
             deadline=deadline_of(context),
         )
         outcome = await self.registry.encode(spec.name, call)

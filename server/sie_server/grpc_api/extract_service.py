@@ -18,13 +18,14 @@ from sie_server.grpc_api.convert import (
     timing_pb,
 )
 from sie_server.grpc_api.errors import translate_errors
+from sie_server.tasks.common import RequestLimits
 from sie_server.tasks.extract import ExtractedItem, ExtractParams, resolve_extract
 
 
 class ExtractServicer(extract_pb2_grpc.ExtractServiceServicer):
-    def __init__(self, registry: ModelRegistry, max_items: int) -> None:
+    def __init__(self, registry: ModelRegistry, limits: RequestLimits) -> None:
         self.registry = registry
-        self.max_items = max_items
+        self.limits = limits
 
     @translate_errors
     async def Extract(
@@ -45,7 +46,7 @@ class ExtractServicer(extract_pb2_grpc.ExtractServiceServicer):
             ),
             support=cls.extract_support,
             accepted_options=cls.extract_options,
-            max_items=self.max_items,
+            limits=self.limits,
             deadline=deadline_of(context),
         )
         outcome = await self.registry.extract(spec.name, call)

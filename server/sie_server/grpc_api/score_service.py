@@ -17,13 +17,14 @@ from sie_server.grpc_api.convert import (
     timing_pb,
 )
 from sie_server.grpc_api.errors import translate_errors
+from sie_server.tasks.common import RequestLimits
 from sie_server.tasks.score import ScoreParams, resolve_score
 
 
 class ScoreServicer(score_pb2_grpc.ScoreServiceServicer):
-    def __init__(self, registry: ModelRegistry, max_items: int) -> None:
+    def __init__(self, registry: ModelRegistry, limits: RequestLimits) -> None:
         self.registry = registry
-        self.max_items = max_items
+        self.limits = limits
 
     @translate_errors
     async def Score(
@@ -46,7 +47,7 @@ class ScoreServicer(score_pb2_grpc.ScoreServiceServicer):
                 options=ref.options(struct_to_dict(request.options)),
             ),
             accepted_options=cls.score_option_keys(),
-            max_items=self.max_items,
+            limits=self.limits,
             deadline=deadline_of(context),
         )
         outcome = await self.registry.score(spec.name, call)

@@ -44,6 +44,7 @@ from sie_server.grpc_api.model_service import ModelServicer
 from sie_server.grpc_api.score_service import ScoreServicer
 from sie_server.grpc_api.status import StatusServicer, StatusSource
 from sie_server.observability.metrics_http import MetricsHTTPServer
+from sie_server.tasks.common import RequestLimits
 
 log = logging.getLogger(__name__)
 #: grpc's public asyncio health servicer (grpc-stubs' health.pyi predates ``health.aio``).
@@ -137,12 +138,14 @@ async def create_server(settings: Settings, registry: ModelRegistry) -> RunningS
             ("grpc.http2.min_ping_interval_without_data_ms", 5000),
         ],
     )
-    max_items = settings.max_items_per_request
-    encode_pb2_grpc.add_EncodeServiceServicer_to_server(EncodeServicer(registry, max_items), server)
-    score_pb2_grpc.add_ScoreServiceServicer_to_server(ScoreServicer(registry, max_items), server)
-    extract_pb2_grpc.add_ExtractServiceServicer_to_server(
-        ExtractServicer(registry, max_items), server
+    limits = RequestLimits(
+        max_items=settings.max_items_per_request,
+        max_text_chars=settings.max_text_chars,
+        max_labels=settings.max_labels,
     )
+    encode_pb2_grpc.add_EncodeServiceServicer_to_server(EncodeServicer(registry, limits), server)
+    score_pb2_grpc.add_ScoreServiceServicer_to_server(ScoreServicer(registry, limits), server)
+    extract_pb2_grpc.add_ExtractServiceServicer_to_server(ExtractServicer(registry, limits), server)
     models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(registry), server)
     source = StatusSource(registry)
     status = StatusServicer(source, settings.status_interval_ms)

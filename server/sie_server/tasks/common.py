@@ -1,21 +1,53 @@
-"""What every task shares: the request-level item checks and hashable options (batch keys)."""
+"""What every task shares: the request limits and item checks, and hashable options (batch
+keys)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sie_server.domain import InputItem
 from sie_server.errors import InvalidInput
 
 
-def check_items(items: Sequence[InputItem], model: str, max_items: int) -> None:
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """What one request may hold (server flags); above a limit, INVALID_INPUT naming it."""
+
+    max_items: int = 1024
+    #: Characters of one text (a query included).
+    max_text_chars: int = 1_000_000
+    #: Labels of one extract request.
+    max_labels: int = 256
+
+
+def as_limits(limits: RequestLimits | int) -> RequestLimits:
+    """``limits``, where an int is ``max_items`` alone (the other limits at their defaults)."""
+    return RequestLimits(max_items=limits) if isinstance(limits, int) else limits
+
+
+def check_items(items: Sequence[InputItem], model: str, limits: RequestLimits | int) -> None:
     """The request-level item checks every task shares."""
+    limits = as_limits(limits)
     if not items:
         raise InvalidInput("items must not be empty", model=model)
-    if len(items) > max_items:
+    if len(items) > limits.max_items:
         raise InvalidInput(
-            f"{len(items)} items exceed the limit of {max_items} per request", model=model
+            f"{len(items)} items exceed the limit of {limits.max_items} per request", model=model
+        )
+    for index, item in enumerate(items):
+        check_text(item, index, model, limits)
+
+
+def check_text(
+    item: InputItem, index: int, model: str, limits: RequestLimits, what: str = "item"
+) -> None:
+    if item.text is not None and len(item.text) > limits.max_text_chars:
+        raise InvalidInput(
+            f"{what} {index}: text of {len(item.text)} characters exceeds the limit of "
+            f"{limits.max_text_chars} (--max-text-chars); split it",
+            model=model,
         )
 
 

@@ -26,7 +26,7 @@ from sie_server.catalog import ModelSpec
 from sie_server.catalog.spec import OUTPUT_TYPES
 from sie_server.domain import EncodeOutput, InputItem
 from sie_server.errors import InvalidInput, SIEServerError
-from sie_server.tasks.common import check_items, freeze
+from sie_server.tasks.common import RequestLimits, check_items, freeze
 from sie_server.tasks.options import Options
 from sie_server.tasks.output_dtype import OUTPUT_DTYPES, convert, sparse_dtype
 
@@ -104,11 +104,11 @@ def resolve_encode(
     params: EncodeParams,
     *,
     accepted_options: Collection[str],
-    max_items: int,
+    limits: RequestLimits | int,
     deadline: float | None = None,
 ) -> EncodeCall:
     """Merge the profile with the request; reject what the model cannot do (InvalidInput)."""
-    check_items(items, spec.name, max_items)
+    check_items(items, spec.name, limits)
     profile, options = Options.resolve(spec, params.options, ENCODE_KEYS | set(accepted_options))
     # Typed fields win over options, options over the profile; option values are always checked.
     option_types = options.text_list("output_types")

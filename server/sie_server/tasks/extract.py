@@ -14,7 +14,7 @@ from typing import Any
 from sie_server.catalog import ModelSpec
 from sie_server.domain import InputItem
 from sie_server.errors import InvalidInput
-from sie_server.tasks.common import check_items, freeze
+from sie_server.tasks.common import RequestLimits, as_limits, check_items, freeze
 from sie_server.tasks.options import Options
 
 #: Option keys every extractor accepts.
@@ -106,11 +106,17 @@ def resolve_extract(
     *,
     support: ExtractSupport,
     accepted_options: Collection[str],
-    max_items: int,
+    limits: RequestLimits | int,
     deadline: float | None = None,
 ) -> ExtractCall:
-    check_items(items, spec.name, max_items)
+    check_items(items, spec.name, limits)
     labels = _labels(params.labels, spec.name)
+    limit = as_limits(limits).max_labels
+    if len(labels) > limit:
+        raise InvalidInput(
+            f"{len(labels)} labels exceed the limit of {limit} per request (--max-labels)",
+            model=spec.name,
+        )
     if labels and not support.labels:
         raise InvalidInput(f"model {spec.name} does not take labels", model=spec.name)
     if not labels and support.labels_required:

@@ -1,0 +1,75 @@
+"""Request limits, configurable and enforced before any work: items, characters per text (a
+query included) and labels per request each answer INVALID_INPUT naming the limit and its flag."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc
+from sie_server.catalog.spec import parse_spec
+from sie_server.domain import InputItem
+from sie_server.errors import InvalidInput
+from sie_server.tasks.common import RequestLimits
+from sie_server.tasks.extract import ExtractParams, ExtractSupport, resolve_extract
+from sie_server.tasks.score import ScoreParams, resolve_score
+
+from tests.server_utils import error_info, fake_entry, serving, write_catalog_entry
+
+LIMITS = RequestLimits(max_items=3, max_text_chars=20, max_labels=2)
+SPEC = parse_spec(
+    {
+        "name": "m",
+        "adapter": "dense",
+        "hf_id": "x/y",
+        "max_sequence_length": 16,
+        "outputs": {"dense": {"dims": 4}},
+    }
+)
+
+
+def test_labels_over_the_limit_are_refused() -> None:
+    support = ExtractSupport()
+    ok = resolve_extract(
+        SPEC, [InputItem(text="a")], ExtractParams(labels=["x", "y"]),
+        support=support, accepted_options=(), limits=LIMITS,
+    )  # fmt: skip
+    assert ok.settings.labels == ("x", "y")
+    with pytest.raises(InvalidInput, match=r"3 labels exceed the limit of 2 .*--max-labels"):
+        resolve_extract(
+            SPEC, [InputItem(text="a")], ExtractParams(labels=["x", "y", "z"]),
+            support=support, accepted_options=(), limits=LIMITS,
+        )  # fmt: skip
+
+
+def test_a_long_query_is_refused() -> None:
+    with pytest.raises(InvalidInput, match=r"query 0: text of 21 characters .*--max-text-chars"):
+        resolve_score(
+            SPEC, InputItem(text="q" * 21), [InputItem(text="a")], ScoreParams(),
+            accepted_options=(), limits=LIMITS,
+        )  # fmt: skip
+
+
+async def test_limits_come_from_the_server_flags(tmp_path: Path) -> None:
+    write_catalog_entry(tmp_path / "catalog", fake_entry("fake/limits"))
+    async with serving(
+        [tmp_path / "catalog"], ["fake/limits"], max_text_chars=20, max_items_per_request=3
+    ) as handle:
+        stub = encode_pb2_grpc.EncodeServiceStub(handle.channel)
+
+        def request(*texts: str) -> encode_pb2.EncodeRequest:
+            return encode_pb2.EncodeRequest(
+                model="fake/limits", items=[common_pb2.Item(text=t) for t in texts]
+            )
+
+        reply = await stub.Encode(request("short", "x" * 20))
+        assert len(reply.items) == 2
+        with pytest.raises(grpc.aio.AioRpcError) as long_text:
+            await stub.Encode(request("short", "x" * 21))
+        assert long_text.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_info(long_text.value)[0] == "INVALID_INPUT"
+        assert "item 1: text of 21 characters" in (long_text.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as too_many:
+            await stub.Encode(request("a", "b", "c", "d"))
+        assert "4 items exceed the limit of 3" in (too_many.value.details() or "")
