@@ -20,7 +20,7 @@ SERVER_STAMP := $(VENV)/.stamp-server
 DEV_STAMP := $(VENV)/.stamp-dev
 NODE_STAMP := tests/node/node_modules/.stamp
 
-.PHONY: run test check lint format types proto proto-lint proto-check node-deps clean
+.PHONY: run test fuzz check lint format types proto proto-lint proto-check node-deps clean bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,10 @@ node-deps:
 test: $(DEV_STAMP) node-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
+# The fuzzers with a longer budget than make test's (same fixed seed, more examples).
+fuzz: $(DEV_STAMP)
+	SIE_FUZZ_EXAMPLES=500 HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/bridge/test_fuzz_openapi.py
+
 format: $(DEV_STAMP)
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
@@ -63,6 +67,13 @@ lint: $(DEV_STAMP)
 types: $(DEV_STAMP)
 	$(PY) -m mypy
 	$(PY) -m mypy --strict bench/encode_bench.py bench/bench_*.py scripts/run_services.py
+
+# The scoreboard (bench/README.md): writes bench/results/<time>.{md,png,json}.
+#   make bench QUICK=1          smoke run, about 3 minutes, no peers
+#   make bench PEERS=all        also the original sie-server 0.10.1 (an ~8 GB venv, built once)
+bench: $(DEV_STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_scoreboard.py $(if $(QUICK),--quick) \
+		$(if $(PEERS),--peers $(PEERS)) --torch-spec "$(TORCH_SPEC)"
 
 $(BUF):
 	npm install --silent --no-audit --no-fund --no-save --prefix .tools @bufbuild/buf@$(BUF_VERSION)

@@ -40,10 +40,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     for peer in ("infinity-emb 0.0.78 (HTTP)", "original SIE 0.10.1, 2 threads (HTTP)"):
         other = _row(results, peer, 32, 1, "medium")
         value = grpc["texts_per_s"] / other["texts_per_s"] if grpc and other else None
+        value = None if other and not other["texts_per_s"] else value
         add(f"gRPC / {peer.split(' (')[0]} (32x1 medium)", value, ">= 1.50",
             None if value is None else value >= 1.5, "{:.2f}x")  # fmt: skip
     bridge = _row(results, "our bridge msgpack", 32, 1, "medium")
-    value = bridge["texts_per_s"] / grpc["texts_per_s"] if bridge and grpc else None
+    ok = bridge and grpc and grpc["texts_per_s"]
+    value = bridge["texts_per_s"] / grpc["texts_per_s"] if ok else None
     add("bridge msgpack / gRPC (32x1 medium)", value, ">= 0.95",
         None if value is None else value >= 0.95, "{:.2f}x")  # fmt: skip
     b1 = results["inprocess_batch1_short_p50_ms"]

@@ -4,7 +4,9 @@
 and then a measuring window. A request counts when it FINISHES inside the window, whenever it was
 sent (counting only requests both sent and finished inside it under-counts by about
 concurrency / window). Calls in flight when the window closes are awaited (bounded) and dropped.
-Latency percentiles are over the counted calls. Every call's reply is checked by its caller (the
+The window is ``window_s``, stretched (up to ``max_window_s``) until ``min_calls`` calls are
+counted, so a slow or loaded machine still yields percentiles; the window actually used is
+reported. Latency percentiles are over the counted calls. Every call's reply is checked by its caller (the
 number of vectors), and a failed call is an error, never a completion.
 
 Callers: gRPC (grpc.aio, one channel), our bridge (aiohttp, msgpack or JSON), infinity-emb
@@ -61,6 +63,8 @@ async def closed_loop(
     concurrency: int,
     warm_s: float,
     window_s: float,
+    max_window_s: float | None = None,
+    min_calls: int = 0,
 ) -> Window:
     """Run ``concurrency`` workers over ``requests`` (cycled) for ``warm_s + window_s``;
     ``request_tokens[i]`` is the number of tokens in ``requests[i]``."""
@@ -68,10 +72,19 @@ async def closed_loop(
     counter = iter(range(1 << 62))
     loop = asyncio.get_running_loop()
     start = loop.time() + warm_s
-    end = start + window_s
+    longest = start + max(window_s, max_window_s or 0.0)
+    closed_at: float | None = None
+
+    def closed() -> bool:
+        nonlocal closed_at
+        if closed_at is None:
+            now = loop.time()
+            if now >= longest or (now >= start + window_s and out.completed >= min_calls):
+                closed_at = now
+        return closed_at is not None
 
     async def worker() -> None:
-        while loop.time() < end:
+        while not closed():
             index = next(counter) % len(requests)
             texts = requests[index]
             sent = time.perf_counter()
@@ -83,7 +96,7 @@ async def closed_loop(
                     out.first_errors.append(f"{type(exc).__name__}: {exc}"[:300])
                 continue
             done = loop.time()
-            if start <= done <= end:
+            if start <= done and not closed():
                 out.completed += 1
                 out.texts += len(texts)
                 out.tokens += request_tokens[index]
@@ -91,9 +104,10 @@ async def closed_loop(
 
     await asyncio.wait_for(
         asyncio.gather(*(worker() for _ in range(concurrency))),
-        timeout=warm_s + window_s + 2 * CALL_TIMEOUT_S,
+        timeout=warm_s + max(window_s, max_window_s or 0.0) + 2 * CALL_TIMEOUT_S,
     )
-    out.window_s = window_s
+    assert closed_at is not None
+    out.window_s = closed_at - start
     return out
 
 

@@ -42,7 +42,7 @@ def _all(kinds: Sequence[str], conc: Sequence[int], tpc: Sequence[int]) -> tuple
 
 
 FULL = BoardProfile(
-    "full", 6.0, 30.0, 1.0, 2.0, 3.0,
+    "full", 6.0, 20.0, 1.0, 2.0, 3.0,
     {
         "grpc": _all(KINDS, (1, 8, 32), (1, 32)),
         "msgpack": _all(KINDS, (1, 8, 32), (1,)) + _all(("medium",), (1, 8, 32), (32,)),
@@ -131,6 +131,7 @@ async def run_cell(
     tokens: Mapping[str, int],
     warm_s: float,
     window_s: float,
+    max_window_s: float,
 ) -> ServiceRow:
     conc, per_call, kind = cell
     requests = requests_for(corpus, kind, per_call)
@@ -138,7 +139,10 @@ async def run_cell(
     before = await target.counters() if target.counters else None
     cpu0, bridge0 = target.cpu(), target.bridge_cpu() if target.bridge_cpu else None
     client0, wall0 = time.process_time(), time.perf_counter()
-    w = await closed_loop(target.call, requests, request_tokens, conc, warm_s, window_s)
+    w = await closed_loop(
+        target.call, requests, request_tokens, conc, warm_s, window_s, max_window_s, 2 * conc
+    )
+    window_s = w.window_s
     wall = time.perf_counter() - wall0
     cpu1, bridge1 = target.cpu(), target.bridge_cpu() if target.bridge_cpu else None
     row = ServiceRow(
@@ -148,8 +152,8 @@ async def run_cell(
         kind=kind,
         window_s=window_s,
         calls=w.completed,
-        texts_per_s=w.texts / window_s,
-        tokens_per_s=w.tokens / window_s,
+        texts_per_s=w.texts / window_s if window_s > 0 else 0.0,
+        tokens_per_s=w.tokens / window_s if window_s > 0 else 0.0,
         p50_ms=w.p50_ms,
         p99_ms=w.p99_ms,
         tail=w.p99_ms / w.p50_ms if w.latencies_ms else float("nan"),

@@ -1,7 +1,7 @@
 """In-process baselines: what a user gets calling the libraries themselves, in this process.
 
 - sentence-transformers ``encode`` at batch sizes 1/8/16/32/64, per kind of text. Each call
-  gets a list of ``max(4 * batch, 64)`` texts (``encode`` sorts its input by length before it
+  gets a list of ``max(2 * batch, 16)`` texts (``encode`` sorts its input by length before it
   batches, as a user's call would), repeated until ``seconds`` have passed (at least once).
   The best batch per kind is every service row's denominator.
 - plain transformers ``AutoModel`` with mean pooling over the attention mask and L2
@@ -46,8 +46,10 @@ def _padding(lengths: Sequence[int], batch_size: int) -> float:
     return 1.0 - real / computed if computed else 0.0
 
 
-def _timed(fn: Callable[[], object], n_texts: int, seconds: float) -> tuple[int, float]:
-    fn()  # warm-up: this shape's kernels and allocations
+def _timed(
+    fn: Callable[[], object], warm: Callable[[], object], n_texts: int, seconds: float
+) -> tuple[int, float]:
+    warm()  # one batch: this shape's kernels and allocations
     done, started = 0, time.perf_counter()
     while True:
         fn()
@@ -126,10 +128,11 @@ class Libraries:
         for kind, texts in corpus.items():
             best: InprocRow | None = None
             for batch_size in BATCH_SIZES:
-                chunk = [texts[i % len(texts)] for i in range(max(4 * batch_size, 64))]
+                chunk = [texts[i % len(texts)] for i in range(max(2 * batch_size, 16))]
                 lengths = sorted((tokens[t] for t in chunk), reverse=True)
                 done, elapsed = _timed(
                     functools.partial(self.st_encode, chunk, batch_size),
+                    functools.partial(self.st_encode, chunk[:batch_size], batch_size),
                     len(chunk),
                     seconds,
                 )
@@ -142,9 +145,10 @@ class Libraries:
                     best = row
             assert best is not None
             b = best.batch_size
-            chunk = [texts[i % len(texts)] for i in range(max(4 * b, 64))]
+            chunk = [texts[i % len(texts)] for i in range(max(2 * b, 16))]
             done, elapsed = _timed(
                 functools.partial(self.auto_encode, chunk, b),
+                functools.partial(self.auto_encode, chunk[:b], b),
                 len(chunk),
                 seconds,
             )

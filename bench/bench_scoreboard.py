@@ -57,7 +57,9 @@ async def run_target(
                 continue
             print(f"  {target.system} {cell[2]} conc {cell[0]} x{cell[1]} ({window:.0f} s)",
                   flush=True)  # fmt: skip
-            row = await run_cell(target, cell, ctx["corpus"], ctx["tokens"], warm, window)
+            row = await run_cell(
+                target, cell, ctx["corpus"], ctx["tokens"], warm, window, profile.max_window_s
+            )
             rows.append(row)
             if row.errors:
                 print(f"    {row.errors} errors: {row.first_errors[:1]}", flush=True)
@@ -200,12 +202,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         k: gemm["flops_per_s"] / (sum(shape.flops_per_text(tokens[t]) for t in v) / len(v))
         for k, v in corpus4.items()
     }
-    inproc, cosines = libs.run(corpus4, tokens, profile.inproc_s)
+    needed = {kind for cells in profile.cells.values() for _, _, kind in cells}
+    inproc, cosines = libs.run(
+        {k: v for k, v in corpus4.items() if k in needed}, tokens, profile.inproc_s
+    )
     b1 = libs.batch1_p50_ms(corpus["short"], 3 * profile.inproc_s)
     best = {
         k: max((r for r in inproc if r.kind == k and r.system == "sentence-transformers"),
                key=lambda r: r.texts_per_s)
-        for k in corpus4
+        for k in needed
     }  # fmt: skip
     del libs
 
