@@ -6,12 +6,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from hypothesis import given, settings
+import pytest
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sie_sdk.convert import to_proto
 from sie_sdk.wire import WireError, unpack_msgpack
 
-SETTINGS = settings(max_examples=300, deadline=None, derandomize=True)
+# Fixed seed, no example database, and no health checks: generation may be slow on a busy
+# machine, which is not what these tests are about.
+SETTINGS = settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 
 json_values = st.recursive(
     st.none()
@@ -96,3 +105,42 @@ def test_any_bytes_decode_as_msgpack_or_are_refused(body: bytes) -> None:
     else:
         return
     assert "msgpack" in refusal
+
+
+@pytest.mark.parametrize(
+    "multivector",
+    [[[10**400]], [[float("nan")]], [[float("inf"), 1.0]], [[1e39]], [[True]], [[None]], [["1"]]],
+)
+def test_hostile_multivectors_are_refused(multivector: Any) -> None:
+    # Found by the properties above: these once raised OverflowError or passed NaN through.
+    with pytest.raises(WireError, match="multivector"):
+        to_proto.score_request(
+            "m", {"query": {"multivector": multivector}, "items": [{"text": "a"}]}
+        )
+
+
+def test_options_past_json_numbers_are_refused() -> None:
+    with pytest.raises(WireError, match=r"params\.options"):
+        to_proto.encode_request(
+            "m", {"items": [{"text": "x"}], "params": {"options": {"a": 10**400}}}
+        )
+
+
+def test_the_server_refuses_a_non_finite_query_multivector_over_grpc() -> None:
+    import numpy as np
+    from sie_sdk.tensors import to_tensor
+    from sie_sdk.v1 import common_pb2
+    from sie_server.errors import InvalidInput
+    from sie_server.grpc_api.convert import input_item
+
+    values = np.array([[1.0, float("nan")]], dtype=np.float32)
+    item = common_pb2.Item(multivector=to_tensor(values, common_pb2.DTYPE_FLOAT32))
+    with pytest.raises(InvalidInput, match="query 0: the multivector holds NaN"):
+        input_item(item, 0, "m", what="query")
+
+
+@pytest.mark.parametrize("images", [1, 2.5, True, {"data": "x"}])
+def test_images_that_are_not_a_list_are_refused(images: Any) -> None:
+    # Found by the properties above: an integer once raised TypeError (a 500 on the bridge).
+    with pytest.raises(WireError, match=r"items\[0\]\.images must be a list"):
+        to_proto.encode_request("m", {"items": [{"images": images}]})

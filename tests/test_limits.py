@@ -1,5 +1,6 @@
 """Request limits, configurable and enforced before any work: items, characters per text (a
-query included) and labels per request each answer INVALID_INPUT naming the limit and its flag."""
+query included), labels per request, and responses over the message limit each answer
+INVALID_INPUT naming the limit and its flag."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from sie_server.tasks.extract import ExtractParams, ExtractSupport, resolve_extr
 from sie_server.tasks.score import ScoreParams, resolve_score
 
 from tests.server_utils import error_info, fake_entry, serving, write_catalog_entry
+from tests.tiny_models import bge_m3
+from tests.tiny_models.entries import BGE_M3_OUTPUTS, entry
 
 LIMITS = RequestLimits(max_items=3, max_text_chars=20, max_labels=2)
 SPEC = parse_spec(
@@ -73,3 +76,38 @@ async def test_limits_come_from_the_server_flags(tmp_path: Path) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as too_many:
             await stub.Encode(request("a", "b", "c", "d"))
         assert "4 items exceed the limit of 3" in (too_many.value.details() or "")
+
+
+async def test_a_response_over_the_message_limit_is_refused_before_any_compute(
+    tmp_path: Path,
+) -> None:
+    weights = bge_m3.build_tiny_bge_m3(tmp_path / "bge-m3")
+    write_catalog_entry(
+        tmp_path / "catalog", entry("tiny/bge-m3", "bge_m3", weights, BGE_M3_OUTPUTS)
+    )
+    limit = 64 * 1024  # multivector rows of the tiny model are 128 bytes: ~500 tokens fit
+    async with serving([tmp_path / "catalog"], ["tiny/bge-m3"], max_message_bytes=limit) as handle:
+        stub = encode_pb2_grpc.EncodeServiceStub(handle.channel)
+        metrics = handle.running.registry.metrics
+
+        def request(count: int) -> encode_pb2.EncodeRequest:
+            words = " ".join(f"token{i}" for i in range(60))
+            return encode_pb2.EncodeRequest(
+                model="tiny/bge-m3",
+                items=[common_pb2.Item(text=words) for _ in range(count)],
+                params=encode_pb2.EncodeParams(output_types=["multivector"]),
+            )
+
+        reply = await stub.Encode(request(1))
+        assert reply.items[0].multivector.num_tokens > 60
+        batches = metrics.counter("sie_batches_total", model="tiny/bge-m3", status="ok")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Encode(request(32))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_info(refused.value)[0] == "INVALID_INPUT"
+        details = refused.value.details() or ""
+        assert "over the message limit" in details
+        assert "--max-message-bytes" in details
+        assert "split the request" in details
+        after = metrics.counter("sie_batches_total", model="tiny/bge-m3", status="ok")
+        assert after == batches, "no forward pass was spent on it"

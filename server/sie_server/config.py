@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sie_server.catalog import BUILTIN_CATALOG_DIR
+from sie_server.domain import ENGINES
 
 MIB = 1024 * 1024
 
@@ -28,6 +29,8 @@ class Settings:
     preload: tuple[str, ...] = ()
     device: str = "auto"
     dtype: str = "auto"
+    #: The forward-pass engine of every model whose family supports it (auto: the catalog's).
+    engine: str = "auto"
     # Batching and admission.
     max_batch_tokens: int = 16384
     max_batch_items: int = 64
@@ -70,6 +73,12 @@ _OPTIONS: tuple[tuple[str, type, str], ...] = (
     ("preload", str, "model to load before serving (repeatable)"),
     ("device", str, "auto (cuda with bf16/fp16 when present, else cpu fp32), cpu, cuda, cuda:N"),
     ("dtype", str, "auto, float32, bfloat16, float16"),
+    (
+        "engine",
+        str,
+        "auto (each catalog entry's engine), torch, or onnx (ONNX Runtime, CPU float32, for "
+        "every model whose family supports it; needs pip install 'sie[onnx]')",
+    ),
     ("max-batch-tokens", int, "token budget of one batch, padded (longest x count)"),
     ("max-batch-items", int, "items in one batch at most"),
     (
@@ -149,4 +158,7 @@ def load_settings(
                     f"SIE_{attr.upper()}={raw_env!r} is not a valid {kind.__name__}"
                 ) from None
     assert set(values) <= set(known)
+    engine = values.get("engine", "auto")
+    if engine not in ("auto", *ENGINES):
+        raise SystemExit(f"--engine must be auto, {', '.join(ENGINES)}; got {engine!r}")
     return Settings(**values)

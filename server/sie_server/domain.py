@@ -60,13 +60,20 @@ class TokenizedText:
         return len(self.input_ids)
 
 
+#: The engines a model may run its forward pass with (a family lists those it supports).
+ENGINES = ("torch", "onnx")
+
+
 @dataclass(frozen=True, slots=True)
 class LoadTarget:
-    """Where and how to load: ``device`` as torch names it, ``dtype`` 'float32'|'bfloat16'|'float16'."""
+    """Where and how to load: ``device`` as torch names it, ``dtype`` 'float32'|'bfloat16'|'float16',
+    ``engine`` one of ``ENGINES`` (the catalog's, or the ``--engine`` flag's), already checked
+    against what the family supports."""
 
     source: str
     device: str
     dtype: str
+    engine: str = "torch"
 
 
 # ---- adapter outputs (model thread, float32) ---------------------------------------------------

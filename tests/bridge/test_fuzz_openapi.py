@@ -92,6 +92,7 @@ def _ready(url: str) -> bool:
     max_examples=EXAMPLES,
     deadline=None,
     derandomize=True,
+    database=None,
     suppress_health_check=list(HealthCheck),
 )
 def test_no_request_is_a_server_fault(case: schemathesis.Case, live: str) -> None:

@@ -79,7 +79,7 @@ def _struct(value: Any, where: str) -> struct_pb2.Struct:
     out = struct_pb2.Struct()
     try:
         out.update(_mapping(value, where))
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError) as exc:
         raise invalid_input(f"{where} holds a value JSON cannot carry: {exc}") from None
     return out
 
@@ -92,7 +92,10 @@ def item(value: Any, where: str) -> common_pb2.Item:
         out.id = _string(raw["id"], f"{where}.id")
     if raw.get("text") is not None:
         out.text = _string(raw["text"], f"{where}.text")
-    for index, image in enumerate(raw.get("images") or ()):
+    images = raw.get("images") or ()
+    if not isinstance(images, list | tuple):
+        raise invalid_input(f"{where}.images must be a list of images")
+    for index, image in enumerate(images):
         at = f"{where}.images[{index}]"
         image = _mapping(image, at)
         out.images.add(
@@ -113,12 +116,20 @@ def item(value: Any, where: str) -> common_pb2.Item:
 
 
 def _multivector(value: Any, where: str) -> common_pb2.Tensor:
+    """A 2-D array of finite numbers (booleans, nulls, strings and integers past float range are
+    refused, not coerced)."""
     try:
-        array = np.asarray(value, dtype=np.float32)
-    except (ValueError, TypeError):
+        raw = np.asarray(value)
+    except (ValueError, TypeError, OverflowError):
         raise invalid_input(f"{where} must be a 2-D array of numbers") from None
-    if array.ndim != 2:
-        raise invalid_input(f"{where} must be 2-D (tokens x dims), got shape {array.shape}")
+    if raw.dtype.kind not in "iuf":
+        raise invalid_input(f"{where} must be a 2-D array of numbers")
+    if raw.ndim != 2:
+        raise invalid_input(f"{where} must be 2-D (tokens x dims), got shape {raw.shape}")
+    with np.errstate(over="ignore"):
+        array = raw.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise invalid_input(f"{where} holds NaN or infinite values (or values past float32)")
     return to_tensor(array, common_pb2.DTYPE_FLOAT32)
 
 

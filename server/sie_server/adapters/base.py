@@ -95,6 +95,8 @@ class ModelAdapter(ABC):
 
     spec: ModelSpec
     device: str = "cpu"
+    #: The forward-pass engines this family runs (``LoadTarget.engine``; catalog ``engine``).
+    engines: ClassVar[frozenset[str]] = frozenset({"torch"})
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec

@@ -16,6 +16,10 @@ prompt. The prompt is prepended to the text, as sentence-transformers does, and 
 ``extra``: with ``include_prompt: false`` those leading tokens are left out of the pooling, per
 item, so items with and without a prompt may share a batch.
 
+Engines: ``torch`` (default) or ``onnx`` (``LoadTarget.engine``): with onnx the transformer is
+exported once and run by ONNX Runtime (``onnx_engine``), the torch backbone is dropped after the
+export, and pooling, heads and normalization run in the same torch code as with torch.
+
 Invariant: padding is on the right, so every item's tokens start at position 0.
 """
 
@@ -23,12 +27,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
 
+from sie_server.adapters import onnx_engine
 from sie_server.adapters.hf import model_file, torch_dtype
 from sie_server.adapters.hf_text import HFTextEncoder
+from sie_server.adapters.onnx_engine import OnnxEncoder
 from sie_server.adapters.st_config import (
     DenseModule,
     Head,
@@ -54,6 +60,10 @@ ACTIVATION_MODULE = "torch.nn.modules.activation"
 
 class DenseEncoderAdapter(HFTextEncoder):
     output_types = frozenset({"dense"})
+    #: The forward-pass engines this family runs (``LoadTarget.engine``).
+    engines: ClassVar[frozenset[str]] = frozenset({"torch", "onnx"})
+    #: The ONNX Runtime transformer when the engine is onnx (the torch model is then None).
+    onnx: OnnxEncoder | None = None
     pipeline: STPipeline = STPipeline(TransformerModule(), PoolingModule(folder=""))
     #: One torch module per pipeline head (None for Normalize), in order.
     head_modules: tuple[Any, ...] = ()
@@ -68,7 +78,12 @@ class DenseEncoderAdapter(HFTextEncoder):
     def load(self, target: LoadTarget) -> None:
         name = self.spec.name
         self.pipeline = read_pipeline(target.source, name).with_options(self.load_options, name)
+        if target.engine == "onnx":
+            onnx_engine.require(target, name)  # before any weights load
         super().load(target)
+        if target.engine == "onnx":
+            self.onnx = OnnxEncoder.open(self.model, target, name)
+            self.model = None
 
     def after_load(self, target: LoadTarget) -> None:
         name = self.spec.name
@@ -91,6 +106,10 @@ class DenseEncoderAdapter(HFTextEncoder):
     def unload(self) -> None:
         super().unload()
         self.head_modules = ()
+        self.onnx = None
+
+    def memory_bytes(self) -> int:
+        return super().memory_bytes() + (self.onnx.weight_bytes if self.onnx else 0)
 
     # ---- prompts ----------------------------------------------------------------------------
     def count_prompt(self, prompt: str) -> int:
@@ -130,7 +149,10 @@ class DenseEncoderAdapter(HFTextEncoder):
 
     def run_encode(self, inputs: Any, settings: EncodeSettings) -> list[EncodeOutput]:
         ids, mask, prompt = inputs
-        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        if self.onnx is not None:
+            hidden = self.onnx(ids, mask)
+        else:
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         vectors = pool(hidden, mask, prompt, self.pipeline.pooling)
         for head, module in zip(self.pipeline.heads, self.head_modules, strict=True):
             vectors = apply_head(head, module, vectors)

@@ -16,6 +16,7 @@ outputs:                           # what the model produces, with dims and simi
   # json: {}                       # extraction results: entities, classifications, ... (no dims)
 tasks: [encode, score]             # optional; derived from the outputs when absent
 load_options: {}                   # adapter load-time options (pooling, normalize, ...)
+engine: torch                      # torch (default) or onnx (ONNX Runtime, where the family has it)
 profiles:                          # named presets, chosen with options.profile
   default: {output_types: [dense], options: {}}
 default_profile: default           # optional; "default" or the first profile otherwise
@@ -42,6 +43,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sie_server.domain import ENGINES
 
 #: Outputs that are vectors (the encode task's output types).
 OUTPUT_TYPES = ("dense", "sparse", "multivector")
@@ -88,6 +91,8 @@ class ModelSpec:
     load_options: Mapping[str, Any] = field(default_factory=dict)
     max_batch_tokens: int | None = None
     max_batch_items: int | None = None
+    #: The engine of the forward pass (``--engine`` may override it).
+    engine: str = "torch"
     source_file: Path | None = None
 
     def profile(self, name: str | None) -> ProfileSpec:
@@ -212,6 +217,9 @@ def parse_spec(raw: Mapping[str, Any], source_file: Path | None = None) -> Model
     load_options = raw.get("load_options") or {}
     if not isinstance(load_options, Mapping):
         raise fail("'load_options' must be a mapping")
+    engine = raw.get("engine", "torch")
+    if engine not in ENGINES:
+        raise fail(f"'engine' must be one of {', '.join(ENGINES)}, got {engine!r}")
 
     def optional_positive(key: str) -> int | None:
         value = raw.get(key)
@@ -236,6 +244,7 @@ def parse_spec(raw: Mapping[str, Any], source_file: Path | None = None) -> Model
         load_options=dict(load_options),
         max_batch_tokens=optional_positive("max_batch_tokens"),
         max_batch_items=optional_positive("max_batch_items"),
+        engine=str(engine),
         source_file=source_file,
     )
 

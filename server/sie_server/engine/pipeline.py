@@ -39,12 +39,17 @@ async def run_job(
     deadline: float | None,
     prepare_pool: Executor,
     finish_pool: Executor,
+    check: Callable[[Job[R]], None] | None = None,
 ) -> Outcome[R]:
+    """Prepare (off the loop), ``check`` the prepared job (before any compute), submit, gather,
+    finish (off the loop), time."""
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
     with executor.preparing():
         job = await loop.run_in_executor(prepare_pool, make_job)
         prepared = time.perf_counter()
+        if check is not None:
+            check(job)
         admitted = executor.submit_groups(job.groups, deadline)
     futures = [item.future for group in admitted for item in group]
     gathered = await asyncio.gather(*futures, return_exceptions=True)

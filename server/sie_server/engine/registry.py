@@ -31,6 +31,7 @@ from sie_server.adapters.base import (
     Scorer,
     tasks_of,
 )
+from sie_server.adapters.onnx_engine import resolve_engine
 from sie_server.adapters.registry import adapter_class
 from sie_server.catalog import Catalog, CatalogError, ModelSpec
 from sie_server.device import Placement
@@ -46,7 +47,7 @@ from sie_server.errors import (
     ShuttingDown,
 )
 from sie_server.observability.metrics import BATCH_SIZE_BUCKETS, Metrics, record_timing
-from sie_server.tasks.encode import EncodeCall, EncodedItem
+from sie_server.tasks.encode import EncodeCall, EncodedItem, check_response_size
 from sie_server.tasks.extract import ExtractCall, ExtractedItem
 from sie_server.tasks.score import RankedScore, ScoreCall, rank
 
@@ -114,6 +115,10 @@ class EngineConfig:
     tokenizer_workers: int = 2
     load_retry_s: float = 30.0
     warmup: bool = True
+    #: The largest response the transport can send (the server's --max-message-bytes).
+    max_response_bytes: int = 64 * 1024 * 1024
+    #: ``--engine``: auto (each catalog entry's), torch or onnx (see onnx_engine.resolve_engine).
+    engine: str = "auto"
 
 
 class ModelRegistry:
@@ -219,8 +224,14 @@ class ModelRegistry:
     async def encode(self, model: str, call: EncodeCall) -> Outcome[list[EncodedItem]]:
         adapter, executor = self.ready(model)
         assert isinstance(adapter, Encoder)
+        spec, limit = adapter.spec, self.config.max_response_bytes
         return await self._run(
-            model, "encode", executor, lambda: adapter.encode_job(call), call.deadline
+            model,
+            "encode",
+            executor,
+            lambda: adapter.encode_job(call),
+            call.deadline,
+            check=lambda job: check_response_size(call, spec, job.tokens, limit),
         )
 
     async def score(self, model: str, call: ScoreCall) -> Outcome[list[RankedScore]]:
@@ -245,6 +256,7 @@ class ModelRegistry:
         executor: BatchExecutor,
         make_job: Callable[[], Job[R]],
         deadline: float | None,
+        check: Callable[[Job[R]], None] | None = None,
     ) -> Outcome[R]:
         """Run the job; a completed request records its tokens and one duration per phase."""
         outcome = await run_job(
@@ -253,6 +265,7 @@ class ModelRegistry:
             deadline=deadline,
             prepare_pool=self._tokenizer_pool,
             finish_pool=self._tokenizer_pool,
+            check=check,
         )
         self.metrics.inc("sie_tokens_processed_total", outcome.tokens, model=model)
         record_timing(self.metrics, outcome.timing, model=model, endpoint=endpoint)
@@ -291,11 +304,20 @@ class ModelRegistry:
             adapter = self.adapter_type(spec.name)(spec)
             adapter.check_spec()
             target = LoadTarget(
-                spec.weights_source(), self.config.placement.device, self.config.placement.dtype
+                spec.weights_source(),
+                self.config.placement.device,
+                self.config.placement.dtype,
+                engine=resolve_engine(type(adapter), spec, self.config.engine),
             )
             await executor.call(lambda: adapter.load(target))
             if self.config.warmup:
                 await executor.call(lambda: warm_up(adapter, spec))
+        except asyncio.CancelledError:
+            # Shutdown (or a caller) cancelled the load: stop the model thread once its current
+            # job ends, free what loaded, and leave the model loadable again, not LOADING.
+            await executor.close(timeout_s=0.0)
+            entry.state, entry.error = ModelState.AVAILABLE, "the load was cancelled"
+            raise
         except Exception as exc:
             log.exception("loading %s failed", spec.name)
             await executor.close()

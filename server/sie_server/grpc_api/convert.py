@@ -65,6 +65,10 @@ def input_item(
                 f"{what} {index}: a multivector must be float32 or float16", model=model
             )
         multivector = np.ascontiguousarray(array, dtype=np.float32)
+        if not np.isfinite(multivector).all():
+            raise InvalidInput(
+                f"{what} {index}: the multivector holds NaN or infinite values", model=model
+            )
     return InputItem(
         text=item.text if item.HasField("text") else None,
         images=tuple(ImageData(image.data, image.format) for image in item.images),

@@ -118,6 +118,8 @@ def build_registry(settings: Settings) -> ModelRegistry:
         ),
         placement=resolve_placement(settings.device, settings.dtype),
         tokenizer_workers=settings.tokenizer_workers,
+        max_response_bytes=settings.max_message_bytes,
+        engine=settings.engine,
     )
     registry = ModelRegistry(catalog, config)
     registry.check_catalog()

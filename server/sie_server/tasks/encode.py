@@ -79,6 +79,41 @@ class EncodeCall:
     dimensions: int | None = None
 
 
+#: Bytes per value of each output dtype on the wire (binary packs eight values a byte).
+_VALUE_BYTES = {"float32": 4.0, "float16": 2.0, "int8": 1.0, "uint8": 1.0, "binary": 0.125}
+#: Per item: ids, dims, tensor headers, num_tokens.
+_ITEM_OVERHEAD = 96
+
+
+def response_bytes(call: EncodeCall, spec: ModelSpec, tokens: int) -> int:
+    """An upper estimate of the response's size for ``tokens`` tokens in all: dense vectors per
+    item, and sparse entries and multivector rows per token."""
+    value = _VALUE_BYTES[call.output_dtype]
+    size = _ITEM_OVERHEAD * len(call.items)
+    for kind in call.settings.output_types:
+        dims = spec.outputs[kind].dims or 0
+        if kind == "dense":
+            size += int(len(call.items) * (call.dimensions or dims) * value)
+        elif kind == "sparse":
+            size += tokens * (4 + int(_VALUE_BYTES[sparse_dtype(call.output_dtype)]))
+        elif kind == "multivector":
+            size += int(tokens * dims * value)
+    return size
+
+
+def check_response_size(call: EncodeCall, spec: ModelSpec, tokens: int, limit: int) -> None:
+    """Refuse, before any compute, a request whose response could not be sent."""
+    size = response_bytes(call, spec, tokens)
+    if size > limit:
+        per_item = max(1, size // max(1, len(call.items)))
+        raise InvalidInput(
+            f"the response would be about {size / 2**20:.1f} MiB, over the message limit of "
+            f"{limit / 2**20:.1f} MiB (--max-message-bytes); split the request (about "
+            f"{max(1, limit // per_item)} items like these fit)",
+            model=spec.name,
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class SparseResult:
     indices: npt.NDArray[np.int32]
