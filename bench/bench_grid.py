@@ -45,6 +45,7 @@ FULL = BoardProfile(
     "full", 6.0, 20.0, 1.0, 2.0, 3.0,
     {
         "grpc": _all(KINDS, (1, 8, 32), (1, 32)),
+        "onnx": ((1, 1, "short"), (8, 1, "medium"), (32, 1, "medium"), (32, 1, "mixed")),
         "msgpack": _all(KINDS, (1, 8, 32), (1,)) + _all(("medium",), (1, 8, 32), (32,)),
         "json": (*_all(("medium",), (1, 8, 32), (1, 32)), (1, 1, "short")),
         "peer": (*_all(("medium",), (1, 8, 32), (1, 32)), (1, 1, "short"), (32, 1, "mixed")),
@@ -56,6 +57,7 @@ QUICK = BoardProfile(
     {
         "grpc": ((1, 1, "short"), (1, 1, "medium"), (8, 1, "medium"), (32, 1, "medium"),
                  (1, 32, "medium"), (32, 1, "mixed")),
+        "onnx": ((32, 1, "medium"), (32, 1, "mixed")),
         "msgpack": ((1, 1, "short"), (32, 1, "medium")),
         "json": ((32, 1, "medium"),),
         "peer": ((1, 1, "short"), (32, 1, "medium")),

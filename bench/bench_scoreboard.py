@@ -122,7 +122,29 @@ def ours(ctx: dict[str, Any], profile: BoardProfile) -> list[ServiceRow]:
             ctx["exit_codes"]["sie-bridge"] = front.stop()
         server.terminate()
         ctx["exit_codes"]["sie-server"] = server.wait_exit()
-    return rows
+    return rows + onnx_engine(ctx, profile)
+
+
+def onnx_engine(ctx: dict[str, Any], profile: BoardProfile) -> list[ServiceRow]:
+    """The fastest engine option: the same server with ``--engine onnx`` (ONNX Runtime)."""
+    print("starting our server with --engine onnx", flush=True)
+    os.environ["SIE_ENGINE"] = "onnx"
+    try:
+        server = ServerProcess("float32")
+    finally:
+        del os.environ["SIE_ENGINE"]
+    try:
+        server.wait_ready()
+
+        def make() -> tuple[Target, Any]:
+            c = GrpcCaller(server.address)
+            counters = lambda: read_counters(server.address)  # noqa: E731
+            return Target("our gRPC, ONNX engine", c, server.cpu_s, None, counters), c.close
+
+        return asyncio.run(run_target(make, "onnx", ctx, profile))
+    finally:
+        server.terminate()
+        ctx["exit_codes"]["sie-server-onnx"] = server.wait_exit()
 
 
 def run_peer(peer: Peer, ctx: dict[str, Any], profile: BoardProfile) -> list[ServiceRow]:
@@ -263,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for x in results["targets"]:
         met = {True: "met", False: "MISSED", None: "-"}[x["met"]]
         print(f"  {x['target']:<58} {x['measured']:>14} {x['goal']:>24}  {met}")
-    ours_codes = (ctx["exit_codes"].get(n) for n in ("sie-server", "sie-bridge"))
+    ours_codes = (ctx["exit_codes"].get(n) for n in ("sie-server", "sie-bridge", "sie-server-onnx"))
     failed = sum(r.errors for r in rows) or any(c != 0 for c in ours_codes)
     return 1 if failed else 0
 

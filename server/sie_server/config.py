@@ -35,7 +35,7 @@ class Settings:
     max_batch_tokens: int = 16384
     max_batch_items: int = 64
     max_batch_padding: float = 0.15
-    batch_wait_ms: float = 2.0
+    batch_wait_ms: float = 0.0
     max_pending_tokens: int = 262144
     max_pending_items: int = 8192
     max_preparing_requests: int = 64

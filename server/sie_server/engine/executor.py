@@ -2,10 +2,10 @@
 
 * ``submit`` (event loop) admits items with a real cost, or fails fast with ``QueueFull``.
 * The scheduler task (event loop) forms batches with ``PendingQueue`` and collates them in the
-  prep pool. With the model idle it dispatches at once, except right after a batch of several
-  items: then it waits up to ``batch_wait_ms`` (at most a quarter of that batch's forward pass)
-  for that batch's callers to come back, so closed-loop clients ride together instead of one
-  running alone. While the model runs, it prepares the next batch only once a full one is
+  prep pool. With the model idle it dispatches at once; with ``batch_wait_ms`` set (off by
+  default), right after a batch of several items it may wait that long (at most a quarter of
+  that batch's forward pass) for that batch's callers to come back, so closed-loop clients ride
+  together instead of one running alone. While the model runs, it prepares the next batch only once a full one is
   pending, so partial batches keep collecting arrivals until the model frees up. At most two
   batches are in flight (one running, one ready).
 * The model thread (one per model, named ``sie-model-<name>``) runs forward passes, plus any
@@ -70,7 +70,7 @@ class ExecutorConfig:
     #: to send their next calls, so closed-loop clients do not split into a lone call and
     #: everyone else (batches of 1, N-1, 1, N-1 and a p99 of two batches). At most this, at
     #: most a quarter of the last batch's forward pass, never when the last batch was one item.
-    batch_wait_ms: float = 2.0
+    batch_wait_ms: float = 0.0
 
     @property
     def limits(self) -> BatchLimits:
