@@ -762,3 +762,25 @@ async def test_a_query_behind_a_bulk_request_does_not_wait_for_all_of_it(
     # The running batch, then (at most) the batch prepared ahead, then the query's.
     assert batches_before_query <= 3
     assert len(stats) >= 256 // 16
+
+
+async def test_queue_full_hints_when_the_queue_will_have_drained(
+    prep_pool: ThreadPoolExecutor,
+) -> None:
+    # The hint follows the work admitted and the model's recent rate, not a constant: callers
+    # told to come back in 0.5 s while seconds of work are queued only refuse again.
+    adapter = fake(delay_s=0.2)
+    async with running(prep_pool, max_pending_tokens=55, queue_full_retry_s=0.05) as executor:
+        assert_correct(["warm up"], await outcomes(submit(executor, adapter, ["warm up"])))
+        adapter.hold()
+        try:
+            held = submit(executor, adapter, [words("held", 8), words("held2", 8)])
+            queued = submit(executor, adapter, [words(f"q{i}", 8) for i in range(3)], QUERIES)
+            with pytest.raises(QueueFull) as refused:
+                submit(executor, adapter, [words("over", 8)])
+        finally:
+            adapter.release()
+        await outcomes([*held, *queued])
+    hint = refused.value.retry_after_s
+    assert hint is not None
+    assert 0.05 < hint <= 30.0

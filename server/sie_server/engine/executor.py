@@ -151,6 +151,7 @@ class BatchExecutor:
         self._closing = False
         self._preparing = 0
         self._requests = 0
+        self._tokens_per_s = 0.0
         self._broken: InternalError | None = None
         self._jobs: queue.SimpleQueue[_BatchJob | _CallJob | None] = queue.SimpleQueue()
         self._thread = threading.Thread(
@@ -314,12 +315,20 @@ class BatchExecutor:
             self._wake.set()
         return admitted
 
+    def _retry_after_s(self) -> float:
+        """When capacity should free up: the admitted tokens at the rate the model has been
+        processing them (at least ``queue_full_retry_s``, at most 30 s)."""
+        if self._tokens_per_s <= 0:
+            return self.config.queue_full_retry_s
+        drain = self._admitted_cost / self._tokens_per_s
+        return min(30.0, max(self.config.queue_full_retry_s, drain))
+
     def _queue_full(self) -> QueueFull:
         return QueueFull(
             f"model {self.name!r} queue is full "
             f"({self._admitted_items} items, {self._admitted_cost} tokens pending)",
             model=self.name,
-            retry_after_s=self.config.queue_full_retry_s,
+            retry_after_s=self._retry_after_s(),
         )
 
     def _resolved(self, item: WorkItem, future: asyncio.Future[Any]) -> None:
@@ -475,6 +484,10 @@ class BatchExecutor:
             time.monotonic(),
             ms / 1000.0,
         )
+        if ms > 0:  # the model's recent rate, for the retry hint of QueueFull
+            rate = job.batch.tokens / (ms / 1000.0)
+            previous = self._tokens_per_s
+            self._tokens_per_s = rate if previous <= 0 else 0.8 * previous + 0.2 * rate
         if error is None and (results is None or len(results) != len(items)):
             error = InferenceError(
                 f"adapter returned {len(results or [])} results for {len(items)} items"

@@ -1,0 +1,205 @@
+"""Overload: goodput under 4x the sustainable load, with clients that retry as the SDK does.
+
+    .venv/bin/python bench/bench_overload.py [--seconds 20]
+
+1. Peak: 32 closed-loop clients (one medium text per call) for a window: the sustainable rate.
+2. Overload: open-loop arrivals at 4x that rate, each call through ``SIEAsyncClient`` (gRPC),
+   which retries QUEUE_FULL honouring the server's hint. Measured: goodput (calls completed per
+   second, inside the window) against the peak, how fast refusals come (the server's QUEUE_FULL
+   count and the health check's latency), that health stays SERVING, and the server's RSS.
+3. Recovery: 8 closed-loop clients again; their p50 against the same load before the overload.
+
+The server runs with ``--max-pending-items 256`` so that what it admits finishes within seconds.
+Ratios from one run; the result lands in bench/results/overload-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from bench_common import MODEL, ROOT
+from bench_services import free_port
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sie_sdk import SIEAsyncClient
+from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc, status_pb2, status_pb2_grpc
+
+MEDIUM = json.loads((ROOT / "bench/data/bench-texts.json").read_text())["medium"]
+
+
+async def closed_loop(address: str, clients: int, seconds: float) -> list[float]:
+    """Latencies (ms) of calls completed inside the window."""
+    latencies: list[float] = []
+    end = time.monotonic() + seconds
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = encode_pb2_grpc.EncodeServiceStub(channel)
+
+        async def client(n: int) -> None:
+            i = n
+            while time.monotonic() < end:
+                started = time.perf_counter()
+                text = MEDIUM[i % len(MEDIUM)]
+                await stub.Encode(
+                    encode_pb2.EncodeRequest(model=MODEL, items=[common_pb2.Item(text=text)])
+                )
+                if time.monotonic() <= end:
+                    latencies.append((time.perf_counter() - started) * 1000)
+                i += clients
+
+        await asyncio.gather(*(client(n) for n in range(clients)))
+    return latencies
+
+
+async def overload(address: str, rate: float, seconds: float) -> dict[str, Any]:
+    done: list[float] = []
+    failed: list[str] = []
+    health_ms: list[float] = []
+    not_serving = 0
+    end = time.monotonic() + seconds
+    rng = random.Random(7)
+    async with SIEAsyncClient(address, timeout_s=60) as sdk:
+
+        async def call(i: int) -> None:
+            try:
+                await sdk.encode(MODEL, {"text": MEDIUM[i % len(MEDIUM)]}, provision_timeout_s=60)
+            except Exception as exc:
+                failed.append(type(exc).__name__)
+                return
+            if time.monotonic() <= end:
+                done.append(time.monotonic())
+
+        async def arrivals() -> list[asyncio.Task[None]]:
+            tasks, i = [], 0
+            while time.monotonic() < end:
+                tasks.append(asyncio.create_task(call(i)))
+                i += 1
+                await asyncio.sleep(rng.expovariate(rate))
+            return tasks
+
+        async def probe() -> None:
+            nonlocal not_serving
+            async with grpc.aio.insecure_channel(address) as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                while time.monotonic() < end:
+                    started = time.perf_counter()
+                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                    health_ms.append((time.perf_counter() - started) * 1000)
+                    not_serving += reply.status != health_pb2.HealthCheckResponse.SERVING
+                    await asyncio.sleep(0.1)
+
+        tasks, _ = await asyncio.gather(arrivals(), probe())
+        offered = len(tasks)
+        await asyncio.gather(*tasks)
+    return {
+        "offered_calls": offered,
+        "goodput_per_s": len(done) / seconds,
+        "failed": len(failed),
+        "failed_kinds": sorted(set(failed)),
+        "health_p99_ms": statistics.quantiles(health_ms, n=100)[98] if len(health_ms) > 2 else None,
+        "health_not_serving": not_serving,
+    }
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def queue_full_count(address: str) -> int:
+    """Requests the server answered QUEUE_FULL (its ``sie_requests_total`` counter)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = status_pb2_grpc.StatusServiceStub(channel).WatchStatus(
+            status_pb2.WatchStatusRequest(), timeout=10
+        )
+        try:
+            reply = await call.read()
+        finally:
+            call.cancel()
+    assert isinstance(reply, status_pb2.WatchStatusResponse)
+    return sum(
+        c.value
+        for c in reply.counters
+        if c.name == "sie_requests_total" and c.labels.get("status") == "QUEUE_FULL"
+    )
+
+
+def start_server() -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "sie_server", "--host", "127.0.0.1", "--port", str(port),
+            "--preload", MODEL, "--device", "cpu", "--max-pending-items", "256",
+        ],
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    address = f"127.0.0.1:{port}"
+
+    async def ready() -> None:
+        async with grpc.aio.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for _ in range(600):
+                try:
+                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.aio.AioRpcError:
+                    pass
+                await asyncio.sleep(0.2)
+        raise RuntimeError("the server never became ready")
+
+    asyncio.run(ready())
+    return process, address
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    args = parser.parse_args()
+    server, address = start_server()
+    try:
+        asyncio.run(closed_loop(address, 32, 5))  # warm up
+        peak_lat = asyncio.run(closed_loop(address, 32, args.seconds))
+        peak = len(peak_lat) / args.seconds
+        before = asyncio.run(closed_loop(address, 8, args.seconds / 2))
+        rss_before = rss_mb(server.pid)
+        refused_before = asyncio.run(queue_full_count(address))
+        over = asyncio.run(overload(address, 4 * peak, args.seconds))
+        over["queue_full_answers"] = asyncio.run(queue_full_count(address)) - refused_before
+        rss_after = rss_mb(server.pid)
+        after = asyncio.run(closed_loop(address, 8, args.seconds / 2))
+    finally:
+        server.terminate()
+        server.wait(60)
+    result = {
+        "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "peak_per_s": peak,
+        "offered_per_s": 4 * peak,
+        **over,
+        "goodput_over_peak": over["goodput_per_s"] / peak,
+        "rss_mb_before": rss_before,
+        "rss_mb_after": rss_after,
+        "p50_ms_8_clients_before": statistics.median(before),
+        "p50_ms_8_clients_after": statistics.median(after),
+    }
+    out = ROOT / "bench/results" / f"overload-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
