@@ -36,13 +36,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sie_server.domain import BatchRunner, WorkGroup
+from sie_server.engine.admission import Admission, AdmissionLimits
 from sie_server.engine.batching import Batch, BatchLimits, PendingQueue
 from sie_server.engine.work import WorkItem
 from sie_server.errors import (
     DeadlineExceeded,
     InferenceError,
     InternalError,
-    QueueFull,
     ResourceExhausted,
     ShuttingDown,
     SIEServerError,
@@ -140,8 +140,15 @@ class BatchExecutor:
         self._run_context = run_context
         self._on_batch = on_batch
         self._pending = PendingQueue()
-        self._admitted_items = 0
-        self._admitted_cost = 0
+        self._admission = Admission(
+            name,
+            AdmissionLimits(
+                config.max_pending_tokens,
+                config.max_pending_items,
+                config.max_preparing_requests,
+                config.queue_full_retry_s,
+            ),
+        )
         self._in_flight = 0
         self._batch_ids = 0
         #: The last finished batch: its size, when it ended, its forward pass (seconds).
@@ -149,9 +156,7 @@ class BatchExecutor:
         self._last_done = 0.0
         self._last_run_s = 0.0
         self._closing = False
-        self._preparing = 0
         self._requests = 0
-        self._tokens_per_s = 0.0
         self._broken: InternalError | None = None
         self._jobs: queue.SimpleQueue[_BatchJob | _CallJob | None] = queue.SimpleQueue()
         self._thread = threading.Thread(
@@ -200,7 +205,7 @@ class BatchExecutor:
     @property
     def pending_items(self) -> int:
         """Items admitted and not yet resolved."""
-        return self._admitted_items
+        return self._admission.items
 
     @property
     def queued_items(self) -> int:
@@ -225,32 +230,22 @@ class BatchExecutor:
     # ---- admission ---------------------------------------------------------------------------
     def check_capacity(self) -> None:
         """Fail fast before any work is spent on a request (e.g. tokenizing it)."""
+        self._check_open()
+        self._admission.check()
+
+    def _check_open(self) -> None:
         if self._closing:
             raise ShuttingDown("server is shutting down", model=self.name)
         if self._broken is not None:
             raise self._broken
-        if (
-            self._admitted_cost >= self.config.max_pending_tokens
-            or self._admitted_items >= self.config.max_pending_items
-        ):
-            raise self._queue_full()
 
     @contextlib.contextmanager
     def preparing(self) -> Iterator[None]:
         """Hold one of the ``max_preparing_requests`` slots while a request is tokenized; refuse
         with QueueFull (retryable) when they are all taken or the queue is at its bound."""
-        self.check_capacity()
-        if self._preparing >= self.config.max_preparing_requests:
-            raise QueueFull(
-                f"model {self.name!r} is preparing {self._preparing} requests already",
-                model=self.name,
-                retry_after_s=self.config.queue_full_retry_s,
-            )
-        self._preparing += 1
-        try:
+        self._check_open()
+        with self._admission.preparing():
             yield
-        finally:
-            self._preparing -= 1
 
     def submit(
         self,
@@ -269,23 +264,13 @@ class BatchExecutor:
         """Admit one request's groups; one work item (with its future and timing) per payload,
         in order, per group.
 
-        The request is admitted whole or refused whole with ``QueueFull``. An empty queue admits
-        any request (so one large request still runs); otherwise a request that would push
-        pending cost past the bound is refused.
+        The request is admitted whole or refused whole with ``QueueFull`` (``Admission``).
         """
         assert self._loop is not None, "start() first"
         assert self._wake is not None
-        if self._closing:
-            raise ShuttingDown("server is shutting down", model=self.name)
-        if self._broken is not None:
-            raise self._broken
-        cost = sum(sum(g.costs) for g in groups)
+        self._check_open()
         count = sum(len(g.payloads) for g in groups)
-        if self._admitted_items and (
-            self._admitted_cost + cost > self.config.max_pending_tokens
-            or self._admitted_items + count > self.config.max_pending_items
-        ):
-            raise self._queue_full()
+        self._admission.admit(sum(sum(g.costs) for g in groups), count)
         admitted: list[list[WorkItem]] = []
         self._requests += 1
         for group in groups:
@@ -309,33 +294,14 @@ class BatchExecutor:
                 self._pending.push(item)
                 items.append(item)
             admitted.append(items)
-        self._admitted_items += count
-        self._admitted_cost += cost
         if count:
             self._wake.set()
         return admitted
 
-    def _retry_after_s(self) -> float:
-        """When capacity should free up: the admitted tokens at the rate the model has been
-        processing them (at least ``queue_full_retry_s``, at most 30 s)."""
-        if self._tokens_per_s <= 0:
-            return self.config.queue_full_retry_s
-        drain = self._admitted_cost / self._tokens_per_s
-        return min(30.0, max(self.config.queue_full_retry_s, drain))
-
-    def _queue_full(self) -> QueueFull:
-        return QueueFull(
-            f"model {self.name!r} queue is full "
-            f"({self._admitted_items} items, {self._admitted_cost} tokens pending)",
-            model=self.name,
-            retry_after_s=self._retry_after_s(),
-        )
-
     def _resolved(self, item: WorkItem, future: asyncio.Future[Any]) -> None:
         """Release the item's admission; a cancelled item still queued leaves the queue now
         (other resolutions happen only once the item has left the queue)."""
-        self._admitted_items -= 1
-        self._admitted_cost -= item.cost
+        self._admission.release(item.cost)
         if item.expiry is not None:
             item.expiry.cancel()
         if future.cancelled():
@@ -484,10 +450,7 @@ class BatchExecutor:
             time.monotonic(),
             ms / 1000.0,
         )
-        if ms > 0:  # the model's recent rate, for the retry hint of QueueFull
-            rate = job.batch.tokens / (ms / 1000.0)
-            previous = self._tokens_per_s
-            self._tokens_per_s = rate if previous <= 0 else 0.8 * previous + 0.2 * rate
+        self._admission.observe_batch(job.batch.tokens, ms / 1000.0)
         if error is None and (results is None or len(results) != len(items)):
             error = InferenceError(
                 f"adapter returned {len(results or [])} results for {len(items)} items"
