@@ -10,12 +10,17 @@ client); each module builds its ``Sdk`` from its own server (gRPC address) and b
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
 import pytest
+import pytest_asyncio
 from sie_sdk import SIEAsyncClient, SIEClient
+
+from tests.bridge_utils import BridgeHandle, bridged
+from tests.server_utils import ServerHandle
 
 TRANSPORTS = ("http", "grpc")
 FLAVORS = ("sync", "async")
@@ -99,3 +104,20 @@ def make_sdk(case: Case, url: str, **kwargs: Any) -> Sdk:
 def case(request: pytest.FixtureRequest) -> Case:
     value: Case = request.param
     return value
+
+
+# Each module defines its own ``server`` (the models it needs); the bridge in front of it and
+# the client of the case under test are the same for all of them.
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def http(server: ServerHandle) -> AsyncIterator[BridgeHandle]:
+    async with bridged(server.address) as handle:
+        yield handle
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def sdk(case: Case, server: ServerHandle, http: BridgeHandle) -> AsyncIterator[Sdk]:
+    client = make_sdk(case, case.url(grpc_address=server.address, http_url=http.url))
+    try:
+        yield client
+    finally:
+        await client.close()

@@ -71,21 +71,6 @@ async def server(catalog_dir: Path) -> AsyncIterator[ServerHandle]:
         yield handle
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def http(server: ServerHandle) -> AsyncIterator[BridgeHandle]:
-    async with bridged(server.address) as handle:
-        yield handle
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def sdk(case: Case, server: ServerHandle, http: BridgeHandle) -> AsyncIterator[Sdk]:
-    client = make_sdk(case, case.url(grpc_address=server.address, http_url=http.url))
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
 def answered(server: ServerHandle, model: str, status: str) -> int:
     """How many Encode calls on ``model`` the server answered with ``status``."""
     metrics = server.running.registry.metrics

@@ -33,7 +33,7 @@ from sie_sdk.v1 import (
     score_pb2_grpc,
 )
 
-from tests.bridge_utils import BridgeHandle, bridged
+from tests.bridge_utils import BridgeHandle
 from tests.sdk.conftest import CASES, Case, Sdk, call, make_sdk
 from tests.server_utils import ServerHandle, fake_entry, serving, write_catalog_entry
 from tests.tiny_models import bge_m3, classifiers, colbert, gliner
@@ -100,23 +100,8 @@ async def server(catalog_dir: Path) -> AsyncIterator[ServerHandle]:
         yield handle
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def http(server: ServerHandle) -> AsyncIterator[BridgeHandle]:
-    async with bridged(server.address) as handle:
-        yield handle
-
-
 def url_of(case: Case, server: ServerHandle, http: BridgeHandle) -> str:
     return case.url(grpc_address=server.address, http_url=http.url)
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def sdk(case: Case, server: ServerHandle, http: BridgeHandle) -> AsyncIterator[Sdk]:
-    client = make_sdk(case, url_of(case, server, http))
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 # ---- the gRPC stubs, as the reference results -------------------------------------------------
