@@ -130,3 +130,60 @@ async def test_unservable_models_fail_their_load_with_a_reason(tmp_path: Path) -
             assert reason == "MODEL_LOAD_FAILED"
             assert retry is None
             assert metadata["model"].startswith("broken/")
+
+
+async def test_a_failed_load_counts_its_attempts_and_leaves_other_models_serving(
+    tmp_path: Path,
+) -> None:
+    """MODEL_LOAD_FAILED says why and how many loads were tried; after ``--load-retry-s`` the
+    next request loads it again (MODEL_LOADING, then a second failure); a healthy model beside
+    it serves throughout."""
+    write_catalog_entry(
+        tmp_path / "catalog",
+        {
+            "name": "broken/lstm",
+            "adapter": "dense",
+            "weights_path": str(_with_lstm(tmp_path)),
+            "max_sequence_length": 32,
+            "outputs": {"dense": {"dims": dense.HIDDEN}},
+        },
+    )
+    write_catalog_entry(
+        tmp_path / "catalog",
+        {
+            "name": "healthy/dense",
+            "adapter": "dense",
+            "weights_path": str(dense.build_tiny_dense(tmp_path / "healthy")),
+            "max_sequence_length": 32,
+            "outputs": {"dense": {"dims": dense.HIDDEN}},
+        },
+    )
+    async with serving(
+        [tmp_path / "catalog"], preload=["healthy/dense"], load_retry_s=0.5
+    ) as handle:
+        encode = encode_pb2_grpc.EncodeServiceStub(handle.channel)
+
+        def call(model: str) -> Any:
+            return encode.Encode(
+                encode_pb2.EncodeRequest(model=model, items=[common_pb2.Item(text="hello")])
+            )
+
+        first = await _first_failure(lambda: call("broken/lstm"))
+        assert "(1 attempt)" in (first.details() or ""), first.details()
+        assert "sentence_transformers.models.LSTM" in (first.details() or "")
+        assert (await call("healthy/dense")).items[0].dense.dims == dense.HIDDEN
+        # Within the retry window the failure is answered at once, without a new load.
+        again = await _first_failure_now(lambda: call("broken/lstm"))
+        assert "(1 attempt)" in (again.details() or ""), again.details()
+        await asyncio.sleep(0.6)
+        second = await _first_failure(lambda: call("broken/lstm"))
+        assert "(2 attempts)" in (second.details() or ""), second.details()
+        assert error_info(second)[0] == "MODEL_LOAD_FAILED"
+        assert (await call("healthy/dense")).items[0].dense.dims == dense.HIDDEN
+
+
+async def _first_failure_now(call: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await call()
+    assert error_info(failed.value)[0] == "MODEL_LOAD_FAILED"
+    return failed.value

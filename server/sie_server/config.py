@@ -43,6 +43,8 @@ class Settings:
     max_text_chars: int = 1_000_000
     max_labels: int = 256
     tokenizer_workers: int = 2
+    #: Seconds a failed load is answered MODEL_LOAD_FAILED before a request loads it again.
+    load_retry_s: float = 30.0
     # Transport.
     max_message_bytes: int = 64 * MIB
     keepalive_time_ms: int = 30000
@@ -98,6 +100,11 @@ _OPTIONS: tuple[tuple[str, type, str], ...] = (
     ("max-text-chars", int, "characters of one text at most (INVALID_INPUT past it)"),
     ("max-labels", int, "labels of one extract request at most (INVALID_INPUT past it)"),
     ("tokenizer-workers", int, "threads tokenizing requests"),
+    (
+        "load-retry-s",
+        float,
+        "seconds a model whose load failed answers MODEL_LOAD_FAILED before a request retries it",
+    ),
     ("max-message-bytes", int, "largest gRPC message sent or received"),
     ("keepalive-time-ms", int, "gRPC keepalive ping interval"),
     ("keepalive-timeout-ms", int, "gRPC keepalive ping timeout"),

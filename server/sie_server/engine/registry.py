@@ -70,6 +70,8 @@ class ModelEntry:
     executor: BatchExecutor | None = None
     error: str | None = None
     failed_at: float = 0.0
+    #: Loads tried since the model last loaded (reset by a successful load).
+    load_attempts: int = 0
     load_task: asyncio.Task[None] | None = field(default=None, repr=False)
     memory_bytes: int = 0
     #: The adapter family's class and the tasks the model serves with it (its catalog tasks
@@ -211,11 +213,14 @@ class ModelRegistry:
             assert entry.adapter is not None
             assert entry.executor is not None
             return entry.adapter, entry.executor
-        if (
-            entry.state is ModelState.FAILED
-            and time.monotonic() - entry.failed_at < self.config.load_retry_s
-        ):
-            raise ModelLoadFailed(f"loading {name} failed: {entry.error}", model=name)
+        if entry.state is ModelState.FAILED:
+            retry_in = entry.failed_at + self.config.load_retry_s - time.monotonic()
+            if retry_in > 0:
+                raise ModelLoadFailed(
+                    f"{_failure(name, entry)}; the first request after {retry_in:.0f}s loads "
+                    "it again",
+                    model=name,
+                )
         if entry.state is not ModelState.LOADING:
             self.start_load(name)
         raise ModelLoading(f"model {name} is loading; retry shortly", model=name)
@@ -287,11 +292,12 @@ class ModelRegistry:
         await self.start_load(name)
         entry = self.entry(name)
         if entry.state is not ModelState.LOADED:
-            raise ModelLoadFailed(f"loading {name} failed: {entry.error}", model=name)
+            raise ModelLoadFailed(_failure(name, entry), model=name)
 
     async def _load(self, entry: ModelEntry) -> None:
         spec = entry.spec
         started = time.perf_counter()
+        entry.load_attempts += 1
         executor = BatchExecutor(
             spec.name,
             self._executor_config(spec),
@@ -330,7 +336,7 @@ class ModelRegistry:
             return
         entry.adapter, entry.executor = adapter, executor
         entry.memory_bytes = adapter.memory_bytes()
-        entry.state = ModelState.LOADED
+        entry.state, entry.load_attempts = ModelState.LOADED, 0
         log.info(
             "loaded %s on %s in %.1fs", spec.name, target.device, time.perf_counter() - started
         )
@@ -361,6 +367,13 @@ class ModelRegistry:
                     entry.adapter.unload()
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
         self._prep_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _failure(name: str, entry: ModelEntry) -> str:
+    attempts = entry.load_attempts
+    return (
+        f"loading {name} failed ({attempts} attempt{'s' if attempts != 1 else ''}): {entry.error}"
+    )
 
 
 def _inference_mode() -> AbstractContextManager[Any]:

@@ -118,6 +118,7 @@ def build_registry(settings: Settings) -> ModelRegistry:
         ),
         placement=resolve_placement(settings.device, settings.dtype),
         tokenizer_workers=settings.tokenizer_workers,
+        load_retry_s=settings.load_retry_s,
         max_response_bytes=settings.max_message_bytes,
         engine=settings.engine,
     )
