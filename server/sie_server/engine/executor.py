@@ -5,11 +5,12 @@
   prep pool. With the model idle it dispatches at once; with ``batch_wait_ms`` set (off by
   default), right after a batch of several items it may wait that long (at most a quarter of
   that batch's forward pass) for that batch's callers to come back, so closed-loop clients ride
-  together instead of one running alone. While the model runs, it prepares the next batch only once a full one is
-  pending, so partial batches keep collecting arrivals until the model frees up. At most two
+  together instead of one running alone. While the model runs, it prepares the next batch only
+  once a full one is pending, so partial batches keep collecting arrivals until the model frees up. At most two
   batches are in flight (one running, one ready).
-* The model thread (one per model, named ``sie-model-<name>``) runs forward passes, plus any
-  ``call`` (load, warm-up, unload), strictly one at a time.
+* The model thread (``model_thread.ModelThread``, one per model) runs forward passes, plus any
+  ``call`` (load, warm-up, unload), strictly one at a time, and splits a batch that runs out of
+  memory; ``_complete`` resolves the batch's futures back on the event loop.
 * Every item's future is resolved exactly once: by its batch's result or error, by
   ``DeadlineExceeded`` the moment it expires while queued (a timer per item), or by
   ``ShuttingDown`` on close. Work whose caller cancelled leaves the queue and frees its admission
@@ -23,11 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import gc
 import logging
-import queue
-import sys
-import threading
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Executor
@@ -38,6 +35,7 @@ from typing import Any, TypeVar
 from sie_server.domain import BatchRunner, WorkGroup
 from sie_server.engine.admission import Admission, AdmissionLimits
 from sie_server.engine.batching import Batch, BatchLimits, PendingQueue
+from sie_server.engine.model_thread import BatchJob, ItemFailed, ModelThread, is_out_of_memory
 from sie_server.engine.work import WorkItem
 from sie_server.errors import (
     DeadlineExceeded,
@@ -87,43 +85,6 @@ class BatchStats:
     ok: bool
 
 
-@dataclass(frozen=True, slots=True)
-class ItemFailed:
-    """In a batch's results: this one item failed (the others did not)."""
-
-    error: SIEServerError
-
-
-@dataclass(slots=True)
-class _BatchJob:
-    batch: Batch
-    inputs: Any
-    batch_id: int
-
-    def take_inputs(self) -> Any:
-        inputs, self.inputs = self.inputs, None
-        return inputs
-
-
-@dataclass(slots=True)
-class _CallJob:
-    fn: Callable[[], Any]
-    future: asyncio.Future[Any]
-
-
-def free_device_memory() -> None:
-    """After an out-of-memory: collect cycles and return CUDA's cached blocks (no-op on CPU;
-    torch is only looked up if the process already imported it)."""
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
-
-
 class BatchExecutor:
     def __init__(
         self,
@@ -137,7 +98,6 @@ class BatchExecutor:
         self.name = name
         self.config = config
         self._prep_pool = prep_pool
-        self._run_context = run_context
         self._on_batch = on_batch
         self._pending = PendingQueue()
         self._admission = Admission(
@@ -158,10 +118,7 @@ class BatchExecutor:
         self._closing = False
         self._requests = 0
         self._broken: InternalError | None = None
-        self._jobs: queue.SimpleQueue[_BatchJob | _CallJob | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(
-            target=self._model_loop, name=f"sie-model-{name}", daemon=True
-        )
+        self._thread = ModelThread(name, self._complete, run_context)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._scheduler: asyncio.Task[None] | None = None
@@ -170,7 +127,7 @@ class BatchExecutor:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        self._thread.start()
+        self._thread.start(self._loop)
         self._scheduler = self._loop.create_task(
             self._schedule(), name=f"sie-scheduler-{self.name}"
         )
@@ -185,9 +142,7 @@ class BatchExecutor:
             self._scheduler.cancel()
             # A scheduler that died has said why already (``_scheduler_ended``).
             await asyncio.gather(self._scheduler, return_exceptions=True)
-        self._jobs.put(None)
-        if self._thread.is_alive():
-            await asyncio.to_thread(self._thread.join, timeout_s)
+        await self._thread.stop(timeout_s)
 
     def _scheduler_ended(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or self._closing:
@@ -224,7 +179,7 @@ class BatchExecutor:
         if self._closing:
             future.set_exception(ShuttingDown("server is shutting down", model=self.name))
             return future
-        self._jobs.put(_CallJob(fn, future))
+        self._thread.call(fn, future)
         return future
 
     # ---- admission ---------------------------------------------------------------------------
@@ -378,69 +333,11 @@ class BatchExecutor:
                     item, InferenceError(f"preparing the batch failed: {exc}", model=self.name)
                 )
             return
-        self._jobs.put(_BatchJob(batch, inputs, batch_id))
-
-    # ---- the model thread ------------------------------------------------------------------------
-    def _model_loop(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            if isinstance(job, _CallJob):
-                self._run_call(job)
-            else:
-                self._run_batch(job)
-
-    def _run_call(self, job: _CallJob) -> None:
-        assert self._loop is not None
-        try:
-            with self._run_context():
-                result = job.fn()
-        except BaseException as exc:  # delivered to the awaiting caller
-            self._loop.call_soon_threadsafe(_settle, job.future, None, exc)
-        else:
-            self._loop.call_soon_threadsafe(_settle, job.future, result, None)
-
-    def _run_batch(self, job: _BatchJob) -> None:
-        assert self._loop is not None
-        runner = job.batch.items[0].runner
-        payloads = [item.payload for item in job.batch.items]
-        started = time.perf_counter()
-        results: list[Any] | None = None
-        error: BaseException | None = None
-        try:
-            with self._run_context():
-                # Handed over, not kept: the forward pass holds the only reference to the batch's
-                # tensors, so an out-of-memory split can free them.
-                results = self._forward(runner, job.take_inputs(), payloads)
-        except BaseException as exc:  # resolved into the batch's futures
-            error = exc
-        elapsed_ms = (time.perf_counter() - started) * 1000.0
-        self._loop.call_soon_threadsafe(self._complete, job, results, error, elapsed_ms)
-
-    def _forward(self, runner: BatchRunner, inputs: Any, payloads: list[Any]) -> list[Any]:
-        """Run a batch; on out-of-memory, split it in halves and retry. An item that runs out
-        of memory alone gets ``ItemFailed`` in its slot; its batch mates keep their results."""
-        try:
-            return runner.run(inputs)
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            message = str(exc)
-        # Outside the except block, so the exception's traceback (whose frames hold the batch's
-        # activations) is gone too; then the inputs, and the device's cached blocks.
-        del inputs
-        free_device_memory()
-        if len(payloads) == 1:
-            error = ResourceExhausted(f"out of memory running one item: {message}", model=self.name)
-            return [ItemFailed(error)]
-        log.warning("%s: out of memory on %d items, splitting", self.name, len(payloads))
-        half = len(payloads) // 2
-        left, right = payloads[:half], payloads[half:]
-        return self._forward(runner, runner.collate(left), left) + self._forward(
-            runner, runner.collate(right), right
-        )
+        self._thread.run_batch(BatchJob(batch, inputs, batch_id))
 
     # ---- resolution (event loop) -------------------------------------------------------------------
     def _complete(
-        self, job: _BatchJob, results: list[Any] | None, error: BaseException | None, ms: float
+        self, job: BatchJob, results: list[Any] | None, error: BaseException | None, ms: float
     ) -> None:
         assert self._wake is not None
         self._in_flight -= 1
@@ -492,12 +389,3 @@ class BatchExecutor:
     def _fail(item: WorkItem, error: BaseException) -> None:
         if not item.future.done():
             item.future.set_exception(error)
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)

@@ -1,0 +1,171 @@
+"""The model thread: one per model (``sie-model-<name>``), running its jobs strictly one at a time.
+
+Two kinds of job: a batch's forward pass (``run_batch``) and a plain ``call`` (load, warm-up,
+unload). Results go back to the event loop with ``call_soon_threadsafe``; nothing here touches
+an asyncio object from the thread.
+
+Out of memory: a batch that runs out of memory is split in halves and retried, after freeing its
+inputs, the exception's frames and CUDA's cache; an item that runs out of memory alone gets
+``ItemFailed`` in its slot and its batch mates keep their results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sie_server.domain import BatchRunner
+from sie_server.engine.batching import Batch
+from sie_server.errors import ResourceExhausted, SIEServerError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class ItemFailed:
+    """In a batch's results: this one item failed (the others did not)."""
+
+    error: SIEServerError
+
+
+@dataclass(slots=True)
+class BatchJob:
+    batch: Batch
+    inputs: Any
+    batch_id: int
+
+    def take_inputs(self) -> Any:
+        inputs, self.inputs = self.inputs, None
+        return inputs
+
+
+#: Called on the event loop when a batch ends: (job, results or None, error or None, forward ms).
+BatchDone = Callable[[BatchJob, "list[Any] | None", "BaseException | None", float], None]
+
+
+@dataclass(slots=True)
+class _CallJob:
+    fn: Callable[[], Any]
+    future: asyncio.Future[Any]
+
+
+def free_device_memory() -> None:
+    """After an out-of-memory: collect cycles and return CUDA's cached blocks (no-op on CPU;
+    torch is only looked up if the process already imported it)."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+class ModelThread:
+    def __init__(
+        self,
+        name: str,
+        on_batch_done: BatchDone,
+        run_context: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+    ) -> None:
+        self.name = name
+        self._on_batch_done = on_batch_done
+        self._run_context = run_context
+        self._jobs: queue.SimpleQueue[BatchJob | _CallJob | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"sie-model-{name}", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread.start()
+
+    def call(self, fn: Callable[[], T], future: asyncio.Future[T]) -> None:
+        """Run ``fn`` after the jobs already queued; its result or exception settles ``future``."""
+        self._jobs.put(_CallJob(fn, future))
+
+    def run_batch(self, job: BatchJob) -> None:
+        """Run the batch after the jobs already queued; ``on_batch_done`` gets its outcome."""
+        self._jobs.put(job)
+
+    async def stop(self, timeout_s: float) -> None:
+        """Stop after the jobs already queued (waiting at most ``timeout_s`` for them)."""
+        self._jobs.put(None)
+        if self._thread.is_alive():
+            await asyncio.to_thread(self._thread.join, timeout_s)
+
+    # ---- on the thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if isinstance(job, _CallJob):
+                self._run_call(job)
+            else:
+                self._run_batch(job)
+
+    def _run_call(self, job: _CallJob) -> None:
+        assert self._loop is not None
+        try:
+            with self._run_context():
+                result = job.fn()
+        except BaseException as exc:  # delivered to the awaiting caller
+            self._loop.call_soon_threadsafe(_settle, job.future, None, exc)
+        else:
+            self._loop.call_soon_threadsafe(_settle, job.future, result, None)
+
+    def _run_batch(self, job: BatchJob) -> None:
+        assert self._loop is not None
+        runner = job.batch.items[0].runner
+        payloads = [item.payload for item in job.batch.items]
+        started = time.perf_counter()
+        results: list[Any] | None = None
+        error: BaseException | None = None
+        try:
+            with self._run_context():
+                # Handed over, not kept: the forward pass holds the only reference to the batch's
+                # tensors, so an out-of-memory split can free them.
+                results = self._forward(runner, job.take_inputs(), payloads)
+        except BaseException as exc:  # resolved into the batch's futures
+            error = exc
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
+        self._loop.call_soon_threadsafe(self._on_batch_done, job, results, error, elapsed_ms)
+
+    def _forward(self, runner: BatchRunner, inputs: Any, payloads: list[Any]) -> list[Any]:
+        try:
+            return runner.run(inputs)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            message = str(exc)
+        # Outside the except block, so the exception's traceback (whose frames hold the batch's
+        # activations) is gone too; then the inputs, and the device's cached blocks.
+        del inputs
+        free_device_memory()
+        if len(payloads) == 1:
+            error = ResourceExhausted(f"out of memory running one item: {message}", model=self.name)
+            return [ItemFailed(error)]
+        log.warning("%s: out of memory on %d items, splitting", self.name, len(payloads))
+        half = len(payloads) // 2
+        left, right = payloads[:half], payloads[half:]
+        return self._forward(runner, runner.collate(left), left) + self._forward(
+            runner, runner.collate(right), right
+        )
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
