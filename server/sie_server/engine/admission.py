@@ -9,17 +9,26 @@
 * The retry hint of ``QueueFull`` is when the admitted work will have drained: admitted tokens
   over the model's recent tokens per second (an average over finished batches), at least the
   configured floor and at most 30 s. A constant hint makes refused callers return in lock step.
+* Under sustained overload the callers waiting to retry outnumber what one drain admits: they
+  return every hint and most are refused again, and the refusals cost the cores the model needs.
+  So the hint grows by the ratio of refusals to admissions over the last seconds: when ``k``
+  requests are refused for each one admitted, the hint is ``k`` drains, which spreads the
+  waiting callers over the time it takes to serve them (about one refusal per admission).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from sie_server.errors import QueueFull
 
 MAX_RETRY_AFTER_S = 30.0
+#: Window over which refusals and admissions are counted (the newest full window and the
+#: current one).
+DEMAND_WINDOW_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,13 +40,20 @@ class AdmissionLimits:
 
 
 class Admission:
-    def __init__(self, model: str, limits: AdmissionLimits) -> None:
+    def __init__(
+        self,
+        model: str,
+        limits: AdmissionLimits,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.model = model
         self.limits = limits
         self.items = 0
         self.tokens = 0
         self.preparing_requests = 0
         self.tokens_per_s = 0.0
+        self._clock = clock
+        self._demand = _Demand(clock())
 
     def full(self) -> bool:
         return self.tokens >= self.limits.max_tokens or self.items >= self.limits.max_items
@@ -52,6 +68,7 @@ class Admission:
         """Hold a preparation slot while a request is tokenized."""
         self.check()
         if self.preparing_requests >= self.limits.max_preparing:
+            self._demand.count(self._clock(), refused=True)
             raise QueueFull(
                 f"model {self.model!r} is preparing {self.preparing_requests} requests already",
                 model=self.model,
@@ -71,6 +88,7 @@ class Admission:
             raise self.queue_full()
         self.items += items
         self.tokens += tokens
+        self._demand.count(self._clock(), refused=False)
 
     def release(self, tokens: int) -> None:
         self.items -= 1
@@ -85,15 +103,50 @@ class Admission:
         self.tokens_per_s = rate if previous <= 0 else 0.8 * previous + 0.2 * rate
 
     def retry_after_s(self) -> float:
+        """Drain time (admitted tokens over the recent rate) times the refusals per admission
+        of the last seconds (at least 1), within [floor, 30 s]."""
         if self.tokens_per_s <= 0:
             return self.limits.retry_floor_s
         drain = self.tokens / self.tokens_per_s
-        return min(MAX_RETRY_AFTER_S, max(self.limits.retry_floor_s, drain))
+        pressure = max(1.0, self._demand.refusals_per_admission(self._clock()))
+        return min(MAX_RETRY_AFTER_S, max(self.limits.retry_floor_s, drain * pressure))
 
     def queue_full(self) -> QueueFull:
+        self._demand.count(self._clock(), refused=True)
         return QueueFull(
             f"model {self.model!r} queue is full "
             f"({self.items} items, {self.tokens} tokens pending)",
             model=self.model,
             retry_after_s=self.retry_after_s(),
         )
+
+
+class _Demand:
+    """Requests refused and admitted in the current window and the one before."""
+
+    def __init__(self, now: float) -> None:
+        self.started = now
+        self.refused = self.admitted = 0
+        self.last_refused = self.last_admitted = 0
+
+    def _roll(self, now: float) -> None:
+        if now - self.started < DEMAND_WINDOW_S:
+            return
+        stale = now - self.started >= 2 * DEMAND_WINDOW_S  # nothing counted for a window
+        self.last_refused = 0 if stale else self.refused
+        self.last_admitted = 0 if stale else self.admitted
+        self.refused = self.admitted = 0
+        self.started = now
+
+    def count(self, now: float, *, refused: bool) -> None:
+        self._roll(now)
+        if refused:
+            self.refused += 1
+        else:
+            self.admitted += 1
+
+    def refusals_per_admission(self, now: float) -> float:
+        self._roll(now)
+        refused = self.refused + self.last_refused
+        admitted = self.admitted + self.last_admitted
+        return refused / max(1, admitted)
