@@ -20,7 +20,8 @@ SERVER_STAMP := $(VENV)/.stamp-server
 DEV_STAMP := $(VENV)/.stamp-dev
 NODE_STAMP := tests/node/node_modules/.stamp
 
-.PHONY: run test fuzz check lint format types proto proto-lint proto-check node-deps clean bench
+.PHONY: run test fuzz check lint format types proto proto-lint proto-check node-deps clean bench \
+	deploy-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -87,7 +88,11 @@ proto: $(DEV_STAMP)
 proto-check: $(DEV_STAMP)
 	$(PY) scripts/gen_proto.py --check
 
-check: lint types proto-lint proto-check test
+# The Kubernetes manifests (deploy/) render and validate offline; the Envoy example parses.
+deploy-check: $(DEV_STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/test_deploy.py
+
+check: lint types proto-lint proto-check deploy-check test
 
 clean:
 	rm -rf $(VENV) .tools tests/node/node_modules .mypy_cache .ruff_cache .pytest_cache
