@@ -20,6 +20,7 @@ from __future__ import annotations
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -76,6 +77,8 @@ class ForwardPass:
 
 class FakeAdapter(Encoder[TokenizedText]):
     output_types: ClassVar[frozenset[str]] = frozenset({"dense"})
+    #: Loads started, by model name, over the process's life.
+    loads: ClassVar[Counter[str]] = Counter()
     encode_options = TEMPLATE_KEYS
 
     def __init__(self, spec: ModelSpec) -> None:
@@ -86,6 +89,8 @@ class FakeAdapter(Encoder[TokenizedText]):
         self.fail_word: str | None = str(fail_word) if fail_word is not None else None
         oom_above = opts.get("oom_above")
         self.oom_above: int | None = int(oom_above) if oom_above is not None else None
+        #: What ``memory_bytes`` reports once loaded (``memory_mb``; 0 by default).
+        self.weight_bytes = int(float(opts.get("memory_mb", 0)) * 2**20)
         self.loaded = False
         self._lock = threading.Lock()
         self._passes: list[ForwardPass] = []
@@ -117,7 +122,14 @@ class FakeAdapter(Encoder[TokenizedText]):
 
     # ---- the adapter contract ------------------------------------------------------------------
     def load(self, target: LoadTarget) -> None:
+        FakeAdapter.loads[self.spec.name] += 1
         self.loaded = True
+
+    def unload(self) -> None:
+        self.loaded = False
+
+    def memory_bytes(self) -> int:
+        return self.weight_bytes if self.loaded else 0
 
     def tokenize(self, texts: Sequence[str]) -> list[TokenizedText]:
         out = []

@@ -15,9 +15,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from sie_server.allocator import fix_mmap_threshold
     from sie_server.catalog import CatalogError
     from sie_server.grpc_api.server import serve
 
+    fix_mmap_threshold(settings.malloc_mmap_threshold_kb)
     try:
         asyncio.run(serve(settings))
     except CatalogError as exc:  # a bad catalog entry: one clear line, no traceback

@@ -15,6 +15,7 @@ from typing import Any
 
 from sie_server.catalog import BUILTIN_CATALOG_DIR
 from sie_server.domain import ENGINES
+from sie_server.engine.memory import GAUGES
 
 MIB = 1024 * 1024
 
@@ -27,6 +28,12 @@ class Settings:
     models_dir: tuple[Path, ...] = ()
     #: Models loaded (and warmed up) before the server reports SERVING.
     preload: tuple[str, ...] = ()
+    #: The catalog models this server serves (empty: all of them).
+    models: tuple[str, ...] = ()
+    #: Bound on memory in use (0: none); past it, least recently used models are evicted.
+    memory_budget_mb: int = 0
+    #: What the budget bounds: process (CUDA allocated / RSS) or weights (loaded parameters).
+    memory_gauge: str = "process"
     device: str = "auto"
     dtype: str = "auto"
     #: The forward-pass engine of every model whose family supports it (auto: the catalog's).
@@ -45,6 +52,8 @@ class Settings:
     tokenizer_workers: int = 2
     #: Seconds a failed load is answered MODEL_LOAD_FAILED before a request loads it again.
     load_retry_s: float = 30.0
+    #: glibc's mmap threshold, fixed at startup (0: glibc's dynamic default; see allocator.py).
+    malloc_mmap_threshold_kb: int = 128
     # Transport.
     max_message_bytes: int = 64 * MIB
     keepalive_time_ms: int = 30000
@@ -73,6 +82,22 @@ _OPTIONS: tuple[tuple[str, type, str], ...] = (
         "catalog folder of model YAMLs (repeatable; default: the built-in catalog)",
     ),
     ("preload", str, "model to load before serving (repeatable)"),
+    (
+        "models",
+        str,
+        "serve only these catalog models (repeatable; default: every catalogued model may load)",
+    ),
+    (
+        "memory-budget-mb",
+        int,
+        "memory the loaded models may use before the least recently used is evicted (0: no bound)",
+    ),
+    (
+        "memory-gauge",
+        str,
+        "what --memory-budget-mb bounds: process (CUDA allocated bytes, or RSS on CPU) or "
+        "weights (the loaded models' parameters)",
+    ),
     ("device", str, "auto (cuda with bf16/fp16 when present, else cpu fp32), cpu, cuda, cuda:N"),
     ("dtype", str, "auto, float32, bfloat16, float16"),
     (
@@ -105,6 +130,12 @@ _OPTIONS: tuple[tuple[str, type, str], ...] = (
         float,
         "seconds a model whose load failed answers MODEL_LOAD_FAILED before a request retries it",
     ),
+    (
+        "malloc-mmap-threshold-kb",
+        int,
+        "allocations from this size up are mapped and returned to the system on free, which keeps "
+        "RSS flat under varying batches (0: glibc's dynamic default)",
+    ),
     ("max-message-bytes", int, "largest gRPC message sent or received"),
     ("keepalive-time-ms", int, "gRPC keepalive ping interval"),
     ("keepalive-timeout-ms", int, "gRPC keepalive ping timeout"),
@@ -118,7 +149,7 @@ _OPTIONS: tuple[tuple[str, type, str], ...] = (
     ("status-interval-ms", int, "default interval of the status stream"),
     ("log-level", str, "DEBUG, INFO, WARNING, ERROR"),
 )
-_REPEATABLE = {"models-dir", "preload"}
+_REPEATABLE = {"models-dir", "preload", "models"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,4 +199,7 @@ def load_settings(
     engine = values.get("engine", "auto")
     if engine not in ("auto", *ENGINES):
         raise SystemExit(f"--engine must be auto, {', '.join(ENGINES)}; got {engine!r}")
+    gauge = values.get("memory_gauge", "process")
+    if gauge not in GAUGES:
+        raise SystemExit(f"--memory-gauge must be {' or '.join(GAUGES)}; got {gauge!r}")
     return Settings(**values)

@@ -122,6 +122,8 @@ class BatchExecutor:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._scheduler: asyncio.Task[None] | None = None
+        #: Set when the last admitted item resolves, while ``drained`` waits for it.
+        self._drained: asyncio.Event | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -143,6 +145,15 @@ class BatchExecutor:
             # A scheduler that died has said why already (``_scheduler_ended``).
             await asyncio.gather(self._scheduler, return_exceptions=True)
         await self._thread.stop(timeout_s)
+
+    async def drained(self, timeout_s: float) -> bool:
+        """Wait until every admitted item is resolved (at most ``timeout_s``); True if so."""
+        if not self._admission.items:
+            return True
+        self._drained = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drained.wait(), timeout_s)
+        return not self._admission.items
 
     def _scheduler_ended(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or self._closing:
@@ -257,6 +268,8 @@ class BatchExecutor:
         """Release the item's admission; a cancelled item still queued leaves the queue now
         (other resolutions happen only once the item has left the queue)."""
         self._admission.release(item.cost)
+        if not self._admission.items and self._drained is not None:
+            self._drained.set()
         if item.expiry is not None:
             item.expiry.cancel()
         if future.cancelled():

@@ -1,9 +1,15 @@
 """The model registry: catalog entries, their lifecycle, and the engine's entry points.
 
-States: available -> loading -> loaded, or -> failed. A request for an available model starts a
-background load and is answered ``ModelLoading`` (retryable) at once; ``--preload`` awaits the
-load at startup. A failed load answers ``ModelLoadFailed`` and is retried by the first request
-after ``load_retry_s``.
+States: available -> loading -> loaded, or -> failed; loaded -> unloading -> available. A request
+for an available model starts a background load and is answered ``ModelLoading`` (retryable) at
+once; however many ask at once, the model loads once (one load task per model). ``--preload``
+awaits the load at startup. A failed load answers ``ModelLoadFailed`` and is retried by the first
+request after ``load_retry_s``.
+
+Memory (``engine/memory.py``): under a budget, loading a model first evicts the least recently
+used loaded models. An evicted model stops admitting (``ModelNotLoaded``, retryable), its queued
+work completes (for up to ``evict_drain_s``; what is left then fails with ``ShuttingDown``,
+retryable), it unloads on its own thread, and the next request loads it again.
 
 Names: a request names a catalog model, or ``<catalog name>:<profile>`` (catalog names never
 contain ``:``), which is the same model with that profile selected, as if ``options.profile`` were
@@ -37,6 +43,8 @@ from sie_server.catalog import Catalog, CatalogError, ModelSpec
 from sie_server.device import Placement
 from sie_server.domain import Job, LoadTarget
 from sie_server.engine.executor import BatchExecutor, BatchStats, ExecutorConfig
+from sie_server.engine.memory import process_gauge, weight_files_bytes, weights_gauge
+from sie_server.engine.model_thread import free_device_memory
 from sie_server.engine.pipeline import Outcome, run_job
 from sie_server.engine.warmup import check_profiles, warm_up
 from sie_server.errors import (
@@ -44,6 +52,7 @@ from sie_server.errors import (
     ModelLoadFailed,
     ModelLoading,
     ModelNotFound,
+    ModelNotLoaded,
     ShuttingDown,
 )
 from sie_server.observability.metrics import BATCH_SIZE_BUCKETS, Metrics, record_timing
@@ -60,6 +69,7 @@ class ModelState(enum.Enum):
     LOADING = "loading"
     LOADED = "loaded"
     FAILED = "failed"
+    UNLOADING = "unloading"
 
 
 @dataclass(slots=True)
@@ -72,6 +82,8 @@ class ModelEntry:
     failed_at: float = 0.0
     #: Loads tried since the model last loaded (reset by a successful load).
     load_attempts: int = 0
+    #: When a request last asked for it (monotonic): the eviction order.
+    last_used: float = 0.0
     load_task: asyncio.Task[None] | None = field(default=None, repr=False)
     memory_bytes: int = 0
     #: The adapter family's class and the tasks the model serves with it (its catalog tasks
@@ -121,6 +133,11 @@ class EngineConfig:
     max_response_bytes: int = 64 * 1024 * 1024
     #: ``--engine``: auto (each catalog entry's), torch or onnx (see onnx_engine.resolve_engine).
     engine: str = "auto"
+    #: ``--memory-budget-mb`` in bytes (0: no budget) and the gauge it bounds (memory.GAUGES).
+    memory_budget_bytes: int = 0
+    memory_gauge: str = "process"
+    #: How long an evicted model's queued work gets to complete.
+    evict_drain_s: float = 30.0
 
 
 class ModelRegistry:
@@ -136,6 +153,14 @@ class ModelRegistry:
         )
         self._prep_pool = ThreadPoolExecutor(1, thread_name_prefix="sie-prep")
         self._closed = False
+        self._room = asyncio.Lock()
+        self._gauge = (
+            weights_gauge(
+                lambda: (e.memory_bytes for e in self._entries.values() if e.adapter is not None)
+            )
+            if config.memory_gauge == "weights"
+            else process_gauge(config.placement.device)
+        )
 
     # ---- lookups ---------------------------------------------------------------------------
     def entries(self) -> Iterator[ModelEntry]:
@@ -209,10 +234,15 @@ class ModelRegistry:
         if self._closed:
             raise ShuttingDown("server is shutting down", model=name)
         entry = self.entry(name)
+        entry.last_used = time.monotonic()
         if entry.state is ModelState.LOADED:
             assert entry.adapter is not None
             assert entry.executor is not None
             return entry.adapter, entry.executor
+        if entry.state is ModelState.UNLOADING:
+            raise ModelNotLoaded(
+                f"model {name} is being unloaded to free memory; retry shortly", model=name
+            )
         if entry.state is ModelState.FAILED:
             retry_in = entry.failed_at + self.config.load_retry_s - time.monotonic()
             if retry_in > 0:
@@ -315,6 +345,8 @@ class ModelRegistry:
                 self.config.placement.dtype,
                 engine=resolve_engine(type(adapter), spec, self.config.engine),
             )
+            need = entry.memory_bytes or weight_files_bytes(target.source)
+            await self._make_room(entry, need)
             await executor.call(lambda: adapter.load(target))
             if self.config.warmup:
                 await executor.call(lambda: warm_up(adapter, spec))
@@ -337,9 +369,54 @@ class ModelRegistry:
         entry.adapter, entry.executor = adapter, executor
         entry.memory_bytes = adapter.memory_bytes()
         entry.state, entry.load_attempts = ModelState.LOADED, 0
+        entry.last_used = time.monotonic()
         log.info(
             "loaded %s on %s in %.1fs", spec.name, target.device, time.perf_counter() - started
         )
+        await self._make_room(entry, 0)
+
+    # ---- memory ------------------------------------------------------------------------------
+    async def _make_room(self, keep: ModelEntry, need: int) -> None:
+        """Evict the least recently used loaded models (never ``keep``) until the gauge plus
+        ``need`` bytes fits the budget."""
+        budget = self.config.memory_budget_bytes
+        if budget <= 0:
+            return
+        async with self._room:
+            while self._gauge() + need > budget:
+                loaded = [
+                    e
+                    for e in self._entries.values()
+                    if e.state is ModelState.LOADED and e is not keep
+                ]
+                if not loaded:
+                    log.warning(
+                        "memory budget %d MiB exceeded with only %s loaded",
+                        budget // 2**20,
+                        keep.spec.name,
+                    )
+                    return
+                await self.evict(min(loaded, key=lambda e: e.last_used).spec.name)
+
+    async def evict(self, name: str) -> None:
+        """Unload a loaded model: refuse new work (retryable), let queued work complete, free
+        its memory; the next request loads it again."""
+        entry = self.entry(name)
+        if entry.state is not ModelState.LOADED:
+            return
+        adapter, executor = entry.adapter, entry.executor
+        assert adapter is not None
+        assert executor is not None
+        entry.state = ModelState.UNLOADING
+        log.info("evicting %s (least recently used) to stay within the memory budget", name)
+        if not await executor.drained(self.config.evict_drain_s):
+            log.warning("%s: queued work did not finish in %.0fs", name, self.config.evict_drain_s)
+        await executor.call(adapter.unload)
+        await executor.close()
+        entry.adapter = entry.executor = None
+        entry.state = ModelState.AVAILABLE
+        await asyncio.to_thread(free_device_memory)
+        self.metrics.inc("sie_model_evictions_total", model=name)
 
     def _executor_config(self, spec: ModelSpec) -> ExecutorConfig:
         base = self.config.executor

@@ -17,6 +17,7 @@ _STATE = {
     ModelState.LOADING: models_pb2.MODEL_STATE_LOADING,
     ModelState.LOADED: models_pb2.MODEL_STATE_LOADED,
     ModelState.FAILED: models_pb2.MODEL_STATE_FAILED,
+    ModelState.UNLOADING: models_pb2.MODEL_STATE_UNLOADING,
 }
 
 

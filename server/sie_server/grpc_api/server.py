@@ -31,7 +31,7 @@ from sie_sdk.v1 import (
     status_pb2_grpc,
 )
 
-from sie_server.catalog import load_catalog
+from sie_server.catalog import Catalog, load_catalog
 from sie_server.config import Settings
 from sie_server.device import resolve_placement
 from sie_server.engine.executor import ExecutorConfig
@@ -103,9 +103,15 @@ class RunningServer:
 
 def build_registry(settings: Settings) -> ModelRegistry:
     catalog = load_catalog(settings.catalog_dirs)
-    unknown = [name for name in settings.preload if name not in catalog]
-    if unknown:
-        raise SystemExit(f"--preload names models not in the catalog: {', '.join(unknown)}")
+    for flag, names in (("--models", settings.models), ("--preload", settings.preload)):
+        unknown = [name for name in names if name not in catalog]
+        if unknown:
+            raise SystemExit(f"{flag} names models not in the catalog: {', '.join(unknown)}")
+    if settings.models:
+        outside = [name for name in settings.preload if name not in settings.models]
+        if outside:
+            raise SystemExit(f"--preload names models outside --models: {', '.join(outside)}")
+        catalog = Catalog(spec for name, spec in catalog.items() if name in settings.models)
     config = EngineConfig(
         executor=ExecutorConfig(
             max_batch_tokens=settings.max_batch_tokens,
@@ -119,6 +125,8 @@ def build_registry(settings: Settings) -> ModelRegistry:
         placement=resolve_placement(settings.device, settings.dtype),
         tokenizer_workers=settings.tokenizer_workers,
         load_retry_s=settings.load_retry_s,
+        memory_budget_bytes=settings.memory_budget_mb * 2**20,
+        memory_gauge=settings.memory_gauge,
         max_response_bytes=settings.max_message_bytes,
         engine=settings.engine,
     )

@@ -12,7 +12,7 @@ Series the server records (labels as in the API spec):
 * ``sie_batch_size{model}``, ``sie_batches_total{model, status}``, ``sie_batch_tokens_total``,
   ``sie_batch_padded_tokens_total``: every batch run.
 * ``sie_tokens_processed_total{model}``: the tokens of every completed request.
-* ``sie_model_load_failures_total{model}``.
+* ``sie_model_load_failures_total{model}``, ``sie_model_evictions_total{model}`` (memory budget).
 """
 
 from __future__ import annotations
