@@ -15,9 +15,11 @@ import time
 from dataclasses import dataclass
 
 from aiohttp import web
+from sie_sdk.api_keys import ApiKeys
 from sie_sdk.metrics import Metrics
 
 from sie_bridge import openapi
+from sie_bridge.auth import auth_middleware
 from sie_bridge.config import BridgeSettings
 from sie_bridge.errors import Handler, error_middleware
 from sie_bridge.negotiate import SERVER_VERSION, VERSION_HEADER
@@ -56,8 +58,10 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 
 def create_app(settings: BridgeSettings, upstream: Upstream) -> web.Application:
+    keys = ApiKeys(settings.api_keys, settings.api_keys_file)
     app = web.Application(
-        middlewares=[metrics_middleware, error_middleware],
+        # Outermost first: a refused key is counted, and answered through the one error mapping.
+        middlewares=[metrics_middleware, error_middleware, auth_middleware(keys)],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
@@ -96,7 +100,12 @@ async def start_bridge(settings: BridgeSettings, upstream: Upstream | None = Non
 async def serve(settings: BridgeSettings) -> None:
     bridge = await start_bridge(settings)
     log.info(
-        "sie-bridge listening on %s:%d, backend %s", settings.host, bridge.port, settings.backend
+        "sie-bridge listening on %s:%d, backend %s (%s; %s)",
+        settings.host,
+        bridge.port,
+        settings.backend,
+        "TLS" if settings.backend_tls is not None else "plaintext",
+        "API keys required" if settings.api_keys or settings.api_keys_file else "no API keys",
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,6 +1,7 @@
 """Bridge settings: read once from flags and ``SIE_BRIDGE_*`` environment variables, then frozen.
 
-Precedence: command-line flag > environment variable > default.
+Precedence: command-line flag > environment variable > default. Security settings (API keys, the
+backend channel's TLS) are described in docs/security.md.
 """
 
 from __future__ import annotations
@@ -9,9 +10,12 @@ import argparse
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
+from sie_sdk.api_keys import split_keys
 from sie_sdk.targets import grpc_target
+from sie_sdk.tls import ClientTLS
 
 MIB = 1024 * 1024
 
@@ -32,6 +36,36 @@ class BridgeSettings:
     #: Interval of the relayed status stream (``/ws/status``), milliseconds.
     status_interval_ms: int = 200
     log_level: str = "INFO"
+    #: Keys a client must present as ``Authorization: Bearer <key>`` (with ``api_keys_file``:
+    #: the keys of both); none and no file: the bridge checks nothing itself (the server may).
+    api_keys: tuple[str, ...] = ()
+    #: One key a line (``#`` comments), re-read when it changes.
+    api_keys_file: Path | None = None
+    #: The key the bridge presents to the server on every call; None: it forwards the client's
+    #: ``Authorization`` header instead.
+    backend_api_key: str | None = None
+    #: TLS on the backend channel: the CA of the server's certificate (also on with a
+    #: ``grpcs://`` backend, then with the system roots) and, for mTLS, the bridge's certificate
+    #: chain and key.
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @property
+    def backend_target(self) -> str:
+        """The gRPC target of ``backend`` (a ``grpc://`` or ``grpcs://`` prefix dropped)."""
+        return grpc_target(self.backend.removeprefix("grpcs://").removeprefix("grpc://"))
+
+    @property
+    def backend_tls(self) -> ClientTLS | None:
+        """TLS of the backend channel; None: plaintext."""
+        if (
+            self.tls_ca is None
+            and self.tls_cert is None
+            and not self.backend.startswith("grpcs://")
+        ):
+            return None
+        return ClientTLS(self.tls_ca, self.tls_cert, self.tls_key)
 
 
 # flag name, type, help. The env var is SIE_BRIDGE_<NAME>.
@@ -44,6 +78,22 @@ _OPTIONS: tuple[tuple[str, type, str], ...] = (
     ("max-message-bytes", int, "largest gRPC message to or from the backend"),
     ("status-interval-ms", int, "interval of /ws/status messages"),
     ("log-level", str, "DEBUG, INFO, WARNING, ERROR"),
+    (
+        "api-keys",
+        str,
+        "comma-separated API keys a client must present as 'Authorization: Bearer <key>' "
+        "(prefer the environment or --api-keys-file: flags show in the process list)",
+    ),
+    ("api-keys-file", Path, "file of API keys, one a line ('#' comments), re-read on change"),
+    (
+        "backend-api-key",
+        str,
+        "key the bridge presents to the server on every call (default: forward the client's "
+        "Authorization header)",
+    ),
+    ("tls-ca", Path, "PEM CA of the server's certificate: TLS on the backend channel"),
+    ("tls-cert", Path, "PEM client certificate chain for mTLS on the backend channel"),
+    ("tls-key", Path, "PEM private key of --tls-cert"),
 )
 
 
@@ -79,11 +129,28 @@ def load_settings(
                     f"{env_name}={env[env_name]!r} is not a valid {kind.__name__}"
                 ) from None
     assert set(values) <= known
+    if "api_keys" in values:
+        values["api_keys"] = split_keys(values["api_keys"])
     settings = BridgeSettings(**values)
     try:
-        grpc_target(settings.backend)
+        settings.backend_target  # noqa: B018 (validates --backend)
     except ValueError as exc:
         raise SystemExit(f"--backend: {exc}") from None
     if settings.request_timeout_s <= 0 or settings.max_body_bytes <= 0:
         raise SystemExit("--request-timeout-s and --max-body-bytes must be positive")
+    _check_security(settings)
     return settings
+
+
+def _check_security(settings: BridgeSettings) -> None:
+    """Refuse key and TLS settings that cannot work, with the flag to fix."""
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    for flag, path in (
+        ("--api-keys-file", settings.api_keys_file),
+        ("--tls-ca", settings.tls_ca),
+        ("--tls-cert", settings.tls_cert),
+        ("--tls-key", settings.tls_key),
+    ):
+        if path is not None and not path.is_file():
+            raise SystemExit(f"{flag}: no such file: {path}")

@@ -3,8 +3,9 @@
 Everything that goes wrong ends as ``{"detail": {"code", "message", ...}}`` with the status of
 the reason's row in ``sie_sdk.reasons.REASONS`` (404 MODEL_NOT_FOUND, 400 INVALID_INPUT, 503 with
 ``Retry-After`` for MODEL_LOADING / QUEUE_FULL / LORA_LOADING / BACKEND_UNAVAILABLE, 502
-MODEL_LOAD_FAILED, 413 REQUEST_TOO_LARGE, 500 INFERENCE_ERROR / INTERNAL_ERROR, ...). The body
-also carries ``model`` when the error names one, and the server's ErrorInfo metadata.
+MODEL_LOAD_FAILED, 413 REQUEST_TOO_LARGE, 500 INFERENCE_ERROR / INTERNAL_ERROR, 401
+UNAUTHENTICATED with ``WWW-Authenticate: Bearer``, ...). The body also carries ``model`` when the
+error names one, and the server's ErrorInfo metadata.
 
 Error bodies are always JSON, whatever ``Accept`` says (as in the original SIE server, whose
 FastAPI errors are JSON): a person reading curl's output can read them, and the SIE SDK reads
@@ -45,16 +46,27 @@ def error_body(detail: ErrorDetail) -> dict[str, Any]:
     return {"detail": body}
 
 
-def error_response(detail: ErrorDetail) -> web.Response:
+#: The challenge of a 401 (RFC 6750): the client should send ``Authorization: Bearer <key>``.
+WWW_AUTHENTICATE = 'Bearer realm="sie"'
+
+
+def error_headers(detail: ErrorDetail) -> dict[str, str]:
+    """``Retry-After`` when retrying helps, ``WWW-Authenticate`` on a 401."""
     headers = {}
     retry_after = detail.retry_after_header()
     if retry_after is not None:
         headers["Retry-After"] = retry_after
+    if detail.http_status == 401:
+        headers["WWW-Authenticate"] = WWW_AUTHENTICATE
+    return headers
+
+
+def error_response(detail: ErrorDetail) -> web.Response:
     return web.Response(
         status=detail.http_status,
         body=dump_json(error_body(detail)),
         content_type=JSON,
-        headers=headers,
+        headers=error_headers(detail),
     )
 
 

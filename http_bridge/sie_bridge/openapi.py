@@ -45,8 +45,8 @@ Schema = dict[str, Any]
 
 #: Error codes the bridge answers that no ``sie.v1.ErrorReason`` names (aiohttp's routing).
 HTTP_ONLY_CODES = ("NOT_FOUND", "METHOD_NOT_ALLOWED")
-#: Reasons any backend call can end with, whatever it asks.
-UPSTREAM_REASONS = ("BACKEND_UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL_ERROR")
+#: Reasons any backend call can end with, whatever it asks (UNAUTHENTICATED: with API keys).
+UPSTREAM_REASONS = ("BACKEND_UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL_ERROR", "UNAUTHENTICATED")
 #: Every ``X-*-Time`` header (``X-Postprocessing-Time`` is sent only when > 0).
 TIMING_HEADERS = tuple(timing_headers(common_pb2.Timing(postprocessing_ms=1.0)))
 MODEL_STATES = [

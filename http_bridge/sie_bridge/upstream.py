@@ -8,17 +8,25 @@ reconnects by itself when the backend comes back; a call while it is down fails 
 ``call`` runs one unary RPC under the configured deadline and turns a failed status into a
 ``BridgeError`` through ``sie_sdk.reasons``. When the HTTP client goes away, aiohttp cancels the
 handler, the cancellation reaches the pending gRPC call, and the server drops its queued work.
+
+Credentials (docs/security.md): the channel is TLS when the settings ask for it
+(``BridgeSettings.backend_tls``). Every call carries ``authorization`` metadata: the bridge's own
+``--backend-api-key`` when it has one, else the client's ``Authorization`` header, forwarded as
+it came (``CLIENT_AUTHORIZATION``, set per request by ``sie_bridge.auth``), so the server stays
+the one place where keys are checked.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sie_sdk.api_keys import AUTHORIZATION
 from sie_sdk.reasons import error_from_rpc
-from sie_sdk.targets import ROUND_ROBIN, grpc_target
+from sie_sdk.targets import ROUND_ROBIN
 from sie_sdk.v1 import (
     encode_pb2_grpc,
     extract_pb2_grpc,
@@ -32,6 +40,9 @@ from sie_bridge.config import BridgeSettings
 from sie_bridge.errors import BridgeError
 
 Resp = TypeVar("Resp")
+Metadata = tuple[tuple[str, str], ...]
+#: The ``Authorization`` header of the HTTP request being served (None outside one, or without).
+CLIENT_AUTHORIZATION: ContextVar[str | None] = ContextVar("client_authorization", default=None)
 
 
 class Upstream:
@@ -42,17 +53,21 @@ class Upstream:
 
     def __init__(self, settings: BridgeSettings) -> None:
         self.timeout_s = settings.request_timeout_s
-        self.channel = grpc.aio.insecure_channel(
-            grpc_target(settings.backend),
-            options=[
-                ("grpc.service_config", ROUND_ROBIN),
-                ("grpc.max_send_message_length", settings.max_message_bytes),
-                ("grpc.max_receive_message_length", settings.max_message_bytes),
-                ("grpc.keepalive_time_ms", 30000),
-                # Reconnect quickly when the backend comes back (default backoff reaches 120 s).
-                ("grpc.max_reconnect_backoff_ms", 2000),
-                ("grpc.initial_reconnect_backoff_ms", 200),
-            ],
+        self.backend_api_key = settings.backend_api_key
+        options = [
+            ("grpc.service_config", ROUND_ROBIN),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.keepalive_time_ms", 30000),
+            # Reconnect quickly when the backend comes back (default backoff reaches 120 s).
+            ("grpc.max_reconnect_backoff_ms", 2000),
+            ("grpc.initial_reconnect_backoff_ms", 200),
+        ]
+        target, tls = settings.backend_target, settings.backend_tls
+        self.channel = (
+            grpc.aio.secure_channel(target, tls.credentials(), options=options)
+            if tls is not None
+            else grpc.aio.insecure_channel(target, options=options)
         )
         self.encode = encode_pb2_grpc.EncodeServiceStub(self.channel)
         self.score = score_pb2_grpc.ScoreServiceStub(self.channel)
@@ -61,10 +76,20 @@ class Upstream:
         self.status = status_pb2_grpc.StatusServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
+    def metadata(self) -> Metadata:
+        """The ``authorization`` metadata of a backend call: the bridge's own key, else the
+        client's header as it came (when gRPC metadata can carry it: printable ASCII)."""
+        if self.backend_api_key:
+            return ((AUTHORIZATION, f"Bearer {self.backend_api_key}"),)
+        forwarded = CLIENT_AUTHORIZATION.get()
+        if forwarded and forwarded.isascii() and forwarded.isprintable():
+            return ((AUTHORIZATION, forwarded),)
+        return ()
+
     async def call(self, method: Callable[..., Awaitable[Resp]], request: Any) -> Resp:
         """One unary call under the request deadline; failures become ``BridgeError``."""
         try:
-            return await method(request, timeout=self.timeout_s)
+            return await method(request, timeout=self.timeout_s, metadata=self.metadata())
         except grpc.aio.AioRpcError as exc:
             raise BridgeError(error_from_rpc(exc)) from None
 
@@ -81,7 +106,9 @@ class Upstream:
         self, interval_ms: int
     ) -> grpc.aio.UnaryStreamCall[status_pb2.WatchStatusRequest, status_pb2.WatchStatusResponse]:
         """The server's status stream (no deadline: it runs until either side ends it)."""
-        return self.status.WatchStatus(status_pb2.WatchStatusRequest(interval_ms=interval_ms))
+        return self.status.WatchStatus(
+            status_pb2.WatchStatusRequest(interval_ms=interval_ms), metadata=self.metadata()
+        )
 
     async def close(self) -> None:
         await self.channel.close(None)

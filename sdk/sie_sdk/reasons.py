@@ -68,6 +68,7 @@ REASONS: Mapping[str, Reason] = {
         Reason("SHUTTING_DOWN", _UNAVAILABLE, 503, "ServerError", 1.0, True),
         Reason("BACKEND_UNAVAILABLE", _UNAVAILABLE, 503, "SIEConnectionError", 1.0, True),
         Reason("REQUEST_TOO_LARGE", _RESOURCE_EXHAUSTED, 413, "RequestError"),
+        Reason("UNAUTHENTICATED", grpc.StatusCode.UNAUTHENTICATED, 401, "AuthenticationError"),
     )
 }
 
@@ -78,6 +79,7 @@ REASON_BY_BARE_CODE: Mapping[grpc.StatusCode, str] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: "REQUEST_TOO_LARGE",
     grpc.StatusCode.INVALID_ARGUMENT: "INVALID_INPUT",
     grpc.StatusCode.NOT_FOUND: "MODEL_NOT_FOUND",
+    grpc.StatusCode.UNAUTHENTICATED: "UNAUTHENTICATED",
 }
 
 

@@ -66,6 +66,18 @@ class Settings:
     grace_period_s: float = 30.0
     status_interval_ms: int = 200
     log_level: str = "INFO"
+    # Security (docs/security.md).
+    #: Keys a call must present as ``authorization: Bearer <key>`` (with ``api_keys_file``: the
+    #: keys of both); none and no file: no checking.
+    api_keys: tuple[str, ...] = ()
+    #: One key a line (``#`` comments), re-read when it changes.
+    api_keys_file: Path | None = None
+    #: The server's certificate chain and key (PEM): TLS on the gRPC port when set, reloaded when
+    #: the files change.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: The CA that signs client certificates: with it, every client must present one (mTLS).
+    tls_client_ca: Path | None = None
     catalog_dirs: tuple[Path, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -148,8 +160,22 @@ _OPTIONS: tuple[tuple[str, type, str], ...] = (
     ("grace-period-s", float, "on SIGTERM: seconds in-flight calls get to finish"),
     ("status-interval-ms", int, "default interval of the status stream"),
     ("log-level", str, "DEBUG, INFO, WARNING, ERROR"),
+    (
+        "api-keys",
+        str,
+        "API key a call must present as 'authorization: Bearer <key>' (repeatable; prefer the "
+        "environment or --api-keys-file: flags show in the process list)",
+    ),
+    (
+        "api-keys-file",
+        Path,
+        "file of API keys, one a line ('#' comments), re-read within a second of a change",
+    ),
+    ("tls-cert", Path, "PEM certificate chain: TLS on the gRPC port (reloaded when it changes)"),
+    ("tls-key", Path, "PEM private key of --tls-cert"),
+    ("tls-client-ca", Path, "PEM CA of client certificates: clients must present one (mTLS)"),
 )
-_REPEATABLE = {"models-dir", "preload", "models"}
+_REPEATABLE = {"models-dir", "preload", "models", "api-keys"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,7 +209,9 @@ def load_settings(
         flag = args.get(attr)
         raw_env = env.get("SIE_" + attr.upper())
         if name in _REPEATABLE:
-            items = flag if flag else [kind(v) for v in (raw_env or "").split(",") if v.strip()]
+            items = (
+                flag if flag else [kind(v.strip()) for v in (raw_env or "").split(",") if v.strip()]
+            )
             if items:
                 values[attr] = tuple(items)
         elif flag is not None:
@@ -202,4 +230,22 @@ def load_settings(
     gauge = values.get("memory_gauge", "process")
     if gauge not in GAUGES:
         raise SystemExit(f"--memory-gauge must be {' or '.join(GAUGES)}; got {gauge!r}")
-    return Settings(**values)
+    settings = Settings(**values)
+    _check_security(settings)
+    return settings
+
+
+def _check_security(settings: Settings) -> None:
+    """Refuse TLS and key settings that cannot work, with the flag to fix."""
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    if settings.tls_client_ca is not None and settings.tls_cert is None:
+        raise SystemExit("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+    for flag, path in (
+        ("--api-keys-file", settings.api_keys_file),
+        ("--tls-cert", settings.tls_cert),
+        ("--tls-key", settings.tls_key),
+        ("--tls-client-ca", settings.tls_client_ca),
+    ):
+        if path is not None and not path.is_file():
+            raise SystemExit(f"{flag}: no such file: {path}")

@@ -14,7 +14,8 @@ The tree (every class carries a ``reason`` from ``sie.v1.ErrorReason``, without 
     ├── DeadlineExceeded                 DEADLINE_EXCEEDED
     ├── ShuttingDown                     SHUTTING_DOWN        (retryable)
     ├── InferenceError                   INFERENCE_ERROR
-    └── InternalError                    INTERNAL_ERROR
+    ├── InternalError                    INTERNAL_ERROR
+    └── Unauthenticated                  UNAUTHENTICATED
 
 Each reason's gRPC status, HTTP status and default retry hint live in one table,
 ``sie_sdk.reasons.REASONS``, which every transport reads.
@@ -90,3 +91,7 @@ class InferenceError(SIEServerError):
 
 class InternalError(SIEServerError):
     reason = "INTERNAL_ERROR"
+
+
+class Unauthenticated(SIEServerError):
+    reason = "UNAUTHENTICATED"

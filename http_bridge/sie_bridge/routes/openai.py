@@ -23,7 +23,7 @@ from sie_sdk.tensors import from_tensor
 from sie_sdk.v1 import common_pb2, encode_pb2
 from sie_sdk.wire import JSON, WireError, dump_json
 
-from sie_bridge.errors import BridgeError, error_body
+from sie_bridge.errors import BridgeError, error_body, error_headers
 from sie_bridge.errors import invalid_input as invalid_request
 from sie_bridge.negotiate import read_body
 from sie_bridge.state import UPSTREAM
@@ -110,11 +110,11 @@ def _openai_error(exc: BridgeError) -> web.Response:
     body = error_body(detail)
     kind = "invalid_request_error" if detail.http_status < 500 else "server_error"
     body["error"] = {"message": detail.message, "type": kind, "code": detail.reason.lower()}
-    headers = {}
-    if (retry := detail.retry_after_header()) is not None:
-        headers["Retry-After"] = retry
     return web.Response(
-        status=detail.http_status, body=dump_json(body), content_type=JSON, headers=headers
+        status=detail.http_status,
+        body=dump_json(body),
+        content_type=JSON,
+        headers=error_headers(detail),
     )
 
 

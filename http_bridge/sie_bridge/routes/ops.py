@@ -32,7 +32,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def _snapshot(upstream: Upstream) -> status_pb2.WatchStatusResponse | None:
     """One status message from the server, or None when it cannot be reached."""
     stream = upstream.status.WatchStatus(
-        status_pb2.WatchStatusRequest(), timeout=SNAPSHOT_TIMEOUT_S
+        status_pb2.WatchStatusRequest(), timeout=SNAPSHOT_TIMEOUT_S, metadata=upstream.metadata()
     )
     try:
         async for message in stream:

@@ -91,6 +91,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The HTTP bridge cannot reach the gRPC server (down, restarting, or unreachable)."""
     ERROR_REASON_REQUEST_TOO_LARGE: _ErrorReason.ValueType  # 16
     """The request is larger than the configured limit (HTTP body size, gRPC message size)."""
+    ERROR_REASON_UNAUTHENTICATED: _ErrorReason.ValueType  # 17
+    """The call carries no API key, or one the server does not accept (the server or the bridge
+    was started with API keys).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Machine-readable error reasons. Every error status carries exactly one
@@ -133,6 +137,10 @@ ERROR_REASON_BACKEND_UNAVAILABLE: ErrorReason.ValueType  # 15
 """The HTTP bridge cannot reach the gRPC server (down, restarting, or unreachable)."""
 ERROR_REASON_REQUEST_TOO_LARGE: ErrorReason.ValueType  # 16
 """The request is larger than the configured limit (HTTP body size, gRPC message size)."""
+ERROR_REASON_UNAUTHENTICATED: ErrorReason.ValueType  # 17
+"""The call carries no API key, or one the server does not accept (the server or the bridge
+was started with API keys).
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final

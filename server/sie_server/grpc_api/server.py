@@ -1,5 +1,9 @@
 """Assembling the gRPC server (``create_server``) and running it until SIGTERM (``serve``).
 
+With API keys configured every call but health and reflection needs one (``grpc_api.auth``);
+with ``--tls-cert``/``--tls-key`` the port serves TLS (mTLS with ``--tls-client-ca``), reloading
+the certificate when its files change (``grpc_api.tls``). See docs/security.md.
+
 Lifecycle of a ``RunningServer``: ``set_serving(True)`` once preloading is done; ``drain``
 reports NOT_SERVING and ends every open status stream; ``stop(grace)`` refuses new calls, lets
 in-flight ones finish within ``grace``, then closes the metrics port (when one was asked for)
@@ -17,6 +21,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from sie_sdk.api_keys import ApiKeys
 from sie_sdk.prometheus import render
 from sie_sdk.v1 import (
     encode_pb2,
@@ -37,12 +42,14 @@ from sie_server.device import resolve_placement
 from sie_server.engine.executor import ExecutorConfig
 from sie_server.engine.registry import EngineConfig, ModelRegistry
 from sie_server.errors import SIEServerError
+from sie_server.grpc_api.auth import RequireApiKey
 from sie_server.grpc_api.encode_service import EncodeServicer
 from sie_server.grpc_api.extract_service import ExtractServicer
 from sie_server.grpc_api.interceptors import RejectMalformed
 from sie_server.grpc_api.model_service import ModelServicer
 from sie_server.grpc_api.score_service import ScoreServicer
 from sie_server.grpc_api.status import StatusServicer, StatusSource
+from sie_server.grpc_api.tls import CertificateFiles, server_credentials
 from sie_server.observability.metrics_http import MetricsHTTPServer
 from sie_server.tasks.common import RequestLimits
 
@@ -135,10 +142,29 @@ def build_registry(settings: Settings) -> ModelRegistry:
     return registry
 
 
+def _interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
+    """The key check first (a refused call is not even parsed), then malformed requests."""
+    keys = ApiKeys(settings.api_keys, settings.api_keys_file)
+    return [RequireApiKey(keys), RejectMalformed()] if keys.enabled else [RejectMalformed()]
+
+
+def _bind(server: grpc.aio.Server, settings: Settings) -> int:
+    """Add the port (TLS when a certificate is configured); the bound port number."""
+    address = f"{_host(settings.host)}:{settings.port}"
+    if settings.tls_cert is None or settings.tls_key is None:
+        return server.add_insecure_port(address)
+    files = CertificateFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    try:
+        credentials = server_credentials(files)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--tls-cert/--tls-key do not load: {exc}") from None
+    return server.add_secure_port(address, credentials)
+
+
 async def create_server(settings: Settings, registry: ModelRegistry) -> RunningServer:
     """Bind and start (health NOT_SERVING until ``set_serving(True)``); returns the bound port."""
     server = grpc.aio.server(
-        interceptors=[RejectMalformed()],
+        interceptors=_interceptors(settings),
         options=[
             ("grpc.so_reuseport", 0),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -171,7 +197,7 @@ async def create_server(settings: Settings, registry: ModelRegistry) -> RunningS
         ),
         server,
     )
-    port = server.add_insecure_port(f"{_host(settings.host)}:{settings.port}")
+    port = _bind(server, settings)
     if port == 0:
         raise SystemExit(f"could not bind {settings.host}:{settings.port}")
     metrics_http = None
@@ -188,6 +214,12 @@ async def create_server(settings: Settings, registry: ModelRegistry) -> RunningS
     return running
 
 
+def _tls_mode(settings: Settings) -> str:
+    if settings.tls_cert is None:
+        return "plaintext"
+    return "mTLS" if settings.tls_client_ca is not None else "TLS"
+
+
 def _host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
@@ -197,11 +229,13 @@ async def serve(settings: Settings) -> None:
     registry = build_registry(settings)
     running = await create_server(settings, registry)
     log.info(
-        "sie-server listening on %s:%d (device %s, %s)",
+        "sie-server listening on %s:%d (device %s, %s; %s; %s)",
         settings.host,
         running.port,
         registry.config.placement.device,
         registry.config.placement.dtype,
+        _tls_mode(settings),
+        "API keys required" if settings.api_keys or settings.api_keys_file else "no API keys",
     )
     if running.metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", settings.host, running.metrics_port)

@@ -7,13 +7,21 @@ reply's bytes. ``GrpcTransport`` (blocking channel) and ``AsyncGrpcTransport`` (
 differ only in how they wait.
 
 Targets: ``grpc://host:port`` or a bare ``host:port`` (plaintext), ``grpcs://host:port`` (TLS with
-the system roots), or a comma-separated address list spread with grpc's ``round_robin``.
+the system roots), or a comma-separated address list spread with grpc's ``round_robin``. A
+``grpcs://`` URL takes PEM file paths as query parameters: ``tls_ca`` (the CA that signs the
+server's certificate, instead of the system roots) and, for mTLS, ``tls_cert`` and ``tls_key``
+(the client's certificate chain and key), e.g.
+``grpcs://sie.internal:50051?tls_ca=/etc/sie/ca.pem``. The API key goes out as
+``authorization: Bearer <key>`` metadata on every call.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,6 +31,7 @@ from sie_sdk.client.errors import SIEError, error_from_detail
 from sie_sdk.convert import from_proto, to_proto
 from sie_sdk.reasons import error_from_rpc
 from sie_sdk.targets import ROUND_ROBIN, grpc_target
+from sie_sdk.tls import ClientTLS
 from sie_sdk.v1 import (
     encode_pb2_grpc,
     extract_pb2_grpc,
@@ -37,11 +46,35 @@ from sie_sdk.wire import unpacked
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-def parse_target(base_url: str) -> tuple[str, bool]:
-    """(gRPC target, use TLS) of ``grpc://``, ``grpcs://`` or a bare address (list)."""
-    secure = base_url.startswith("grpcs://")
-    address = base_url.removeprefix("grpcs://").removeprefix("grpc://").rstrip("/")
-    return grpc_target(address), secure
+#: The query parameters of a ``grpcs://`` URL -> the ``ClientTLS`` field each sets.
+TLS_PARAMS = {"tls_ca": "ca", "tls_cert": "cert", "tls_key": "key"}
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a gRPC client connects: the gRPC target, and TLS (None: plaintext)."""
+
+    address: str
+    tls: ClientTLS | None = None
+
+
+def parse_target(base_url: str) -> Target:
+    """The target of ``grpc://``, ``grpcs://`` (with its TLS parameters) or a bare address
+    (list); ``ValueError`` for an unknown parameter or TLS parameters on a plaintext URL."""
+    url, _, query = base_url.partition("?")
+    secure = url.startswith("grpcs://")
+    address = grpc_target(url.removeprefix("grpcs://").removeprefix("grpc://").rstrip("/"))
+    files: dict[str, Path] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name not in TLS_PARAMS:
+            known = ", ".join(TLS_PARAMS)
+            raise ValueError(f"unknown parameter {name!r} in {base_url!r} (known: {known})")
+        if not value:
+            raise ValueError(f"parameter {name!r} in {base_url!r} has no file path")
+        files[TLS_PARAMS[name]] = Path(value).expanduser()
+    if files and not secure:
+        raise ValueError(f"TLS parameters need a grpcs:// URL, got {base_url!r}")
+    return Target(address, ClientTLS(**files) if secure else None)
 
 
 def _options() -> list[tuple[str, Any]]:
@@ -108,11 +141,11 @@ def _failure(exc: grpc.RpcError) -> SIEError:
 
 class GrpcTransport:
     def __init__(self, base_url: str) -> None:
-        target, secure = parse_target(base_url)
+        target = parse_target(base_url)
         self.channel = (
-            grpc.secure_channel(target, grpc.ssl_channel_credentials(), _options())
-            if secure
-            else grpc.insecure_channel(target, _options())
+            grpc.secure_channel(target.address, target.tls.credentials(), _options())
+            if target.tls is not None
+            else grpc.insecure_channel(target.address, _options())
         )
         self.stubs = _Stubs(self.channel)
 
@@ -151,11 +184,11 @@ class GrpcTransport:
 
 class AsyncGrpcTransport:
     def __init__(self, base_url: str) -> None:
-        target, secure = parse_target(base_url)
+        target = parse_target(base_url)
         self.channel = (
-            grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(), _options())
-            if secure
-            else grpc.aio.insecure_channel(target, _options())
+            grpc.aio.secure_channel(target.address, target.tls.credentials(), _options())
+            if target.tls is not None
+            else grpc.aio.insecure_channel(target.address, _options())
         )
         self.stubs = _Stubs(self.channel)
 
