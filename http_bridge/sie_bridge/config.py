@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from sie_sdk.api_keys import split_keys
+from sie_sdk.logs import LOG_FORMATS
 from sie_sdk.targets import grpc_target
 from sie_sdk.tls import ClientTLS
 
@@ -50,6 +51,20 @@ class BridgeSettings:
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # Observability (docs/observability.md).
+    #: OpenTelemetry traces: a span per HTTP request and per backend call, exported over
+    #: OTLP/gRPC, the trace id in ``X-Trace-ID``.
+    tracing: bool = False
+    #: The OTLP/gRPC collector; None: OpenTelemetry's OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT, else
+    #: http://localhost:4317.
+    otlp_endpoint: str | None = None
+    #: The traces' ``service.name``; None: OTEL_SERVICE_NAME, else ``sie-bridge``.
+    service_name: str | None = None
+    #: ``text`` or ``json`` (one object a line, with the trace id inside a span).
+    log_format: str = "text"
+    #: No flag: an OpenTelemetry TracerProvider to use instead of building the OTLP one (tests, or
+    #: an application embedding the bridge with its own OpenTelemetry setup; not shut down here).
+    tracer_provider: Any = field(default=None, repr=False, compare=False)
 
     @property
     def backend_target(self) -> str:
@@ -68,8 +83,18 @@ class BridgeSettings:
         return ClientTLS(self.tls_ca, self.tls_cert, self.tls_key)
 
 
-# flag name, type, help. The env var is SIE_BRIDGE_<NAME>.
-_OPTIONS: tuple[tuple[str, type, str], ...] = (
+def boolean(text: str) -> bool:
+    """A yes/no setting: true/1/yes/on or false/0/no/off (any case)."""
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+# flag name, type (or parser, like ``boolean``), help. The env var is SIE_BRIDGE_<NAME>.
+_OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("host", str, "address to bind"),
     ("port", int, "HTTP port (0 picks a free one)"),
     ("backend", str, "gRPC server target: host:port, a comma-separated list, or a gRPC URI"),
@@ -94,6 +119,24 @@ _OPTIONS: tuple[tuple[str, type, str], ...] = (
     ("tls-ca", Path, "PEM CA of the server's certificate: TLS on the backend channel"),
     ("tls-cert", Path, "PEM client certificate chain for mTLS on the backend channel"),
     ("tls-key", Path, "PEM private key of --tls-cert"),
+    (
+        "tracing",
+        boolean,
+        "OpenTelemetry tracing: a span per request and per backend call, exported over OTLP/gRPC, "
+        "X-Trace-ID on responses (needs pip install 'sie[tracing]'; --tracing alone means true)",
+    ),
+    (
+        "otlp-endpoint",
+        str,
+        "OTLP/gRPC collector of the traces, e.g. http://otel-collector:4317 (default: "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT, else localhost:4317)",
+    ),
+    (
+        "service-name",
+        str,
+        "service.name of the traces (default: OTEL_SERVICE_NAME, else sie-bridge)",
+    ),
+    ("log-format", str, "text, or json: one object a line, with trace_id/span_id inside a span"),
 )
 
 
@@ -105,7 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name, kind, help_text in _OPTIONS:
         env = "SIE_BRIDGE_" + name.upper().replace("-", "_")
-        parser.add_argument(f"--{name}", type=kind, help=f"{help_text} [{env}]")
+        if kind is boolean:
+            parser.add_argument(
+                f"--{name}", type=kind, nargs="?", const=True, help=f"{help_text} [{env}]"
+            )
+        else:
+            parser.add_argument(f"--{name}", type=kind, help=f"{help_text} [{env}]")
     return parser
 
 
@@ -138,6 +186,10 @@ def load_settings(
         raise SystemExit(f"--backend: {exc}") from None
     if settings.request_timeout_s <= 0 or settings.max_body_bytes <= 0:
         raise SystemExit("--request-timeout-s and --max-body-bytes must be positive")
+    if settings.log_format not in LOG_FORMATS:
+        raise SystemExit(
+            f"--log-format must be {' or '.join(LOG_FORMATS)}; got {settings.log_format!r}"
+        )
     _check_security(settings)
     return settings
 

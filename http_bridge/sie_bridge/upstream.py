@@ -18,7 +18,7 @@ the one place where keys are checked.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
@@ -51,7 +51,12 @@ class Upstream:
     channel: grpc.aio.Channel
     timeout_s: float
 
-    def __init__(self, settings: BridgeSettings) -> None:
+    def __init__(
+        self,
+        settings: BridgeSettings,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+    ) -> None:
+        """``interceptors``: run on every call (tracing's client spans, ``sie_bridge.tracing``)."""
         self.timeout_s = settings.request_timeout_s
         self.backend_api_key = settings.backend_api_key
         options = [
@@ -64,10 +69,11 @@ class Upstream:
             ("grpc.initial_reconnect_backoff_ms", 200),
         ]
         target, tls = settings.backend_target, settings.backend_tls
+        chain = list(interceptors) or None
         self.channel = (
-            grpc.aio.secure_channel(target, tls.credentials(), options=options)
+            grpc.aio.secure_channel(target, tls.credentials(), options=options, interceptors=chain)
             if tls is not None
-            else grpc.aio.insecure_channel(target, options=options)
+            else grpc.aio.insecure_channel(target, options=options, interceptors=chain)
         )
         self.encode = encode_pb2_grpc.EncodeServiceStub(self.channel)
         self.score = score_pb2_grpc.ScoreServiceStub(self.channel)

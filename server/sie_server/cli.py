@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Sequence
+
+from sie_sdk.logs import configure_logging
 
 from sie_server.config import load_settings
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     settings = load_settings(argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format)
     from sie_server.allocator import fix_mmap_threshold
     from sie_server.catalog import CatalogError
     from sie_server.grpc_api.server import serve

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from sie_sdk.logs import LOG_FORMATS
 
 from sie_server.catalog import BUILTIN_CATALOG_DIR
 from sie_server.domain import ENGINES
@@ -78,14 +80,38 @@ class Settings:
     tls_key: Path | None = None
     #: The CA that signs client certificates: with it, every client must present one (mTLS).
     tls_client_ca: Path | None = None
+    # Observability (docs/observability.md).
+    #: OpenTelemetry traces: a span per RPC and per batch, exported over OTLP/gRPC.
+    tracing: bool = False
+    #: The OTLP/gRPC collector; None: OpenTelemetry's OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT, else
+    #: http://localhost:4317.
+    otlp_endpoint: str | None = None
+    #: The traces' ``service.name``; None: OTEL_SERVICE_NAME, else ``sie-server``.
+    service_name: str | None = None
+    #: ``text`` or ``json`` (one object a line, with the trace id inside a span).
+    log_format: str = "text"
+    #: No flag: an OpenTelemetry TracerProvider to use instead of building the OTLP one (tests, or
+    #: an application embedding the server with its own OpenTelemetry setup; not shut down here).
+    tracer_provider: Any = field(default=None, repr=False, compare=False)
     catalog_dirs: tuple[Path, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "catalog_dirs", self.models_dir or (BUILTIN_CATALOG_DIR,))
 
 
-# flag name, type, help. The env var is SIE_<NAME>; list-valued ones are comma separated.
-_OPTIONS: tuple[tuple[str, type, str], ...] = (
+def boolean(text: str) -> bool:
+    """A yes/no setting: true/1/yes/on or false/0/no/off (any case)."""
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+# flag name, type (or parser, like ``boolean``), help. The env var is SIE_<NAME>; list-valued ones
+# are comma separated.
+_OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("host", str, "address to bind"),
     ("port", int, "gRPC port (0 picks a free one)"),
     (
@@ -174,6 +200,24 @@ _OPTIONS: tuple[tuple[str, type, str], ...] = (
     ("tls-cert", Path, "PEM certificate chain: TLS on the gRPC port (reloaded when it changes)"),
     ("tls-key", Path, "PEM private key of --tls-cert"),
     ("tls-client-ca", Path, "PEM CA of client certificates: clients must present one (mTLS)"),
+    (
+        "tracing",
+        boolean,
+        "OpenTelemetry tracing: a span per RPC and per batch, exported over OTLP/gRPC (needs "
+        "pip install 'sie[tracing]'; --tracing alone means true)",
+    ),
+    (
+        "otlp-endpoint",
+        str,
+        "OTLP/gRPC collector of the traces, e.g. http://otel-collector:4317 (default: "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT, else localhost:4317)",
+    ),
+    (
+        "service-name",
+        str,
+        "service.name of the traces (default: OTEL_SERVICE_NAME, else sie-server)",
+    ),
+    ("log-format", str, "text, or json: one object a line, with trace_id/span_id inside a span"),
 )
 _REPEATABLE = {"models-dir", "preload", "models", "api-keys"}
 
@@ -191,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
                 type=kind,
                 action="append",
                 help=f"{help_text} [{env}, comma separated]",
+            )
+        elif kind is boolean:
+            parser.add_argument(
+                f"--{name}", type=kind, nargs="?", const=True, help=f"{help_text} [{env}]"
             )
         else:
             parser.add_argument(f"--{name}", type=kind, help=f"{help_text} [{env}]")
@@ -230,6 +278,9 @@ def load_settings(
     gauge = values.get("memory_gauge", "process")
     if gauge not in GAUGES:
         raise SystemExit(f"--memory-gauge must be {' or '.join(GAUGES)}; got {gauge!r}")
+    log_format = values.get("log_format", "text")
+    if log_format not in LOG_FORMATS:
+        raise SystemExit(f"--log-format must be {' or '.join(LOG_FORMATS)}; got {log_format!r}")
     settings = Settings(**values)
     _check_security(settings)
     return settings

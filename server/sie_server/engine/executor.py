@@ -45,6 +45,7 @@ from sie_server.errors import (
     ShuttingDown,
     SIEServerError,
 )
+from sie_server.observability.tracing import NO_TRACING, Tracing
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -69,6 +70,9 @@ class ExecutorConfig:
     #: everyone else (batches of 1, N-1, 1, N-1 and a p99 of two batches). At most this, at
     #: most a quarter of the last batch's forward pass, never when the last batch was one item.
     batch_wait_ms: float = 0.0
+    #: Tracing hooks (``--tracing``): the request's span is captured at submit, and each batch
+    #: reported when it completes. A no-op by default.
+    tracing: Tracing = NO_TRACING
 
     @property
     def limits(self) -> BatchLimits:
@@ -239,6 +243,7 @@ class BatchExecutor:
         self._admission.admit(sum(sum(g.costs) for g in groups), count)
         admitted: list[list[WorkItem]] = []
         self._requests += 1
+        trace = self.config.tracing.capture()
         for group in groups:
             items: list[WorkItem] = []
             for payload, item_cost in zip(group.payloads, group.costs, strict=True):
@@ -251,6 +256,7 @@ class BatchExecutor:
                     future,
                     deadline,
                     request=self._requests,
+                    trace=trace,
                 )
                 future.add_done_callback(functools.partial(self._resolved, item))
                 if deadline is not None:
@@ -377,18 +383,13 @@ class BatchExecutor:
                 self._fail(item, result.error)
             elif not item.future.done():
                 item.future.set_result(result)
+        stats = BatchStats(
+            job.batch_id, len(items), job.batch.tokens, job.batch.padded_tokens, ms, failure is None
+        )
         if self._on_batch is not None:
-            self._on_batch(
-                BatchStats(
-                    job.batch_id,
-                    len(items),
-                    job.batch.tokens,
-                    job.batch.padded_tokens,
-                    ms,
-                    failure is None,
-                )
-            )
+            self._on_batch(stats)
         self._wake.set()
+        self.config.tracing.batch_done(self.name, stats, [item.trace for item in items])
 
     def _as_domain_error(self, error: BaseException) -> SIEServerError:
         if isinstance(error, SIEServerError):

@@ -44,6 +44,8 @@ class WorkItem:
     request: int = -1
     #: The timer that expires the item while it is still queued (cancelled once it resolves).
     expiry: asyncio.TimerHandle | None = None
+    #: The request's span context when tracing is on (``Tracing.capture``): its batch links to it.
+    trace: object | None = None
 
     @property
     def dead(self) -> bool:

@@ -7,7 +7,7 @@ the certificate when its files change (``grpc_api.tls``). See docs/security.md.
 Lifecycle of a ``RunningServer``: ``set_serving(True)`` once preloading is done; ``drain``
 reports NOT_SERVING and ends every open status stream; ``stop(grace)`` refuses new calls, lets
 in-flight ones finish within ``grace``, then closes the metrics port (when one was asked for)
-and the engine.
+and the engine, and flushes the traces (``--tracing``, docs/observability.md).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from sie_server.grpc_api.score_service import ScoreServicer
 from sie_server.grpc_api.status import StatusServicer, StatusSource
 from sie_server.grpc_api.tls import CertificateFiles, server_credentials
 from sie_server.observability.metrics_http import MetricsHTTPServer
+from sie_server.observability.tracing import Tracing, server_tracing
 from sie_server.tasks.common import RequestLimits
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ class RunningServer:
         if self.metrics_http is not None:
             await self.metrics_http.close()
         await self.registry.close()
+        await asyncio.to_thread(self.registry.config.executor.tracing.shutdown)
 
 
 def build_registry(settings: Settings) -> ModelRegistry:
@@ -128,6 +130,7 @@ def build_registry(settings: Settings) -> ModelRegistry:
             max_pending_tokens=settings.max_pending_tokens,
             max_pending_items=settings.max_pending_items,
             max_preparing_requests=settings.max_preparing_requests,
+            tracing=server_tracing(settings),
         ),
         placement=resolve_placement(settings.device, settings.dtype),
         tokenizer_workers=settings.tokenizer_workers,
@@ -142,10 +145,12 @@ def build_registry(settings: Settings) -> ModelRegistry:
     return registry
 
 
-def _interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
-    """The key check first (a refused call is not even parsed), then malformed requests."""
+def _interceptors(settings: Settings, tracing: Tracing) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
+    """Tracing's span first (refused calls are traced too), then the key check (a refused call
+    is not even parsed), then malformed requests."""
     keys = ApiKeys(settings.api_keys, settings.api_keys_file)
-    return [RequireApiKey(keys), RejectMalformed()] if keys.enabled else [RejectMalformed()]
+    checks = [RequireApiKey(keys), RejectMalformed()] if keys.enabled else [RejectMalformed()]
+    return [*tracing.server_interceptors(), *checks]
 
 
 def _bind(server: grpc.aio.Server, settings: Settings) -> int:
@@ -164,7 +169,7 @@ def _bind(server: grpc.aio.Server, settings: Settings) -> int:
 async def create_server(settings: Settings, registry: ModelRegistry) -> RunningServer:
     """Bind and start (health NOT_SERVING until ``set_serving(True)``); returns the bound port."""
     server = grpc.aio.server(
-        interceptors=_interceptors(settings),
+        interceptors=_interceptors(settings, registry.config.executor.tracing),
         options=[
             ("grpc.so_reuseport", 0),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -239,6 +244,8 @@ async def serve(settings: Settings) -> None:
     )
     if running.metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", settings.host, running.metrics_port)
+    if settings.tracing:
+        log.info("tracing on: OTLP to %s", settings.otlp_endpoint or "the OTEL_EXPORTER_* endpoint")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     draining: list[asyncio.Task[None]] = []
