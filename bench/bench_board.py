@@ -6,10 +6,14 @@ table, the PNG plot and the JSON file. Pure functions of the results dictionary,
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+#: ``targets``' ``add``: name, value, goal, met, format of the value.
+Add = Callable[[str, float | None, str, bool | None, str], None]
 
 
 def _row(results: dict[str, Any], system: str, conc: int, tpc: int, kind: str) -> Any:
@@ -32,6 +36,23 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         shown = "not measured" if value is None else fmt.format(value)
         out.append({"target": name, "measured": shown, "value": value, "goal": goal, "met": met})
 
+    if "rows" in results:
+        encode_targets(results, add)
+    for workload, library in (("score", "CrossEncoder.predict"), ("extract", "GLiNER")):
+        row = _task_row(results, workload, 32)
+        value = row["ratio"] if row else None
+        add(f"{workload}: gRPC 32 clients / {library} best in-process batch", value, ">= 1.00",
+            None if value is None else value >= 1.0, "{:.2f}x")  # fmt: skip
+    return out
+
+
+def _task_row(results: dict[str, Any], workload: str, conc: int) -> Any:
+    rows = (results.get("tasks") or {}).get("rows", [])
+    return next((r for r in rows if r["workload"] == workload and r["concurrency"] == conc), None)
+
+
+def encode_targets(results: dict[str, Any], add: Add) -> None:
+    """The all-MiniLM-L6-v2 encode targets (the scoreboard's encode phases)."""
     grpc = _row(results, "our gRPC", 32, 1, "medium")
     ratio = grpc["ratio"] if grpc else None
     add("gRPC 32x1 medium / in-process best", ratio, ">= 1.00",
@@ -78,8 +99,6 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         value = pay.get(transport)
         add(f"float32 vector bytes / (4 dim), {transport}", value, "<= 1.05",
             None if value is None else value <= 1.05, "{:.3f}")  # fmt: skip
-    add("score / extract vs their libraries", None, ">= 1.00", None, "{}")
-    return out
 
 
 def _f(value: Any, fmt: str) -> str:
@@ -91,12 +110,18 @@ def _f(value: Any, fmt: str) -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    m, t, g = results["machine"], results["torch"], results["gemm"]
+    m, t = results["machine"], results["torch"]
+    encode = "rows" in results
     lines = [
         f"# SIE scoreboard, {results['profile']} run, {results['finished_at']}",
         "",
-        f"Model `{results['model']}`, fp32, CPU. Every ratio is against a baseline measured in "
-        "this same run; absolute numbers hold only for this machine at this moment.",
+        (
+            f"Model `{results['model']}`, fp32, CPU."
+            if encode
+            else "Other workloads only (`--tasks-only`), fp32, CPU."
+        )
+        + " Every ratio is against a baseline measured in this same run; absolute numbers hold "
+        "only for this machine at this moment.",
         "",
         f"- CPU: {m['cpu']}, {m['cpu_count']} logical CPUs (affinity {m['affinity']}), "
         f"flags: {' '.join(m['flags']) or 'none of interest'}; load average at start "
@@ -106,10 +131,16 @@ def markdown(results: dict[str, Any]) -> str:
         f"{t['inter_op_threads']}",
         "- " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
         f"- git {results['git']}; elapsed {results['elapsed_s']:.0f} s",
-        f"- GEMM probe: {g['flops_per_s'] / 1e9:.1f} GFLOP/s fp32 over this model's layer shapes "
-        f"at {g['tokens']} tokens, {g['threads']} threads ("
-        + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in g["flops_per_s_by_shape"].items())
-        + ")",
+    ]
+    if encode:
+        g = results["gemm"]
+        lines.append(
+            f"- GEMM probe: {g['flops_per_s'] / 1e9:.1f} GFLOP/s fp32 over this model's layer "
+            f"shapes at {g['tokens']} tokens, {g['threads']} threads ("
+            + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in g["flops_per_s_by_shape"].items())
+            + ")"
+        )
+    lines += [
         "",
         "## Targets (issue 16)",
         "",
@@ -119,7 +150,18 @@ def markdown(results: dict[str, Any]) -> str:
     for x in results["targets"]:
         met = {True: "met", False: "**missed**", None: "-"}[x["met"]]
         lines.append(f"| {x['target']} | {x['measured']} | {x['goal']} | {met} |")
-    lines += [
+    if encode:
+        lines += encode_sections(results)
+    if results.get("tasks"):
+        lines += tasks_section(results["tasks"])
+    if results["notes"]:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in results["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def encode_sections(results: dict[str, Any]) -> list[str]:
+    """In process, services and batch sizes of the all-MiniLM-L6-v2 encode phases."""
+    lines = [
         "",
         "## In process",
         "",
@@ -171,9 +213,56 @@ def markdown(results: dict[str, Any]) -> str:
     if sizes:
         lines += ["", "Batch sizes seen (size: forward passes):", ""]
         lines += [f"- {s}" for s in sizes]
-    if results["notes"]:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in results["notes"]]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def tasks_section(tasks: dict[str, Any]) -> list[str]:
+    """The other workloads: each against its own library's best in-process batch."""
+    lines = [
+        "",
+        "## Other workloads",
+        "",
+        "Random-weight models of real sizes built by the bench (bench/bench_tasks.py); items are "
+        "pairs (score) or texts; ratio = items/s over the library's best in-process batch, same "
+        "run; batch = mean items per forward pass on the server (extract: windows).",
+        "",
+        "| workload | system | clients | items/s | ratio | p50 ms | p99 ms | p99/p50 | "
+        "server CPU | batch | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, w in tasks["workloads"].items():
+        b = w["best"]
+        lines.append(
+            f"| {name} | {b['system']} (in process, best) | - | {b['items_per_s']:.1f} | 1.00x "
+            f"| - | - | - | - | {b['batch_size']} | - |"
+        )
+        for r in (r for r in tasks["rows"] if r["workload"] == name):
+            lines.append(
+                f"| {name} | {r['system']} | {r['concurrency']} | {r['items_per_s']:.1f} | "
+                f"{_f(r['ratio'], '{:.2f}x')} | {_f(r['p50_ms'], '{:.1f}')} | "
+                f"{_f(r['p99_ms'], '{:.1f}')} | {_f(r['tail'], '{:.2f}')} | "
+                f"{_f(r['server_cpu'], '{:.2f}')} | {_f(r['mean_batch'], '{:.1f}')} | "
+                f"{r['errors']} |"
+            )
+    lines += ["", "In process, items/s at each batch size:", ""]
+    for name, w in tasks["workloads"].items():
+        sizes = [r for r in tasks["library"] if r["workload"] == name]
+        lines.append(
+            f"- {name} ({w['library']}): "
+            + ", ".join(f"batch {r['batch_size']} {r['items_per_s']:.1f}" for r in sizes)
+        )
+    lines += ["", "Models and requests:", ""]
+    for name, w in tasks["workloads"].items():
+        shape = w.get("shape", {})
+        unit = w["unit"].removesuffix("s") if w["items_per_call"] == 1 else w["unit"]
+        lines.append(
+            f"- {name}: `{w['model']}`, {shape.get('layers')} layers, hidden {shape.get('hidden')}, "
+            f"{shape.get('heads')} heads, intermediate {shape.get('intermediate')}, vocab "
+            f"{w.get('vocab')}; {w['items_per_call']} {unit} per request, "
+            f"{_f(w.get('tokens_per_item'), '{:.0f}')} tokens per item; first call (load) "
+            f"{_f(w.get('first_call_s'), '{:.1f}')} s; {w.get('check', 'no check')}"
+        )
+    return lines
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -227,5 +316,7 @@ def write_all(results: dict[str, Any], folder: Path, stem: str) -> list[Path]:
     paths = [folder / f"{stem}.json", folder / f"{stem}.md", folder / f"{stem}.png"]
     paths[0].write_text(json.dumps(jsonable(results), indent=1, allow_nan=False) + "\n")
     paths[1].write_text(markdown(results))
+    if "inprocess_best" not in results:  # --tasks-only: no encode rows to plot
+        return paths[:2]
     plot(results, paths[2])
     return paths

