@@ -2,11 +2,15 @@
 
     .venv/bin/python bench/bench_overload.py [--seconds 20]
 
-1. Peak: 32 closed-loop clients (one medium text per call) for a window: the sustainable rate.
+1. Peak: 32 closed-loop clients (one medium text per call) for a window: the sustainable rate,
+   once with bare gRPC stubs and once through ``SIEAsyncClient`` (the client of the overload).
 2. Overload: open-loop arrivals at 4x that rate, each call through ``SIEAsyncClient`` (gRPC),
    which retries QUEUE_FULL honouring the server's hint. Measured: goodput (calls completed per
-   second, inside the window) against the peak, how fast refusals come (the server's QUEUE_FULL
-   count and the health check's latency), that health stays SERVING, and the server's RSS.
+   second, inside the window) against both peaks, how fast refusals come (bare calls without
+   retries arriving at a tenth of the offered rate on top of it, and the server's QUEUE_FULL
+   count), the health check's latency and that it stays SERVING, the server's RSS, and the CPU
+   seconds the server and this load generator spent in the phase (the window, then the calls
+   still waiting; they share the machine's cores).
 3. Recovery: 8 closed-loop clients again; their p50 against the same load before the overload.
 
 The server runs with ``--max-pending-items 256`` so that what it admits finishes within seconds.
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil  # type: ignore[import-untyped]
 from bench_common import MODEL, ROOT
 from bench_services import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -36,6 +41,24 @@ from sie_sdk import SIEAsyncClient
 from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc, status_pb2, status_pb2_grpc
 
 MEDIUM = json.loads((ROOT / "bench/data/bench-texts.json").read_text())["medium"]
+
+
+async def sdk_closed_loop(address: str, clients: int, seconds: float) -> int:
+    """Calls completed inside the window by ``clients`` closed loops of ``SIEAsyncClient``."""
+    completed = 0
+    end = time.monotonic() + seconds
+    async with SIEAsyncClient(address, timeout_s=60) as sdk:
+
+        async def client(n: int) -> None:
+            nonlocal completed
+            i = n
+            while time.monotonic() < end:
+                await sdk.encode(MODEL, {"text": MEDIUM[i % len(MEDIUM)]})
+                completed += time.monotonic() <= end
+                i += clients
+
+        await asyncio.gather(*(client(n) for n in range(clients)))
+    return completed
 
 
 async def closed_loop(address: str, clients: int, seconds: float) -> list[float]:
@@ -65,6 +88,8 @@ async def overload(address: str, rate: float, seconds: float) -> dict[str, Any]:
     done: list[float] = []
     failed: list[str] = []
     health_ms: list[float] = []
+    refusal_ms: list[float] = []
+    probe_admitted = 0
     not_serving = 0
     end = time.monotonic() + seconds
     rng = random.Random(7)
@@ -98,7 +123,34 @@ async def overload(address: str, rate: float, seconds: float) -> dict[str, Any]:
                     not_serving += reply.status != health_pb2.HealthCheckResponse.SERVING
                     await asyncio.sleep(0.1)
 
-        tasks, _ = await asyncio.gather(arrivals(), probe())
+        async def probe_call(stub: Any, i: int) -> None:
+            """A bare call, no retries: how long its answer takes when it is a refusal."""
+            nonlocal probe_admitted
+            request = encode_pb2.EncodeRequest(
+                model=MODEL, items=[common_pb2.Item(text=MEDIUM[i % len(MEDIUM)])]
+            )
+            started = time.perf_counter()
+            try:
+                await stub.Encode(request, timeout=60)
+                probe_admitted += 1
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    refusal_ms.append((time.perf_counter() - started) * 1000)
+
+        async def refusal_probe() -> None:
+            """Bare calls arriving like the others (a tenth of the offered rate) into the same
+            overload: the latency of the refusals among them."""
+            probes: list[asyncio.Task[None]] = []
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = encode_pb2_grpc.EncodeServiceStub(channel)
+                i = 0
+                while time.monotonic() < end:
+                    probes.append(asyncio.create_task(probe_call(stub, i)))
+                    i += 1
+                    await asyncio.sleep(rng.expovariate(rate / 10))
+                await asyncio.gather(*probes)
+
+        tasks, _, _ = await asyncio.gather(arrivals(), probe(), refusal_probe())
         offered = len(tasks)
         await asyncio.gather(*tasks)
     return {
@@ -108,6 +160,12 @@ async def overload(address: str, rate: float, seconds: float) -> dict[str, Any]:
         "failed_kinds": sorted(set(failed)),
         "health_p99_ms": statistics.quantiles(health_ms, n=100)[98] if len(health_ms) > 2 else None,
         "health_not_serving": not_serving,
+        "probe_calls_refused": len(refusal_ms),
+        "probe_calls_admitted": probe_admitted,
+        "refusal_p50_ms": statistics.median(refusal_ms) if refusal_ms else None,
+        "refusal_p99_ms": (
+            statistics.quantiles(refusal_ms, n=100)[98] if len(refusal_ms) > 2 else None
+        ),
     }
 
 
@@ -174,10 +232,19 @@ def main() -> None:
         asyncio.run(closed_loop(address, 32, 5))  # warm up
         peak_lat = asyncio.run(closed_loop(address, 32, args.seconds))
         peak = len(peak_lat) / args.seconds
+        sdk_peak = asyncio.run(sdk_closed_loop(address, 32, args.seconds)) / args.seconds
         before = asyncio.run(closed_loop(address, 8, args.seconds / 2))
         rss_before = rss_mb(server.pid)
         refused_before = asyncio.run(queue_full_count(address))
+        server_cpu = psutil.Process(server.pid)
+        cpu_before = server_cpu.cpu_times()
+        own_before = time.process_time()
         over = asyncio.run(overload(address, 4 * peak, args.seconds))
+        cpu_after = server_cpu.cpu_times()
+        over["server_cpu_s"] = (cpu_after.user + cpu_after.system) - (
+            cpu_before.user + cpu_before.system
+        )
+        over["load_generator_cpu_s"] = time.process_time() - own_before
         over["queue_full_answers"] = asyncio.run(queue_full_count(address)) - refused_before
         rss_after = rss_mb(server.pid)
         after = asyncio.run(closed_loop(address, 8, args.seconds / 2))
@@ -189,7 +256,9 @@ def main() -> None:
         "peak_per_s": peak,
         "offered_per_s": 4 * peak,
         **over,
+        "sdk_peak_per_s": sdk_peak,
         "goodput_over_peak": over["goodput_per_s"] / peak,
+        "goodput_over_sdk_peak": over["goodput_per_s"] / sdk_peak,
         "rss_mb_before": rss_before,
         "rss_mb_after": rss_after,
         "p50_ms_8_clients_before": statistics.median(before),

@@ -43,6 +43,7 @@ HELP: Mapping[str, str] = {
     "sie_batch_tokens_total": "Real tokens in the batches run",
     "sie_batch_padded_tokens_total": "Padded tokens (longest x items) in the batches run",
     "sie_model_load_failures_total": "Failed model loads",
+    "sie_model_evictions_total": "Models unloaded to stay within the memory budget",
     "sie_bridge_requests_total": "HTTP requests the bridge answered, by route template",
     "sie_bridge_request_duration_seconds": "HTTP request latency at the bridge, by route template",
 }
