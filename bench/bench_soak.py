@@ -13,7 +13,7 @@ each, in closed loops. A share of the calls is made to fail on purpose:
 Any other failure is unexpected, and so is a result of the wrong shape. RSS of the server and
 the bridge is sampled every second; its growth is the median of the last tenth of the run over
 the median of the tenth after warm-up (the first quarter, at most 60 s). Exit status 1 when an
-unexpected error occurred or either process grew by 5% or more. The result is JSON:
+unexpected error occurred or either process grew by 5% or more (``--rss-limit``). The result is JSON:
 bench/results/soak-<time>.json, or ``--out``.
 """
 
@@ -243,6 +243,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--seconds", type=float, default=600.0)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--rss-limit",
+        type=float,
+        default=RSS_GROWTH_LIMIT,
+        help="RSS growth that fails the soak (default 0.05; short runs need more room: a model's "
+        "largest batch may come late)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sie-soak-") as tmp:
         catalog = build_catalog(Path(tmp))
@@ -279,9 +286,7 @@ def main() -> int:
         "rss_mb_every_10s": {name: [round(v) for v in s[::10]] for name, s in rss.items()},
         "server_exit_code": server_exit,
     }
-    passed = result["unexpected_errors"] == 0 and all(
-        g < RSS_GROWTH_LIMIT for g in growths.values()
-    )
+    passed = result["unexpected_errors"] == 0 and all(g < args.rss_limit for g in growths.values())
     result["passed"] = passed
     out = args.out or ROOT / "bench/results" / f"soak-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -26,3 +26,13 @@ def test_zero_leaves_glibcs_default() -> None:
 def test_the_environment_variable_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert fix_mmap_threshold(128) is False
+
+
+@glibc
+def test_trim_hands_free_heap_pages_back() -> None:
+    from sie_server.allocator import trim
+
+    # Many small blocks (heap, not mmap) freed at once leave free pages behind to return.
+    blocks = [bytearray(4096) for _ in range(20_000)]
+    del blocks
+    assert trim() is True

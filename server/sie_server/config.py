@@ -55,11 +55,16 @@ class Settings:
     #: Seconds a failed load is answered MODEL_LOAD_FAILED before a request loads it again.
     load_retry_s: float = 30.0
     #: glibc's mmap threshold, fixed at startup (0: glibc's dynamic default; see allocator.py).
-    malloc_mmap_threshold_kb: int = 128
+    malloc_mmap_threshold_kb: int = 0
+    #: How often (at most) a model thread returns the heap's free pages after a batch (0: never).
+    malloc_trim_interval_s: float = 10.0
     # Transport.
     max_message_bytes: int = 64 * MIB
     keepalive_time_ms: int = 30000
     keepalive_timeout_ms: int = 10000
+    #: Close client connections after this long (0: never), so that clients re-resolve and new
+    #: replicas get traffic; calls in flight get ``grace_period_s`` to finish.
+    max_connection_age_s: float = 0.0
     #: Port of the Prometheus ``GET /metrics`` endpoint on ``host``; None: no endpoint, 0: a
     #: free port.
     metrics_port: int | None = None
@@ -171,12 +176,24 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     (
         "malloc-mmap-threshold-kb",
         int,
-        "allocations from this size up are mapped and returned to the system on free, which keeps "
-        "RSS flat under varying batches (0: glibc's dynamic default)",
+        "fix glibc's mmap threshold: allocations from this size up are mapped and unmapped "
+        "every time (0: glibc's dynamic default; slower, see docs/reliability.md)",
+    ),
+    (
+        "malloc-trim-interval-s",
+        float,
+        "after a batch, at most this often, hand the heap's free pages back to the system, "
+        "which keeps RSS flat under varying batches (0 = never)",
     ),
     ("max-message-bytes", int, "largest gRPC message sent or received"),
     ("keepalive-time-ms", int, "gRPC keepalive ping interval"),
     ("keepalive-timeout-ms", int, "gRPC keepalive ping timeout"),
+    (
+        "max-connection-age-s",
+        float,
+        "close client connections after this many seconds so clients re-resolve and spread to "
+        "new replicas (0 = never)",
+    ),
     (
         "metrics-port",
         int,

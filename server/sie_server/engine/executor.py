@@ -73,6 +73,8 @@ class ExecutorConfig:
     #: Tracing hooks (``--tracing``): the request's span is captured at submit, and each batch
     #: reported when it completes. A no-op by default.
     tracing: Tracing = NO_TRACING
+    #: How often (at most) the model thread returns the heap's free pages (0: never).
+    malloc_trim_interval_s: float = 0.0
 
     @property
     def limits(self) -> BatchLimits:
@@ -122,7 +124,9 @@ class BatchExecutor:
         self._closing = False
         self._requests = 0
         self._broken: InternalError | None = None
-        self._thread = ModelThread(name, self._complete, run_context)
+        self._thread = ModelThread(
+            name, self._complete, run_context, trim_interval_s=config.malloc_trim_interval_s
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._scheduler: asyncio.Task[None] | None = None

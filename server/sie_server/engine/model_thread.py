@@ -24,6 +24,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from sie_server.allocator import trim
 from sie_server.domain import BatchRunner
 from sie_server.engine.batching import Batch
 from sie_server.errors import ResourceExhausted, SIEServerError
@@ -79,8 +80,13 @@ class ModelThread:
         name: str,
         on_batch_done: BatchDone,
         run_context: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+        trim_interval_s: float = 0.0,
     ) -> None:
+        """``trim_interval_s``: after a batch, at most this often, hand the heap's free pages
+        back to the system (``allocator.trim``; 0 = never)."""
         self.name = name
+        self._trim_interval_s = trim_interval_s
+        self._last_trim = time.monotonic()
         self._on_batch_done = on_batch_done
         self._run_context = run_context
         self._jobs: queue.SimpleQueue[BatchJob | _CallJob | None] = queue.SimpleQueue()
@@ -139,6 +145,11 @@ class ModelThread:
             error = exc
         elapsed_ms = (time.perf_counter() - started) * 1000.0
         self._loop.call_soon_threadsafe(self._on_batch_done, job, results, error, elapsed_ms)
+        del results, error
+        now = time.monotonic()
+        if self._trim_interval_s > 0 and now - self._last_trim >= self._trim_interval_s:
+            self._last_trim = now
+            trim()
 
     def _forward(self, runner: BatchRunner, inputs: Any, payloads: list[Any]) -> list[Any]:
         try:

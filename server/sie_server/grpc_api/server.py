@@ -130,6 +130,7 @@ def build_registry(settings: Settings) -> ModelRegistry:
             max_pending_tokens=settings.max_pending_tokens,
             max_pending_items=settings.max_pending_items,
             max_preparing_requests=settings.max_preparing_requests,
+            malloc_trim_interval_s=settings.malloc_trim_interval_s,
             tracing=server_tracing(settings),
         ),
         placement=resolve_placement(settings.device, settings.dtype),
@@ -178,6 +179,7 @@ async def create_server(settings: Settings, registry: ModelRegistry) -> RunningS
             ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            *_connection_age(settings),
         ],
     )
     limits = RequestLimits(
@@ -223,6 +225,17 @@ def _tls_mode(settings: Settings) -> str:
     if settings.tls_cert is None:
         return "plaintext"
     return "mTLS" if settings.tls_client_ca is not None else "TLS"
+
+
+def _connection_age(settings: Settings) -> list[tuple[str, int]]:
+    """``--max-connection-age-s``: grpc closes each connection that old with a GOAWAY, after
+    which clients reconnect (re-resolving their target); calls in flight get the grace period."""
+    if settings.max_connection_age_s <= 0:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(settings.grace_period_s * 1000)),
+    ]
 
 
 def _host(host: str) -> str:
