@@ -16,7 +16,7 @@ from sie_sdk.tensors import from_tensor
 from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc, status_pb2, status_pb2_grpc
 
 from tests.fakes import expected_vector
-from tests.server_utils import fake_entry, write_catalog_entry
+from tests.server_utils import HANG_GUARD_S, fake_entry, serving, write_catalog_entry
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "fake/slow"
@@ -147,3 +147,23 @@ async def test_sigterm_during_preload_never_serves_and_exits_zero(tmp_path: Path
     assert health_pb2.HealthCheckResponse.NOT_SERVING in seen, "health answered while stopping"
     assert health_pb2.HealthCheckResponse.SERVING not in seen, "".join(log)
     assert "signal during preload" in "".join(log)
+
+
+async def test_connections_are_closed_after_max_connection_age_and_clients_reconnect(
+    tmp_path: Path,
+) -> None:
+    """--max-connection-age-s: the server ends an old connection (GOAWAY), the client's channel
+    leaves READY, and its next call reconnects and succeeds."""
+    write_catalog_entry(tmp_path / "catalog", fake_entry("fake/aged"))
+    async with serving(
+        [tmp_path / "catalog"], ["fake/aged"], max_connection_age_s=0.3, grace_period_s=1.0
+    ) as handle:
+        stub = encode_pb2_grpc.EncodeServiceStub(handle.channel)
+        request = encode_pb2.EncodeRequest(model="fake/aged", items=[common_pb2.Item(text="hello")])
+        await stub.Encode(request)
+        assert handle.channel.get_state() is grpc.ChannelConnectivity.READY
+        await asyncio.wait_for(
+            handle.channel.wait_for_state_change(grpc.ChannelConnectivity.READY), HANG_GUARD_S
+        )
+        assert handle.channel.get_state() is not grpc.ChannelConnectivity.READY
+        assert (await stub.Encode(request)).items[0].dense.dims == 2
