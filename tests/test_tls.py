@@ -285,3 +285,51 @@ async def test_bridge_backend_channel_over_mtls(catalog: Path, pki: Pki) -> None
             ) as response:
                 assert response.status == 503
                 assert (await response.json())["detail"]["code"] == "BACKEND_UNAVAILABLE"
+
+
+async def test_the_bridge_follows_rotated_backend_certificates(
+    catalog: Path, pki: Pki, tmp_path: Path
+) -> None:
+    """Both sides rotate to a new PKI (new server CA, new client CA): the server serves the new
+    certificate on new connections, the bridge sees its files change, opens a new channel with
+    them, and calls keep succeeding through it."""
+    from sie_bridge.state import UPSTREAM
+
+    mine = tmp_path / "bridge"
+    mine.mkdir()
+    ca, cert, key = mine / "ca.pem", mine / "client.pem", mine / "client.key"
+    for source, target in ((pki.ca, ca), (pki.client_cert, cert), (pki.client_key, key)):
+        replace(source, target)
+    renewed = make_pki(tmp_path / "renewed")
+    body = {"items": [{"text": "hello"}]}
+    async with (
+        tls_serving(catalog, pki, mutual=True) as server,
+        bridged(server.address, tls_ca=ca, tls_cert=cert, tls_key=key) as http,
+    ):
+        upstream = http.bridge.runner.app[UPSTREAM]
+        first = upstream.channel
+        async with http.session.post(f"/v1/encode/{FAKE}", json=body) as response:
+            assert response.status == 200, await response.text()
+        for source, target in (
+            (renewed.cert, pki.cert),
+            (renewed.key, pki.key),
+            (renewed.client_ca, pki.client_ca),
+        ):
+            replace(source, target)
+        for source, target in (
+            (renewed.ca, ca),
+            (renewed.client_cert, cert),
+            (renewed.client_key, key),
+        ):
+            replace(source, target)
+
+        async def switched() -> bool:
+            return upstream.channel is not first
+
+        await until(switched, "the bridge opens a channel with the rotated files")
+        # The new channel connects anew: only the renewed CA verifies the server now, and
+        # only the renewed client certificate is accepted.
+        async with http.session.post(f"/v1/encode/{FAKE}", json=body) as response:
+            assert response.status == 200, await response.text()
+        async with http.session.get("/readyz") as response:
+            assert response.status == 200

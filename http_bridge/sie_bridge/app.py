@@ -11,9 +11,11 @@ docs/observability.md).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -80,9 +82,17 @@ def create_app(
     for group in (inference, models, openai, ops, status, openapi):
         group.add_routes(app)
 
+    async def watch_credentials(app: web.Application) -> AsyncIterator[None]:
+        watcher = asyncio.create_task(app[UPSTREAM].watch_credentials())
+        yield
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+
     async def close_upstream(app: web.Application) -> None:
         await app[UPSTREAM].close()
 
+    app.cleanup_ctx.append(watch_credentials)
     app.on_cleanup.append(close_upstream)
     if tracing is not None:
         tracing.install(app)
