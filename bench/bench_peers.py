@@ -129,7 +129,8 @@ def ensure_venv(peer: Peer) -> tuple[Path | None, str]:
     venv = VENVS / peer.venv
     stamp = venv / ".bench-stamp"
     recipe = repr(peer.installs)
-    if stamp.exists() and stamp.read_text() == recipe:
+    # A venv whose interpreter is gone (a cleaned or half-copied folder) is built again.
+    if stamp.exists() and stamp.read_text() == recipe and (venv / "bin/python").exists():
         return venv / "bin", "cached"
     python = peer.python()
     if python is None:

@@ -159,7 +159,13 @@ def run_peer(peer: Peer, ctx: dict[str, Any], profile: BoardProfile) -> list[Ser
         ctx["notes"].append(line)
         return []
     print(f"starting {peer.label} (venv {how})", flush=True)
-    service = peer.start(bin_dir, ctx["weights"])
+    try:
+        service = peer.start(bin_dir, ctx["weights"])
+    except OSError as exc:  # its entry point is missing: skipped, the run goes on
+        line = f"{peer.label}: skipped, could not start ({exc})"
+        print(line, flush=True)
+        ctx["notes"].append(line)
+        return []
     try:
         ctx["peer_start_s"][peer.name] = service.wait_ready()
 
