@@ -543,7 +543,8 @@ def test_envoy_config_parses_as_an_envoy_bootstrap() -> None:
     xds-protos package); validation rules beyond the proto schema are not checked."""
     bootstrap_pb2 = pytest.importorskip(
         "envoy.config.bootstrap.v3.bootstrap_pb2",
-        reason="xds-protos (Envoy's generated protos) is not installed",
+        reason="xds-protos (Envoy's generated protos) is not installed: it is not a dev "
+        "dependency, because it ships its own copy of opentelemetry's protos and breaks tracing",
     )
     json_format = importlib.import_module("google.protobuf.json_format")
     # Register the typed_config message types the file names.
