@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from sie_sdk.api_keys import split_keys
 from sie_sdk.logs import LOG_FORMATS
+from sie_sdk.settings import Option, boolean, read_options
+from sie_sdk.settings import build_parser as settings_parser
 from sie_sdk.targets import grpc_target
 from sie_sdk.tls import ClientTLS
 
@@ -83,18 +85,8 @@ class BridgeSettings:
         return ClientTLS(self.tls_ca, self.tls_cert, self.tls_key)
 
 
-def boolean(text: str) -> bool:
-    """A yes/no setting: true/1/yes/on or false/0/no/off (any case)."""
-    value = text.strip().lower()
-    if value in ("true", "1", "yes", "on"):
-        return True
-    if value in ("false", "0", "no", "off"):
-        return False
-    raise ValueError(f"not a boolean: {text!r}")
-
-
 # flag name, type (or parser, like ``boolean``), help. The env var is SIE_BRIDGE_<NAME>.
-_OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
+_OPTIONS: tuple[Option, ...] = (
     ("host", str, "address to bind"),
     ("port", int, "HTTP port (0 picks a free one)"),
     ("backend", str, "gRPC server target: host:port, a comma-separated list, or a gRPC URI"),
@@ -141,41 +133,21 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sie-bridge",
-        description="SIE HTTP bridge: the REST/msgpack/JSON API on top of the gRPC server. "
+    return settings_parser(
+        "sie-bridge",
+        "SIE HTTP bridge: the REST/msgpack/JSON API on top of the gRPC server. "
         "Every flag also reads SIE_BRIDGE_<FLAG> from the environment.",
+        _OPTIONS,
+        "SIE_BRIDGE_",
     )
-    for name, kind, help_text in _OPTIONS:
-        env = "SIE_BRIDGE_" + name.upper().replace("-", "_")
-        if kind is boolean:
-            parser.add_argument(
-                f"--{name}", type=kind, nargs="?", const=True, help=f"{help_text} [{env}]"
-            )
-        else:
-            parser.add_argument(f"--{name}", type=kind, help=f"{help_text} [{env}]")
-    return parser
 
 
 def load_settings(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> BridgeSettings:
-    args = vars(build_parser().parse_args(argv))
     env = os.environ if environ is None else environ
     known = {f.name for f in fields(BridgeSettings)}
-    values: dict[str, Any] = {}
-    for name, kind, _ in _OPTIONS:
-        attr = name.replace("-", "_")
-        env_name = "SIE_BRIDGE_" + attr.upper()
-        if args.get(attr) is not None:
-            values[attr] = args[attr]
-        elif env_name in env:
-            try:
-                values[attr] = kind(env[env_name])
-            except ValueError:
-                raise SystemExit(
-                    f"{env_name}={env[env_name]!r} is not a valid {kind.__name__}"
-                ) from None
+    values = read_options(build_parser(), argv, env, _OPTIONS, "SIE_BRIDGE_")
     assert set(values) <= known
     if "api_keys" in values:
         values["api_keys"] = split_keys(values["api_keys"])

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from sie_sdk.logs import LOG_FORMATS
+from sie_sdk.settings import Option, boolean, read_options
+from sie_sdk.settings import build_parser as settings_parser
 
 from sie_server.catalog import BUILTIN_CATALOG_DIR
 from sie_server.domain import ENGINES
@@ -104,19 +106,9 @@ class Settings:
         object.__setattr__(self, "catalog_dirs", self.models_dir or (BUILTIN_CATALOG_DIR,))
 
 
-def boolean(text: str) -> bool:
-    """A yes/no setting: true/1/yes/on or false/0/no/off (any case)."""
-    value = text.strip().lower()
-    if value in ("true", "1", "yes", "on"):
-        return True
-    if value in ("false", "0", "no", "off"):
-        return False
-    raise ValueError(f"not a boolean: {text!r}")
-
-
 # flag name, type (or parser, like ``boolean``), help. The env var is SIE_<NAME>; list-valued ones
 # are comma separated.
-_OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
+_OPTIONS: tuple[Option, ...] = (
     ("host", str, "address to bind"),
     ("port", int, "gRPC port (0 picks a free one)"),
     (
@@ -240,54 +232,21 @@ _REPEATABLE = {"models-dir", "preload", "models", "api-keys"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sie-server",
-        description="SIE gRPC inference server. Every flag also reads SIE_<FLAG> from the environment.",
+    return settings_parser(
+        "sie-server",
+        "SIE gRPC inference server. Every flag also reads SIE_<FLAG> from the environment.",
+        _OPTIONS,
+        "SIE_",
+        _REPEATABLE,
     )
-    for name, kind, help_text in _OPTIONS:
-        env = "SIE_" + name.upper().replace("-", "_")
-        if name in _REPEATABLE:
-            parser.add_argument(
-                f"--{name}",
-                type=kind,
-                action="append",
-                help=f"{help_text} [{env}, comma separated]",
-            )
-        elif kind is boolean:
-            parser.add_argument(
-                f"--{name}", type=kind, nargs="?", const=True, help=f"{help_text} [{env}]"
-            )
-        else:
-            parser.add_argument(f"--{name}", type=kind, help=f"{help_text} [{env}]")
-    return parser
 
 
 def load_settings(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
-    args = vars(build_parser().parse_args(argv))
     env = os.environ if environ is None else environ
-    known = {f.name: f for f in fields(Settings) if f.init}
-    values: dict[str, Any] = {}
-    for name, kind, _ in _OPTIONS:
-        attr = name.replace("-", "_")
-        flag = args.get(attr)
-        raw_env = env.get("SIE_" + attr.upper())
-        if name in _REPEATABLE:
-            items = (
-                flag if flag else [kind(v.strip()) for v in (raw_env or "").split(",") if v.strip()]
-            )
-            if items:
-                values[attr] = tuple(items)
-        elif flag is not None:
-            values[attr] = flag
-        elif raw_env is not None:
-            try:
-                values[attr] = kind(raw_env)
-            except ValueError:
-                raise SystemExit(
-                    f"SIE_{attr.upper()}={raw_env!r} is not a valid {kind.__name__}"
-                ) from None
+    known = {f.name for f in fields(Settings) if f.init}
+    values = read_options(build_parser(), argv, env, _OPTIONS, "SIE_", _REPEATABLE)
     assert set(values) <= set(known)
     engine = values.get("engine", "auto")
     if engine not in ("auto", *ENGINES):
