@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -15,6 +17,8 @@ import grpc
 import yaml
 from sie_server.config import Settings
 from sie_server.grpc_api.server import RunningServer, build_registry, create_server
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -109,3 +113,17 @@ async def eventually(condition: Callable[[], bool], what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting until {what}")
         await asyncio.sleep(0.005)
+
+
+async def start_server_process(
+    catalog: Path, port: int, preload: str, *flags: str
+) -> asyncio.subprocess.Process:
+    """``python -m sie_server`` as a child process on 127.0.0.1:``port`` (CPU), serving
+    ``catalog`` with ``preload`` loaded, plus ``flags``; its stderr is dropped."""
+    root = REPO_ROOT
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sie_server", "--host", "127.0.0.1", "--port", str(port),
+        "--models-dir", str(catalog), "--preload", preload, "--device", "cpu", *flags,
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip

@@ -6,9 +6,7 @@ drained, and none is a 500."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,24 +18,19 @@ from sie_bridge.state import METRICS
 from sie_sdk import SIEAsyncClient
 
 from tests.bridge_utils import bridged
-from tests.server_utils import eventually, fake_entry, free_port, write_catalog_entry
+from tests.server_utils import (
+    eventually,
+    fake_entry,
+    free_port,
+    start_server_process,
+    write_catalog_entry,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL = "fake/replicated"
 CLIENTS = 8
 #: Bound on a replica starting (imports, preload) on a busy machine: a hang guard.
 STARTUP_GUARD_S = 120.0
 pytestmark = pytest.mark.slow
-
-
-async def _replica(catalog: Path, port: int) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sie_server", "--host", "127.0.0.1", "--port", str(port),
-        "--models-dir", str(catalog), "--preload", MODEL, "--device", "cpu",
-        "--drain-delay-s", "0.5", "--grace-period-s", "20",
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
 
 
 async def _serving(address: str) -> None:
@@ -61,7 +54,12 @@ async def test_replicas_behind_the_bridge_lose_no_request_to_sigterm_or_sigkill(
     catalog = tmp_path / "catalog"
     write_catalog_entry(catalog, fake_entry(MODEL, load_options={"delay_s": 0.05}))
     ports = [free_port() for _ in range(3)]
-    replicas = [await _replica(catalog, port) for port in ports]
+    replicas = [
+        await start_server_process(
+            catalog, port, MODEL, "--drain-delay-s", "0.5", "--grace-period-s", "20"
+        )
+        for port in ports
+    ]
     addresses = [f"127.0.0.1:{port}" for port in ports]
     outcomes: Counter[str] = Counter()
     failures: list[str] = []

@@ -5,31 +5,26 @@ once a server is back on the same address the bridge serves 200s again without a
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.bridge_utils import BridgeHandle, bridged
-from tests.server_utils import HANG_GUARD_S, eventually, fake_entry, free_port, write_catalog_entry
+from tests.server_utils import (
+    HANG_GUARD_S,
+    eventually,
+    fake_entry,
+    free_port,
+    start_server_process,
+    write_catalog_entry,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
 MODEL = "fake/killed"
 CLIENTS = 6
 #: Bound on a server process starting (imports, preload) on a busy machine: a hang guard.
 STARTUP_GUARD_S = 120.0
 pytestmark = pytest.mark.slow
-
-
-async def _start_server(catalog: Path, port: int) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sie_server", "--host", "127.0.0.1", "--port", str(port),
-        "--models-dir", str(catalog), "--preload", MODEL, "--device", "cpu",
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
 
 
 async def _ready(http: BridgeHandle) -> None:
@@ -53,7 +48,7 @@ async def test_sigkill_of_the_server_gives_503s_and_the_bridge_recovers(tmp_path
     port = free_port()
     outcomes: list[tuple[str, int, str]] = []  # (phase, status, code)
     phase = "up"
-    process = await _start_server(catalog, port)
+    process = await start_server_process(catalog, port, MODEL)
     replacement: asyncio.subprocess.Process | None = None
     stop = asyncio.Event()
     try:
@@ -83,7 +78,7 @@ async def test_sigkill_of_the_server_gives_503s_and_the_bridge_recovers(tmp_path
             async with http.session.get("/healthz") as r:
                 assert r.status == 200  # the bridge itself is alive
             phase = "replaced"
-            replacement = await _start_server(catalog, port)
+            replacement = await start_server_process(catalog, port, MODEL)
             await _ready(http)
             await eventually(
                 lambda: sum(p == "replaced" and s == 200 for p, s, _ in outcomes) >= 2 * CLIENTS,
