@@ -20,6 +20,7 @@ from sie_sdk.settings import build_parser as settings_parser
 from sie_server.catalog import BUILTIN_CATALOG_DIR
 from sie_server.domain import ENGINES
 from sie_server.engine.memory import GAUGES
+from sie_server.tasks.common import RequestLimits
 
 MIB = 1024 * 1024
 
@@ -53,7 +54,13 @@ class Settings:
     max_items_per_request: int = 1024
     max_text_chars: int = 1_000_000
     max_labels: int = 256
+    max_images_per_item: int = 8
+    max_image_bytes: int = 20 * MIB
+    max_image_pixels: int = 40_000_000
     tokenizer_workers: int = 2
+    #: Threads decoding and preprocessing images (their own pool: image work never holds up the
+    #: tokenizers of text models).
+    image_workers: int = 1
     #: Seconds a failed load is answered MODEL_LOAD_FAILED before a request loads it again.
     load_retry_s: float = 30.0
     #: glibc's mmap threshold, fixed at startup (0: glibc's dynamic default; see allocator.py).
@@ -104,6 +111,17 @@ class Settings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "catalog_dirs", self.models_dir or (BUILTIN_CATALOG_DIR,))
+
+    def request_limits(self) -> RequestLimits:
+        """What one request may hold, for the validators and the image decoder."""
+        return RequestLimits(
+            max_items=self.max_items_per_request,
+            max_text_chars=self.max_text_chars,
+            max_labels=self.max_labels,
+            max_images_per_item=self.max_images_per_item,
+            max_image_bytes=self.max_image_bytes,
+            max_image_pixels=self.max_image_pixels,
+        )
 
 
 # flag name, type (or parser, like ``boolean``), help. The env var is SIE_<NAME>; list-valued ones
@@ -159,7 +177,16 @@ _OPTIONS: tuple[Option, ...] = (
     ("max-items-per-request", int, "items in one request at most"),
     ("max-text-chars", int, "characters of one text at most (INVALID_INPUT past it)"),
     ("max-labels", int, "labels of one extract request at most (INVALID_INPUT past it)"),
+    ("max-images-per-item", int, "images of one item at most (INVALID_INPUT past it)"),
+    ("max-image-bytes", int, "encoded bytes of one image at most (INVALID_INPUT past it)"),
+    (
+        "max-image-pixels",
+        int,
+        "decoded pixels (width x height) of one image at most, checked from the header before "
+        "decoding (INVALID_INPUT past it)",
+    ),
     ("tokenizer-workers", int, "threads tokenizing requests"),
+    ("image-workers", int, "threads decoding and preprocessing images"),
     (
         "load-retry-s",
         float,

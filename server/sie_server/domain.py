@@ -29,8 +29,14 @@ R = TypeVar("R")
 # ---- inputs ------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class ImageData:
+    """One image as the transport carried it; ``decoded`` is set by the engine's image pool
+    (``tasks.images.decode_items``) before a family's prepare step sees the item."""
+
     data: bytes
+    #: "jpeg", "png", "webp" or "" (unknown: sniffed from the bytes).
     format: str = ""
+    #: The decoded RGB ``PIL.Image.Image`` (None until the engine decoded it).
+    decoded: Any = None
 
 
 @dataclass(frozen=True, slots=True)

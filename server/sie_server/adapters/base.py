@@ -187,23 +187,54 @@ class Encoder(Scorer, Generic[P]):
     def encode_key(self, settings: EncodeSettings) -> Hashable:
         return ("encode", settings.batch_key())
 
+    def modality(self, payload: P) -> str:
+        """The tower a payload runs through ("text", "image"). Payloads of different modalities
+        never share a forward pass: each modality is its own work group, batched with the same
+        modality of other requests. Text-only families never override it."""
+        return "text"
+
     # ---- jobs -------------------------------------------------------------------------------
-    def _encode_group(self, payloads: Sequence[P], settings: EncodeSettings) -> WorkGroup:
-        return work_group(
-            payloads,
-            self.encode_key(settings),
-            functools.partial(self.collate_encode, settings=settings),
-            functools.partial(self.run_encode, settings=settings),
-        )
+    def _encode_groups(
+        self, payloads: Sequence[P], settings: EncodeSettings
+    ) -> tuple[list[WorkGroup], Callable[[Sequence[list[Any]]], list[Any]]]:
+        """One work group per modality (text keeps the plain ``encode_key``), and the function
+        that puts the groups' outputs back in payload order."""
+        kinds = [self.modality(p) for p in payloads]
+        positions: dict[str, list[int]] = {}
+        for index, kind in enumerate(kinds):
+            positions.setdefault(kind, []).append(index)
+        base = self.encode_key(settings)
+        collate = functools.partial(self.collate_encode, settings=settings)
+        run = functools.partial(self.run_encode, settings=settings)
+        groups = [
+            work_group(
+                [payloads[i] for i in where],
+                base if kind == "text" else (base, kind),
+                collate,
+                run,
+            )
+            for kind, where in positions.items()
+        ]
+        if len(groups) == 1:
+            return groups, lambda outputs: list(outputs[0])
+
+        def merge(outputs: Sequence[list[Any]]) -> list[Any]:
+            merged: list[Any] = [None] * len(payloads)
+            for where, group_outputs in zip(positions.values(), outputs, strict=True):
+                for index, output in zip(where, group_outputs, strict=True):
+                    merged[index] = output
+            return merged
+
+        return groups, merge
 
     def encode_job(self, call: EncodeCall) -> Job[list[EncodedItem]]:
         payloads = self.prepare_encode(call.items, call.settings)
+        groups, merge = self._encode_groups(payloads, call.settings)
 
         def finish(outputs: list[list[Any]]) -> list[EncodedItem]:
-            return self.postprocess_encode(outputs[0], payloads, call)
+            return self.postprocess_encode(merge(outputs), payloads, call)
 
-        group = self._encode_group(payloads, call.settings)
-        return Job([group], finish, tokens=sum(group.costs))
+        return Job(groups, finish, tokens=sum(sum(g.costs) for g in groups))
 
     def score_job(self, call: ScoreCall) -> Job[list[float]]:
         """Bi-encoder scoring: encode the query (``is_query``, with the instruction) and the items,
@@ -217,6 +248,7 @@ class Encoder(Scorer, Generic[P]):
         options = {k: v for k, v in call.settings.options.items() if k not in Encoder.score_options}
         types = mode.output_types
         groups: list[WorkGroup] = []
+        merge_query: Callable[[Sequence[list[Any]]], list[Any]] | None = None
         if given is not None:
             self._check_query_multivector(given, types)
         else:
@@ -224,17 +256,21 @@ class Encoder(Scorer, Generic[P]):
                 types, is_query=True, instruction=call.settings.instruction, options=options
             )
             query = self.prepare_encode([call.query], query_settings)
-            groups.append(self._encode_group(query, query_settings))
+            groups, merge_query = self._encode_groups(query, query_settings)
+        query_groups = len(groups)
         doc_settings = EncodeSettings(types, is_query=False, options=options)
-        groups.append(
-            self._encode_group(self.prepare_encode(call.items, doc_settings), doc_settings)
+        doc_groups, merge_docs = self._encode_groups(
+            self.prepare_encode(call.items, doc_settings), doc_settings
         )
+        groups += doc_groups
         dense = self.spec.outputs.get("dense")
         dense_similarity = (dense.similarity if dense is not None else None) or "cosine"
 
         def finish(outputs: list[list[Any]]) -> list[float]:
             query_out: EncodeOutput = (
-                EncodeOutput(multivector=given) if given is not None else outputs[0][0]
+                EncodeOutput(multivector=given)
+                if merge_query is None
+                else merge_query(outputs[:query_groups])[0]
             )
             return [
                 score_pair(
@@ -245,7 +281,7 @@ class Encoder(Scorer, Generic[P]):
                     dense_similarity=dense_similarity,
                     maxsim_mean=self.maxsim_mean,
                 )
-                for doc in outputs[-1]
+                for doc in merge_docs(outputs[query_groups:])
             ]
 
         return Job(groups, finish, tokens=sum(sum(g.costs) for g in groups))

@@ -16,6 +16,8 @@ ADAPTERS: dict[str, str] = {
     "nli_zero_shot": "sie_server.adapters.nli_zero_shot:NLIZeroShotAdapter",
     "gliner": "sie_server.adapters.gliner:GLiNERAdapter",
     "gliclass": "sie_server.adapters.gliclass:GLiClassAdapter",
+    "clip": "sie_server.adapters.clip:DualEncoderAdapter",
+    "colpali": "sie_server.adapters.colpali:ColPaliAdapter",
 }
 
 

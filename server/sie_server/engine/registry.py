@@ -56,8 +56,10 @@ from sie_server.errors import (
     ShuttingDown,
 )
 from sie_server.observability.metrics import BATCH_SIZE_BUCKETS, Metrics, record_timing
+from sie_server.tasks.common import RequestLimits
 from sie_server.tasks.encode import EncodeCall, EncodedItem, check_response_size
 from sie_server.tasks.extract import ExtractCall, ExtractedItem
+from sie_server.tasks.images import decode_items, has_images
 from sie_server.tasks.score import RankedScore, ScoreCall, rank
 
 log = logging.getLogger(__name__)
@@ -127,6 +129,10 @@ class EngineConfig:
     executor: ExecutorConfig
     placement: Placement
     tokenizer_workers: int = 2
+    #: Threads decoding and preprocessing requests that carry images (tasks/images.py).
+    image_workers: int = 1
+    #: The request limits (the image decoder reads its pixel limit from them).
+    limits: RequestLimits = field(default_factory=RequestLimits)
     load_retry_s: float = 30.0
     warmup: bool = True
     #: The largest response the transport can send (the server's --max-message-bytes).
@@ -151,6 +157,7 @@ class ModelRegistry:
         self._tokenizer_pool = ThreadPoolExecutor(
             config.tokenizer_workers, thread_name_prefix="sie-tokenize"
         )
+        self._image_pool = ThreadPoolExecutor(config.image_workers, thread_name_prefix="sie-image")
         self._prep_pool = ThreadPoolExecutor(1, thread_name_prefix="sie-prep")
         self._closed = False
         self._room = asyncio.Lock()
@@ -260,21 +267,38 @@ class ModelRegistry:
         adapter, executor = self.ready(model)
         assert isinstance(adapter, Encoder)
         spec, limit = adapter.spec, self.config.max_response_bytes
+        images = has_images(call.items)
+
+        def make_job() -> Job[list[EncodedItem]]:
+            if not images:
+                return adapter.encode_job(call)
+            items = decode_items(call.items, model, self.config.limits)
+            return adapter.encode_job(dataclasses.replace(call, items=items))
+
         return await self._run(
             model,
             "encode",
             executor,
-            lambda: adapter.encode_job(call),
+            make_job,
             call.deadline,
             check=lambda job: check_response_size(call, spec, job.tokens, limit),
+            images=images,
         )
 
     async def score(self, model: str, call: ScoreCall) -> Outcome[list[RankedScore]]:
         adapter, executor = self.ready(model)
         assert isinstance(adapter, Scorer)
-        outcome = await self._run(
-            model, "score", executor, lambda: adapter.score_job(call), call.deadline
-        )
+        images = has_images([call.query, *call.items])
+
+        def make_job() -> Job[list[float]]:
+            if not images:
+                return adapter.score_job(call)
+            limits = self.config.limits
+            query = decode_items([call.query], model, limits, what="query")[0]
+            items = decode_items(call.items, model, limits)
+            return adapter.score_job(dataclasses.replace(call, query=query, items=items))
+
+        outcome = await self._run(model, "score", executor, make_job, call.deadline, images=images)
         return Outcome(rank(outcome.result), outcome.timing, outcome.tokens)
 
     async def extract(self, model: str, call: ExtractCall) -> Outcome[list[ExtractedItem]]:
@@ -292,13 +316,15 @@ class ModelRegistry:
         make_job: Callable[[], Job[R]],
         deadline: float | None,
         check: Callable[[Job[R]], None] | None = None,
+        images: bool = False,
     ) -> Outcome[R]:
-        """Run the job; a completed request records its tokens and one duration per phase."""
+        """Run the job; a completed request records its tokens and one duration per phase. A
+        request with images is decoded and prepared in the image pool."""
         outcome = await run_job(
             executor,
             make_job,
             deadline=deadline,
-            prepare_pool=self._tokenizer_pool,
+            prepare_pool=self._image_pool if images else self._tokenizer_pool,
             finish_pool=self._tokenizer_pool,
             check=check,
         )
@@ -443,6 +469,7 @@ class ModelRegistry:
                 if entry.adapter is not None:
                     entry.adapter.unload()
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        self._image_pool.shutdown(wait=False, cancel_futures=True)
         self._prep_pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -52,7 +52,6 @@ from sie_server.grpc_api.status import StatusServicer, StatusSource
 from sie_server.grpc_api.tls import CertificateFiles, server_credentials
 from sie_server.observability.metrics_http import MetricsHTTPServer
 from sie_server.observability.tracing import Tracing, server_tracing
-from sie_server.tasks.common import RequestLimits
 
 log = logging.getLogger(__name__)
 #: grpc's public asyncio health servicer (grpc-stubs' health.pyi predates ``health.aio``).
@@ -135,6 +134,8 @@ def build_registry(settings: Settings) -> ModelRegistry:
         ),
         placement=resolve_placement(settings.device, settings.dtype),
         tokenizer_workers=settings.tokenizer_workers,
+        image_workers=settings.image_workers,
+        limits=settings.request_limits(),
         load_retry_s=settings.load_retry_s,
         memory_budget_bytes=settings.memory_budget_mb * 2**20,
         memory_gauge=settings.memory_gauge,
@@ -182,11 +183,7 @@ async def create_server(settings: Settings, registry: ModelRegistry) -> RunningS
             *_connection_age(settings),
         ],
     )
-    limits = RequestLimits(
-        max_items=settings.max_items_per_request,
-        max_text_chars=settings.max_text_chars,
-        max_labels=settings.max_labels,
-    )
+    limits = settings.request_limits()
     encode_pb2_grpc.add_EncodeServiceServicer_to_server(EncodeServicer(registry, limits), server)
     score_pb2_grpc.add_ScoreServiceServicer_to_server(ScoreServicer(registry, limits), server)
     extract_pb2_grpc.add_ExtractServiceServicer_to_server(ExtractServicer(registry, limits), server)

@@ -143,7 +143,7 @@ def resolve_encode(
     deadline: float | None = None,
 ) -> EncodeCall:
     """Merge the profile with the request; reject what the model cannot do (InvalidInput)."""
-    check_items(items, spec.name, limits)
+    check_items(items, spec.name, limits, spec.inputs)
     profile, options = Options.resolve(spec, params.options, ENCODE_KEYS | set(accepted_options))
     # Typed fields win over options, options over the profile; option values are always checked.
     option_types = options.text_list("output_types")

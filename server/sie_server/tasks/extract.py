@@ -109,7 +109,7 @@ def resolve_extract(
     limits: RequestLimits | int,
     deadline: float | None = None,
 ) -> ExtractCall:
-    check_items(items, spec.name, limits)
+    check_items(items, spec.name, limits, spec.inputs)
     labels = _labels(params.labels, spec.name)
     limit = as_limits(limits).max_labels
     if len(labels) > limit:

@@ -15,7 +15,13 @@ from typing import Any
 from sie_server.catalog import ModelSpec
 from sie_server.domain import InputItem
 from sie_server.errors import InvalidInput
-from sie_server.tasks.common import RequestLimits, as_limits, check_items, check_text
+from sie_server.tasks.common import (
+    RequestLimits,
+    as_limits,
+    check_images,
+    check_items,
+    check_text,
+)
 from sie_server.tasks.options import Options
 
 #: Option keys every scorer accepts.
@@ -81,7 +87,8 @@ def resolve_score(
     if query is None or (query.text is None and not query.images and query.multivector is None):
         raise InvalidInput("query is required (an item with text)", model=spec.name)
     check_text(query, 0, spec.name, as_limits(limits), what="query")
-    check_items(items, spec.name, limits)
+    check_images(query, 0, spec.name, as_limits(limits), spec.inputs, what="query")
+    check_items(items, spec.name, limits, spec.inputs)
     _, options = Options.resolve(spec, params.options, SCORE_KEYS | set(accepted_options))
     option_instruction = options.optional_text("instruction")
     settings = ScoreSettings(
