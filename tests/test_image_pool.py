@@ -104,6 +104,12 @@ def vectors(reply: encode_pb2.EncodeResponse) -> list[list[float]]:
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
+async def test_warm_up_ran_the_image_tower_at_load(server: ServerHandle) -> None:
+    # The module's first test: only the preload's warm-up has run passes so far.
+    assert {"image"} in TwoTowerFake.pass_modalities
+    assert {"text"} in TwoTowerFake.pass_modalities
+
+
 async def test_image_requests_prepare_in_the_image_pool_and_text_ones_do_not(
     server: ServerHandle,
 ) -> None:

@@ -4,9 +4,9 @@
   serves, so a profile with an option key its family does not read, or a template with a foreign
   placeholder, stops the server with a CatalogError naming the file and profile, instead of
   failing requests later.
-* **Warm-up** (load): one tiny request per task and output the model serves, run inline on the
-  model thread before the model is marked loaded, so the first real request pays no lazy
-  initialisation; option values only the family checks (a GLiNER threshold, a score mode) fail
+* **Warm-up** (load): one tiny request per task and output the model serves (and one image for
+  a model that takes images), run inline on the model thread before the model is marked loaded,
+  so the first real request pays no lazy initialisation; option values only the family checks (a GLiNER threshold, a score mode) fail
   the load there.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 from sie_server.adapters.base import Encoder, Extractor, ModelAdapter, Scorer
 from sie_server.catalog import CatalogError, ModelSpec
-from sie_server.domain import InputItem, Job
+from sie_server.domain import ImageData, InputItem, Job
 from sie_server.errors import InvalidInput
 from sie_server.tasks.encode import ENCODE_KEYS, EncodeCall, EncodeParams, resolve_encode
 from sie_server.tasks.extract import EXTRACT_KEYS, ExtractCall, ExtractParams, resolve_extract
@@ -47,6 +47,11 @@ def sample_calls(
                 output_types=spec.embedding_outputs, is_query=is_query, options=options
             )
             yield resolve_encode(spec, items, params, accepted_options=cls.encode_options, limits=1)
+        if "image" in spec.inputs:
+            params = EncodeParams(output_types=spec.embedding_outputs, options=options)
+            yield resolve_encode(
+                spec, [sample_image()], params, accepted_options=cls.encode_options, limits=1
+            )
     if "score" in spec.tasks and issubclass(cls, Scorer):
         call = resolve_score(
             spec,
@@ -69,6 +74,15 @@ def sample_calls(
             accepted_options=cls.extract_options,
             limits=1,
         )
+
+
+def sample_image() -> InputItem:
+    """An item with one grey 64x64 image, already decoded (what the image pool hands a family),
+    so that warm-up runs the vision tower too."""
+    from PIL import Image
+
+    picture = Image.new("RGB", (64, 64), (128, 128, 128))
+    return InputItem(images=(ImageData(b"", "png", decoded=picture),))
 
 
 def option_keys(spec: ModelSpec, cls: type[ModelAdapter]) -> frozenset[str]:
