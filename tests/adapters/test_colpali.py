@@ -317,7 +317,8 @@ def test_processor_falls_back_to_pil_when_the_default_backend_fails(
     folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch, failure: str
 ) -> None:
     """A torchvision that is installed but broken must not stop the model: the PIL one loads."""
-    from sie_server.adapters.colpali import load_processor
+    from sie_server.adapters.colpali import probe
+    from sie_server.adapters.hf import load_processor
     from transformers import AutoProcessor
 
     original: Any = AutoProcessor.from_pretrained
@@ -332,7 +333,7 @@ def test_processor_falls_back_to_pil_when_the_default_backend_fails(
         return BrokenImages()
 
     monkeypatch.setattr(AutoProcessor, "from_pretrained", from_pretrained)
-    processor = load_processor(str(folders["colpali"]), "tiny")
+    processor = load_processor(str(folders["colpali"]), "tiny", probe)
     assert backends == [None, "pil"]
     assert type(processor.image_processor).__name__ == "SiglipImageProcessorPil"
 
@@ -340,7 +341,8 @@ def test_processor_falls_back_to_pil_when_the_default_backend_fails(
 def test_a_processor_that_fails_with_both_backends_fails_the_load(
     folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sie_server.adapters.colpali import load_processor
+    from sie_server.adapters.colpali import probe
+    from sie_server.adapters.hf import load_processor
     from transformers import AutoProcessor
 
     def broken(source: Any, **kwargs: Any) -> Any:
@@ -348,7 +350,7 @@ def test_a_processor_that_fails_with_both_backends_fails_the_load(
 
     monkeypatch.setattr(AutoProcessor, "from_pretrained", broken)
     with pytest.raises(ModelLoadFailed, match="broken None; with the PIL backend: broken pil"):
-        load_processor(str(folders["colpali"]), "tiny")
+        load_processor(str(folders["colpali"]), "tiny", probe)
 
 
 def test_a_catalog_dim_other_than_the_models_fails_the_load(folders: dict[str, Path]) -> None:

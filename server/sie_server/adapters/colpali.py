@@ -23,7 +23,6 @@ processor's ``score_retrieval`` does.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from sie_server.adapters.base import Encoder
-from sie_server.adapters.hf import load_pretrained, parameter_bytes
+from sie_server.adapters.hf import load_pretrained, load_processor, parameter_bytes
 from sie_server.catalog import CatalogError
 from sie_server.domain import EncodeOutput, ImageData, InputItem, LoadTarget
 from sie_server.errors import InvalidInput, ModelLoadFailed, SIEServerError
@@ -49,8 +48,6 @@ TOKEN_FIELDS = ("input_ids", "attention_mask", "token_type_ids")
 SKIPPED_FIELDS = frozenset({"labels"})
 #: The blank page a processor is tried on at load (larger than any family's smallest patch grid).
 PROBE_SIZE = (64, 64)
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +91,7 @@ class ColPaliAdapter(Encoder[ColPaliPayload]):
 
         config = transformers.AutoConfig.from_pretrained(target.source)
         model_class = getattr(transformers, self._retrieval_class(config))
-        self.processor = load_processor(target.source, self.spec.name)
+        self.processor = load_processor(target.source, self.spec.name, probe)
         self.model = load_pretrained(model_class, target)
         self.device = target.device
         self.dtype = self.model.dtype
@@ -249,32 +246,11 @@ def stack_padded(tensors: Sequence[Any]) -> Any:
     )
 
 
-def load_processor(source: str, model: str) -> Any:
-    """The model's processor as loading picks it (torchvision's image processor when it is
-    installed), unless it fails to load or to process a page (a torchvision build that does not
-    match torch, say): then the PIL one."""
-    from transformers import AutoProcessor
-
-    auto: Any = AutoProcessor  # transformers' Auto classes are untyped
-    try:
-        return probed(auto.from_pretrained(source))
-    except Exception as first:
-        log.warning("%s: the default processor failed (%s); using the PIL backend", model, first)
-        try:
-            return probed(auto.from_pretrained(source, backend="pil"))
-        except Exception as exc:
-            raise ModelLoadFailed(
-                f"{model}: cannot load the processor ({first}; with the PIL backend: {exc})",
-                model=model,
-            ) from exc
-
-
-def probed(processor: Any) -> Any:
-    """``processor`` once it has turned a blank page into model inputs."""
+def probe(processor: Any) -> None:
+    """Turn a blank page into model inputs (what serving needs of the processor)."""
     from PIL import Image
 
     processor.process_images([Image.new("RGB", PROBE_SIZE)])
-    return processor
 
 
 def _decoded(image: ImageData, index: int) -> Any:

@@ -3,14 +3,18 @@ loading with the right device and dtype. torch and transformers are imported laz
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sie_server.domain import LoadTarget, TokenizedText
+from sie_server.errors import ModelLoadFailed
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -24,6 +28,31 @@ def load_tokenizer(source: str) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(source, use_fast=True)
+
+
+def load_processor(source: str, model: str, probe: Callable[[Any], object]) -> Any:
+    """A multimodal model's processor as loading picks it (torchvision's image processor when
+    torchvision is installed), unless it fails to load or ``probe`` (a family's test input, run
+    through it) fails, as with a torchvision build that does not match torch: then the PIL
+    backend. ModelLoadFailed when neither works."""
+    from transformers import AutoProcessor
+
+    auto: Any = AutoProcessor  # transformers' Auto classes are untyped
+    try:
+        processor = auto.from_pretrained(source)
+        probe(processor)
+        return processor
+    except Exception as first:
+        log.warning("%s: the default processor failed (%s); using the PIL backend", model, first)
+        try:
+            processor = auto.from_pretrained(source, backend="pil")
+            probe(processor)
+            return processor
+        except Exception as exc:
+            raise ModelLoadFailed(
+                f"{model}: cannot load the processor ({first}; with the PIL backend: {exc})",
+                model=model,
+            ) from exc
 
 
 def model_file(source: str, filename: str) -> Path | None:
