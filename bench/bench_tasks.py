@@ -818,10 +818,13 @@ def env(name: str, value: str) -> Iterator[None]:
 
 
 def workloads(corpus: Mapping[str, Sequence[str]], profile: TaskProfile) -> list[Workload]:
+    from bench_images import ImageWorkload  # it builds on this module
+
     return [
         ScoreWorkload(corpus),
         ExtractWorkload(corpus),
         BgeM3Workload(corpus, profile.bge_m3, profile.bge_m3_batches),
+        ImageWorkload(),
     ]
 
 
