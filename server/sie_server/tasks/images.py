@@ -79,7 +79,8 @@ def decode_image(image: ImageData, where: str, model: str, limits: RequestLimits
         raise _too_large(where, model, limits, str(exc)) from None
     except Exception as exc:
         raise InvalidInput(
-            f"{where} is not a JPEG, PNG or WebP image ({_reason(exc)})", model=model
+            f"{where} is not a JPEG, PNG or WebP image, or its header is cut ({_reason(exc)})",
+            model=model,
         ) from None
     with opened:
         width, height = opened.size
@@ -94,7 +95,7 @@ def decode_image(image: ImageData, where: str, model: str, limits: RequestLimits
                 rgb = opened.convert("RGB")
         except Exception as exc:
             raise InvalidInput(
-                f"{where} could not be decoded ({_reason(exc)}); is it truncated?", model=model
+                f"{where} could not be decoded ({_reason(exc)})", model=model
             ) from None
     return rgb
 
