@@ -3,6 +3,7 @@ checkpoints (BERT and DeBERTa-v2), driven through ``score_job`` + ``run_inline``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Mapping, Sequence
@@ -261,8 +262,12 @@ def test_query_leaving_no_room_for_the_document_is_input_too_long(
 def test_text_only(adapter: CrossEncoderAdapter) -> None:
     image = (ImageData(b"\x89PNG", "png"),)
     call = score_call(adapter, QUERY_TEXT, DOCS[:1])
+    # Validation refuses images for a text-only model before any work ...
+    with pytest.raises(InvalidInput, match="query 0: model tiny/ce accepts text only"):
+        resolve_score_call(adapter, InputItem(images=image), DOCS[:1])
+    # ... and the family itself refuses a call that skipped it.
     with pytest.raises(InvalidInput, match="the query needs text"):
-        adapter.score_job(resolve_score_call(adapter, InputItem(images=image), DOCS[:1]))
+        adapter.score_job(dataclasses.replace(call, query=InputItem(images=image)))
     with pytest.raises(InvalidInput, match="item 1: model tiny/ce accepts text only"):
         adapter.prepare_pairs(
             call.query, [InputItem(text="ok"), InputItem(images=image)], call.settings

@@ -13,6 +13,7 @@ the most words between it and a cut window edge, the earliest on ties.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from itertools import combinations, pairwise
 from pathlib import Path
@@ -590,16 +591,21 @@ def test_request_errors(adapter: GLiNERAdapter) -> None:
     for options, message in bad:
         with pytest.raises(InvalidInput, match=message):
             adapter.extract_job(resolve(["person"], options=options))
-    image = resolve_extract(
-        adapter.spec,
-        [InputItem(images=(ImageData(b"\x89PNG"),))],
-        ExtractParams(labels=["person"]),
-        support=adapter.extract_support,
-        accepted_options=adapter.extract_options,
-        limits=8,
-    )
+    images = [InputItem(images=(ImageData(b"\x89PNG"),))]
+    # Validation refuses images for a text-only model before any work ...
+    with pytest.raises(InvalidInput, match="item 0: model tiny/gliner accepts text only"):
+        resolve_extract(
+            adapter.spec,
+            images,
+            ExtractParams(labels=["person"]),
+            support=adapter.extract_support,
+            accepted_options=adapter.extract_options,
+            limits=8,
+        )
+    # ... and the family itself refuses a call that skipped it.
+    call = dataclasses.replace(resolve(["person"]), items=images)
     with pytest.raises(InvalidInput, match="accepts text only"):
-        adapter.extract_job(image)
+        adapter.extract_job(call)
 
 
 # ---- lifecycle and catalog ---------------------------------------------------------------------
