@@ -61,8 +61,11 @@ class Settings:
     #: Threads decoding and preprocessing images (their own pool: image work never holds up the
     #: tokenizers of text models).
     image_workers: int = 1
-    #: Seconds a failed load is answered MODEL_LOAD_FAILED before a request loads it again.
+    #: Seconds a failed load (of a model or a LoRA adapter) is answered MODEL_LOAD_FAILED before
+    #: a request loads it again.
     load_retry_s: float = 30.0
+    #: LoRA adapters kept loaded per model; past it the least recently used is evicted.
+    max_loras_per_model: int = 4
     #: glibc's mmap threshold, fixed at startup (0: glibc's dynamic default; see allocator.py).
     malloc_mmap_threshold_kb: int = 0
     #: How often (at most) a model thread returns the heap's free pages after a batch (0: never).
@@ -190,7 +193,14 @@ _OPTIONS: tuple[Option, ...] = (
     (
         "load-retry-s",
         float,
-        "seconds a model whose load failed answers MODEL_LOAD_FAILED before a request retries it",
+        "seconds a model (or LoRA adapter) whose load failed answers MODEL_LOAD_FAILED before a "
+        "request retries it",
+    ),
+    (
+        "max-loras-per-model",
+        int,
+        "LoRA adapters kept loaded per model (at least 1); past it the least recently used one "
+        "no request is using is evicted",
     ),
     (
         "malloc-mmap-threshold-kb",
@@ -285,6 +295,10 @@ def load_settings(
     if log_format not in LOG_FORMATS:
         raise SystemExit(f"--log-format must be {' or '.join(LOG_FORMATS)}; got {log_format!r}")
     settings = Settings(**values)
+    if settings.max_loras_per_model < 1:
+        raise SystemExit(
+            f"--max-loras-per-model must be at least 1; got {settings.max_loras_per_model}"
+        )
     _check_security(settings)
     return settings
 

@@ -7,8 +7,10 @@ The tree (every class carries a ``reason`` from ``sie.v1.ErrorReason``, without 
     │   └── InputTooLong                 INPUT_TOO_LONG
     ├── ModelNotFound                    MODEL_NOT_FOUND
     ├── ModelNotLoaded                   MODEL_NOT_LOADED     (retryable)
-    │   └── ModelLoading                 MODEL_LOADING        (retryable)
+    │   ├── ModelLoading                 MODEL_LOADING        (retryable)
+    │   └── LoraLoading                  LORA_LOADING         (retryable)
     ├── ModelLoadFailed                  MODEL_LOAD_FAILED
+    │   └── LoraLoadFailed               MODEL_LOAD_FAILED
     ├── QueueFull                        QUEUE_FULL           (retryable)
     ├── ResourceExhausted                RESOURCE_EXHAUSTED   (retryable)
     ├── DeadlineExceeded                 DEADLINE_EXCEEDED
@@ -65,8 +67,18 @@ class ModelLoading(ModelNotLoaded):
     reason = "MODEL_LOADING"
 
 
+class LoraLoading(ModelNotLoaded):
+    """The model is loaded, the request's LoRA adapter is not yet (its load has started)."""
+
+    reason = "LORA_LOADING"
+
+
 class ModelLoadFailed(SIEServerError):
     reason = "MODEL_LOAD_FAILED"
+
+
+class LoraLoadFailed(ModelLoadFailed):
+    """The request's LoRA adapter failed to load (the message names it and says why)."""
 
 
 class QueueFull(SIEServerError):

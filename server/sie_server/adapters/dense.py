@@ -20,6 +20,9 @@ Engines: ``torch`` (default) or ``onnx`` (``LoadTarget.engine``): with onnx the 
 exported once and run by ONNX Runtime (``onnx_engine``), the torch backbone is dropped after the
 export, and pooling, heads and normalization run in the same torch code as with torch.
 
+LoRA: ``options.lora_id`` selects a peft adapter on the transformer per batch (``adapters/lora.py``;
+torch engine only).
+
 Invariant: padding is on the right, so every item's tokens start at position 0.
 """
 
@@ -34,6 +37,7 @@ import numpy as np
 from sie_server.adapters import onnx_engine
 from sie_server.adapters.hf import model_file, torch_dtype
 from sie_server.adapters.hf_text import HFTextEncoder
+from sie_server.adapters.lora import LORA_KEYS, LoraSupport
 from sie_server.adapters.onnx_engine import OnnxEncoder
 from sie_server.adapters.st_config import (
     DenseModule,
@@ -50,7 +54,7 @@ from sie_server.adapters.st_config import (
 from sie_server.catalog import CatalogError
 from sie_server.domain import EncodeOutput, InputItem, LoadTarget, TokenizedText
 from sie_server.errors import InternalError, ModelLoadFailed
-from sie_server.tasks.encode import EncodeSettings, format_text
+from sie_server.tasks.encode import TEMPLATE_KEYS, EncodeSettings, format_text
 
 if TYPE_CHECKING:
     import torch
@@ -58,8 +62,9 @@ if TYPE_CHECKING:
 ACTIVATION_MODULE = "torch.nn.modules.activation"
 
 
-class DenseEncoderAdapter(HFTextEncoder):
+class DenseEncoderAdapter(LoraSupport, HFTextEncoder):
     output_types = frozenset({"dense"})
+    encode_options = TEMPLATE_KEYS | LORA_KEYS
     #: The forward-pass engines this family runs (``LoadTarget.engine``).
     engines: ClassVar[frozenset[str]] = frozenset({"torch", "onnx"})
     #: The ONNX Runtime transformer when the engine is onnx (the torch model is then None).
@@ -111,6 +116,11 @@ class DenseEncoderAdapter(HFTextEncoder):
     def memory_bytes(self) -> int:
         return super().memory_bytes() + (self.onnx.weight_bytes if self.onnx else 0)
 
+    def lora_unavailable(self) -> str | None:
+        if self.onnx is not None:
+            return "it runs on the onnx engine (LoRA adapters need the torch engine)"
+        return super().lora_unavailable()
+
     # ---- prompts ----------------------------------------------------------------------------
     def count_prompt(self, prompt: str) -> int:
         """The prompt's tokens as sentence-transformers counts them: tokenized alone, less a
@@ -152,7 +162,8 @@ class DenseEncoderAdapter(HFTextEncoder):
         if self.onnx is not None:
             hidden = self.onnx(ids, mask)
         else:
-            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            with self.lora_active(settings.options):
+                hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         vectors = pool(hidden, mask, prompt, self.pipeline.pooling)
         for head, module in zip(self.pipeline.heads, self.head_modules, strict=True):
             vectors = apply_head(head, module, vectors)

@@ -22,11 +22,20 @@ profiles:                          # named presets, chosen with options.profile
 default_profile: default           # optional; "default" or the first profile otherwise
 max_batch_tokens: 16384            # optional per-model batching overrides
 max_batch_items: 64
+lora:                              # optional; LoRA adapters requests may name (options.lora_id)
+  allowed: [org/adapter, /srv/loras/tenant-a]   # hub ids or local folders, matched verbatim
+  allow_any: false                 # true: any adapter a request names (default false)
 ```
 
 Names never contain ``:``: ``<name>:<profile>`` is how a request selects a profile through the
 model name. ``outputs.dense.truncatable: true`` marks a Matryoshka model, whose dense vectors may
 be cut to their first N dims (and renormalized) with the encode ``dimensions`` parameter.
+
+LoRA: a request's ``options.lora_id`` (or a profile's) names a peft adapter by hub id or local
+folder. Only adapters listed in ``lora.allowed`` or named by a profile are served unless
+``lora.allow_any`` is true: an arbitrary id lets a client make the server read any local folder
+it can see, so that is the catalog author's explicit choice. Families that cannot take LoRA
+refuse a ``lora`` section.
 
 Weights are looked for in that order: ``weights_path``, then ``weights_package`` when that
 package is installed, then ``hf_id``.
@@ -76,6 +85,16 @@ class ProfileSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class LoraSpec:
+    """The catalog's ``lora`` section: which adapters requests may name."""
+
+    #: Hub ids or local folders, compared verbatim with ``options.lora_id``.
+    allowed: tuple[str, ...] = ()
+    #: Serve any adapter a request names (off: listed and profile adapters only).
+    allow_any: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class ModelSpec:
     name: str
     adapter: str
@@ -93,6 +112,8 @@ class ModelSpec:
     max_batch_items: int | None = None
     #: The engine of the forward pass (``--engine`` may override it).
     engine: str = "torch"
+    #: The ``lora`` section (None: absent; profiles' adapters are still served).
+    lora: LoraSpec | None = None
     source_file: Path | None = None
 
     def profile(self, name: str | None) -> ProfileSpec:
@@ -245,8 +266,27 @@ def parse_spec(raw: Mapping[str, Any], source_file: Path | None = None) -> Model
         max_batch_tokens=optional_positive("max_batch_tokens"),
         max_batch_items=optional_positive("max_batch_items"),
         engine=str(engine),
+        lora=_lora(raw.get("lora"), fail),
         source_file=source_file,
     )
+
+
+def _lora(raw: Any, fail: Callable[[str], CatalogError]) -> LoraSpec | None:
+    """The ``lora`` section: ``allowed`` (non-empty strings) and ``allow_any`` (a boolean)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise fail("'lora' must be a mapping with 'allowed' and/or 'allow_any'")
+    extra = sorted(set(raw) - {"allowed", "allow_any"})
+    if extra:
+        raise fail(f"lora has unknown key {extra[0]!r} (allowed, allow_any)")
+    allowed = raw.get("allowed") or []
+    if not isinstance(allowed, list) or not all(isinstance(a, str) and a for a in allowed):
+        raise fail("lora.allowed must be a list of adapter ids (hub ids or local folders)")
+    allow_any = raw.get("allow_any", False)
+    if not isinstance(allow_any, bool):
+        raise fail("lora.allow_any must be true or false")
+    return LoraSpec(tuple(dict.fromkeys(allowed)), allow_any)
 
 
 def _tasks(

@@ -11,6 +11,11 @@ used loaded models. An evicted model stops admitting (``ModelNotLoaded``, retrya
 work completes (for up to ``evict_drain_s``; what is left then fails with ``ShuttingDown``,
 retryable), it unloads on its own thread, and the next request loads it again.
 
+LoRA adapters: a call whose options name ``lora_id`` is checked before anything loads (the family
+takes LoRA, the catalog allows the adapter: else InvalidInput); which adapters of a loaded model
+are resident, and when they load and go, is ``engine/loras.py``; the peft work is
+``adapters/lora.py``.
+
 Names: a request names a catalog model, or ``<catalog name>:<profile>`` (catalog names never
 contain ``:``), which is the same model with that profile selected, as if ``options.profile`` were
 set (``resolve`` gives a ``ModelRef``). The variant shares the catalog model's entry: one load,
@@ -20,6 +25,7 @@ one executor, metrics under the catalog name.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import logging
@@ -37,12 +43,14 @@ from sie_server.adapters.base import (
     Scorer,
     tasks_of,
 )
+from sie_server.adapters.lora import LoraSupport, check_allowed, lora_id_of
 from sie_server.adapters.onnx_engine import resolve_engine
 from sie_server.adapters.registry import adapter_class
 from sie_server.catalog import Catalog, CatalogError, ModelSpec
 from sie_server.device import Placement
 from sie_server.domain import Job, LoadTarget
 from sie_server.engine.executor import BatchExecutor, BatchStats, ExecutorConfig
+from sie_server.engine.loras import LoraResidency
 from sie_server.engine.memory import process_gauge, weight_files_bytes, weights_gauge
 from sie_server.engine.model_thread import free_device_memory
 from sie_server.engine.pipeline import Outcome, run_job
@@ -92,6 +100,8 @@ class ModelEntry:
     #: that the family implements), resolved once (adapter modules import no torch).
     adapter_class: type[ModelAdapter] | None = None
     served: tuple[str, ...] = ()
+    #: The loaded model's LoRA adapters (None unless loaded by a family that takes them).
+    loras: LoraResidency | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +154,8 @@ class EngineConfig:
     memory_gauge: str = "process"
     #: How long an evicted model's queued work gets to complete.
     evict_drain_s: float = 30.0
+    #: LoRA adapters kept resident per model (least recently used evicted past it).
+    max_loras_per_model: int = 4
 
 
 class ModelRegistry:
@@ -221,6 +233,11 @@ class ModelRegistry:
             except CatalogError as exc:
                 raise CatalogError(f"{entry.spec.source_file or entry.spec.name}: {exc}") from None
             assert entry.adapter_class is not None
+            if entry.spec.lora is not None and not issubclass(entry.adapter_class, LoraSupport):
+                raise CatalogError(
+                    f"{entry.spec.source_file or entry.spec.name}: lora: adapter family "
+                    f"{entry.spec.adapter!r} cannot take LoRA adapters"
+                )
             check_profiles(entry.spec, entry.adapter_class)
 
     def require_task(self, name: str, task: str) -> tuple[ModelRef, type[ModelAdapter]]:
@@ -264,6 +281,7 @@ class ModelRegistry:
 
     # ---- entry points ----------------------------------------------------------------------
     async def encode(self, model: str, call: EncodeCall) -> Outcome[list[EncodedItem]]:
+        lora_id = self.lora_request(model, call.settings.options)
         adapter, executor = self.ready(model)
         assert isinstance(adapter, Encoder)
         spec, limit = adapter.spec, self.config.max_response_bytes
@@ -275,17 +293,19 @@ class ModelRegistry:
             items = decode_items(call.items, model, self.config.limits)
             return adapter.encode_job(dataclasses.replace(call, items=items))
 
-        return await self._run(
-            model,
-            "encode",
-            executor,
-            make_job,
-            call.deadline,
-            check=lambda job: check_response_size(call, spec, job.tokens, limit),
-            images=images,
-        )
+        with self.lora_pinned(model, lora_id):
+            return await self._run(
+                model,
+                "encode",
+                executor,
+                make_job,
+                call.deadline,
+                check=lambda job: check_response_size(call, spec, job.tokens, limit),
+                images=images,
+            )
 
     async def score(self, model: str, call: ScoreCall) -> Outcome[list[RankedScore]]:
+        lora_id = self.lora_request(model, call.settings.options)
         adapter, executor = self.ready(model)
         assert isinstance(adapter, Scorer)
         images = has_images([call.query, *call.items])
@@ -298,7 +318,10 @@ class ModelRegistry:
             items = decode_items(call.items, model, limits)
             return adapter.score_job(dataclasses.replace(call, query=query, items=items))
 
-        outcome = await self._run(model, "score", executor, make_job, call.deadline, images=images)
+        with self.lora_pinned(model, lora_id):
+            outcome = await self._run(
+                model, "score", executor, make_job, call.deadline, images=images
+            )
         return Outcome(rank(outcome.result), outcome.timing, outcome.tokens)
 
     async def extract(self, model: str, call: ExtractCall) -> Outcome[list[ExtractedItem]]:
@@ -331,6 +354,31 @@ class ModelRegistry:
         self.metrics.inc("sie_tokens_processed_total", outcome.tokens, model=model)
         record_timing(self.metrics, outcome.timing, model=model, endpoint=endpoint)
         return outcome
+
+    # ---- LoRA adapters -------------------------------------------------------------------------
+    def lora_request(self, name: str, options: Mapping[str, Any]) -> str | None:
+        """The adapter a call's options name (None: the base model), checked before the model
+        loads: its family must take LoRA and the catalog allow the adapter (else InvalidInput)."""
+        lora_id = lora_id_of(options, name)
+        if lora_id is None:
+            return None
+        spec = self.entry(name).spec
+        if not issubclass(self.adapter_type(name), LoraSupport):
+            raise InvalidInput(
+                f"model {name} cannot take LoRA adapters (its family {spec.adapter!r} has none)",
+                model=name,
+            )
+        check_allowed(spec, lora_id)
+        return lora_id
+
+    def lora_pinned(self, name: str, lora_id: str | None) -> AbstractContextManager[None]:
+        """``lora_id`` kept resident while the request runs (``LoraResidency.pinned``); nothing
+        for the base model."""
+        if lora_id is None:
+            return contextlib.nullcontext()
+        residency = self.entry(name).loras
+        assert residency is not None, "lora_request checked the family"
+        return residency.pinned(lora_id)
 
     # ---- loading -----------------------------------------------------------------------------
     def start_load(self, name: str) -> asyncio.Task[None]:
@@ -374,6 +422,13 @@ class ModelRegistry:
             need = entry.memory_bytes or weight_files_bytes(target.source)
             await self._make_room(entry, need)
             await executor.call(lambda: adapter.load(target))
+            loras = (
+                await LoraResidency.open(
+                    adapter, executor, self.config.max_loras_per_model, self.config.load_retry_s
+                )
+                if isinstance(adapter, LoraSupport)
+                else None
+            )
             if self.config.warmup:
                 await executor.call(lambda: warm_up(adapter, spec))
         except asyncio.CancelledError:
@@ -392,7 +447,7 @@ class ModelRegistry:
             )
             self.metrics.inc("sie_model_load_failures_total", model=spec.name)
             return
-        entry.adapter, entry.executor = adapter, executor
+        entry.adapter, entry.executor, entry.loras = adapter, executor, loras
         entry.memory_bytes = adapter.memory_bytes()
         entry.state, entry.load_attempts = ModelState.LOADED, 0
         entry.last_used = time.monotonic()
@@ -434,6 +489,9 @@ class ModelRegistry:
         assert adapter is not None
         assert executor is not None
         entry.state = ModelState.UNLOADING
+        if entry.loras is not None:
+            entry.loras.cancel()
+            entry.loras = None
         log.info("evicting %s (least recently used) to stay within the memory budget", name)
         if not await executor.drained(self.config.evict_drain_s):
             log.warning("%s: queued work did not finish in %.0fs", name, self.config.evict_drain_s)
@@ -464,6 +522,8 @@ class ModelRegistry:
         for entry in self._entries.values():
             if entry.load_task is not None and not entry.load_task.done():
                 entry.load_task.cancel()
+            if entry.loras is not None:
+                entry.loras.cancel()
             if entry.executor is not None:
                 await entry.executor.close()
                 if entry.adapter is not None:

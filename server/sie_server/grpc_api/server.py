@@ -137,6 +137,7 @@ def build_registry(settings: Settings) -> ModelRegistry:
         image_workers=settings.image_workers,
         limits=settings.request_limits(),
         load_retry_s=settings.load_retry_s,
+        max_loras_per_model=settings.max_loras_per_model,
         memory_budget_bytes=settings.memory_budget_mb * 2**20,
         memory_gauge=settings.memory_gauge,
         max_response_bytes=settings.max_message_bytes,
