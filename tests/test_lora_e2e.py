@@ -145,7 +145,8 @@ async def test_first_request_loads_then_each_adapter_equals_peft(
             await stub.Encode(request(MODEL, TEXTS, built.lora_id(name)))
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         reason, metadata, retry_s = error_info(refused.value)
-        assert (reason, metadata, retry_s) == ("LORA_LOADING", {"model": MODEL}, 1.0)
+        lora = built.lora_id(name)
+        assert (reason, metadata, retry_s) == ("LORA_LOADING", {"model": MODEL, "lora": lora}, 1.0)
         assert str(built.loras[name]) in str(refused.value.details())
         got, _ = await encode_retrying(server.channel, MODEL, built.lora_id(name))
         assert close_to(got, built.want[name])
@@ -221,6 +222,7 @@ async def test_bridge_answers_503_with_retry_after_then_the_result(
 
         status, answer, headers = await post()
         assert (status, answer["detail"]["code"]) == (503, "LORA_LOADING")
+        assert answer["detail"]["lora"] == built.lora_id("a")
         assert headers["Retry-After"] == "1"
         deadline = time.monotonic() + HANG_GUARD_S
         while status == 503 and time.monotonic() < deadline:

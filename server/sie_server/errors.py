@@ -46,6 +46,11 @@ class SIEServerError(Exception):
             retry_after_s if retry_after_s is not None else REASONS[self.reason].retry_after_s
         )
 
+    def metadata(self) -> dict[str, str]:
+        """What the transports carry besides the message (gRPC ErrorInfo metadata, the HTTP
+        error body): the model, and what a subclass adds."""
+        return {"model": self.model} if self.model else {}
+
 
 class InvalidInput(SIEServerError):
     reason = "INVALID_INPUT"
@@ -68,9 +73,24 @@ class ModelLoading(ModelNotLoaded):
 
 
 class LoraLoading(ModelNotLoaded):
-    """The model is loaded, the request's LoRA adapter is not yet (its load has started)."""
+    """The model is loaded, the request's LoRA adapter is not yet (its load has started);
+    ``lora`` names it (the SDK's ``LoraLoadingError.lora``)."""
 
     reason = "LORA_LOADING"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        lora: str,
+        model: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message, model=model, retry_after_s=retry_after_s)
+        self.lora = lora
+
+    def metadata(self) -> dict[str, str]:
+        return {**super().metadata(), "lora": self.lora}
 
 
 class ModelLoadFailed(SIEServerError):

@@ -80,7 +80,9 @@ def not_loaded(lora_id: str, model: str) -> LoraLoading:
     """A batch of an adapter that is not (or no longer) loaded: retryable, the engine loads it
     again for the retry."""
     return LoraLoading(
-        f"LoRA adapter {lora_id!r} of model {model} is not loaded; retry shortly", model=model
+        f"LoRA adapter {lora_id!r} of model {model} is not loaded; retry shortly",
+        lora=lora_id,
+        model=model,
     )
 
 

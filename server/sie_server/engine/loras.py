@@ -128,6 +128,7 @@ class LoraResidency:
             self._start_load(lora_id)
         raise LoraLoading(
             f"LoRA adapter {lora_id!r} of model {self.model} is loading; retry shortly",
+            lora=lora_id,
             model=self.model,
         )
 

@@ -34,7 +34,7 @@ def status_for(
     info = error_details_pb2.ErrorInfo(
         reason=error.reason,
         domain=ERROR_DOMAIN,
-        metadata={"model": error.model} if error.model else {},
+        metadata=error.metadata(),
     )
     details = [_pack(info)]
     trailers: list[tuple[str, str | bytes]] = []
