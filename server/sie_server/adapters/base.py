@@ -182,6 +182,7 @@ class Encoder(Scorer, Generic[P]):
             call.settings.output_types,
             call.output_dtype,
             dimensions=call.dimensions,
+            muvera=call.muvera,
         )
 
     def encode_key(self, settings: EncodeSettings) -> Hashable:

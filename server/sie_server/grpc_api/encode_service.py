@@ -57,7 +57,7 @@ class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
         return encode_pb2.EncodeResponse(
             model=request.model,
             items=[
-                encode_result(item_id(item, index), result, dtype, spec, call.dimensions)
+                encode_result(item_id(item, index), result, dtype, spec, call.dense_dims)
                 for index, (item, result) in enumerate(
                     zip(request.items, outcome.result, strict=True)
                 )

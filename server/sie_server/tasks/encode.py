@@ -11,6 +11,14 @@ L2-renormalizes them, in postprocessing, before the output dtype conversion. It 
 equals the model's dims (any model); otherwise the model's dense output must be ``truncatable``
 (Matryoshka) and 1 <= N < dims. The call carries ``dimensions`` only when it truncates; it never
 enters the batch key (the forward pass is the same).
+
+``muvera`` (a mapping: ``k_sim``, ``dim_proj``, ``r_reps``, ``final_dim``, ``seed``; see
+``tasks/muvera.py``) on a model with a multivector output makes the response's ``dense`` vector
+the MUVERA FDE of the multivector, the query or the document variant by ``is_query``. The model
+runs as for a multivector request (the forward pass and so the batch key are the same: ``dense``
+becomes ``multivector`` in ``settings.output_types``) and the FDE is computed in postprocessing.
+The response holds the FDE, plus whatever else the request names in ``output_types``
+(``multivector``: the vectors the FDE came from); a profile's output types give the FDE alone.
 """
 
 from __future__ import annotations
@@ -27,12 +35,14 @@ from sie_server.catalog.spec import OUTPUT_TYPES
 from sie_server.domain import EncodeOutput, InputItem
 from sie_server.errors import InvalidInput, SIEServerError
 from sie_server.tasks.common import RequestLimits, check_items, freeze
+from sie_server.tasks.muvera import MuveraParams, encode_fde, parse_muvera
 from sie_server.tasks.options import Options
 from sie_server.tasks.output_dtype import OUTPUT_DTYPES, convert, sparse_dtype
 
-#: Option keys every encoder accepts: the profile and the typed parameters.
+#: Option keys every encoder accepts: the profile, the typed parameters and ``muvera`` (which
+#: ``resolve_encode`` refuses on models without a multivector output).
 ENCODE_KEYS = frozenset(
-    {"profile", "output_types", "output_dtype", "is_query", "instruction", "dimensions"}
+    {"profile", "output_types", "output_dtype", "is_query", "instruction", "dimensions", "muvera"}
 )
 #: Option keys of models that format text with templates.
 TEMPLATE_KEYS = frozenset({"query_template", "document_template", "instruction_template"})
@@ -68,6 +78,30 @@ class EncodeParams:
 
 
 @dataclass(frozen=True, slots=True)
+class MuveraOutput:
+    """MUVERA on an encode call: the response's dense vector is the FDE of the model's
+    multivector, computed in postprocessing."""
+
+    params: MuveraParams
+    is_query: bool
+    #: The request asked for the multivector too.
+    keep_multivector: bool
+
+    def output_types(self, computed: Sequence[str]) -> tuple[str, ...]:
+        """The response's types, from the ones the model computes (which hold no dense)."""
+        kept = {"dense", *(t for t in computed if t != "multivector" or self.keep_multivector)}
+        return tuple(t for t in OUTPUT_TYPES if t in kept)
+
+    def apply(self, out: EncodeOutput) -> EncodeOutput:
+        """``out`` with the FDE of its multivector as its dense vector."""
+        if out.multivector is None:
+            raise SIEServerError("adapter produced no multivector output for muvera")
+        fde = encode_fde(out.multivector, self.params, is_query=self.is_query)
+        kept = out.multivector if self.keep_multivector else None
+        return EncodeOutput(dense=fde, sparse=out.sparse, multivector=kept)
+
+
+@dataclass(frozen=True, slots=True)
 class EncodeCall:
     """One validated encode request."""
 
@@ -77,6 +111,20 @@ class EncodeCall:
     deadline: float | None = None  # time.monotonic() seconds
     #: Cut dense vectors to their first N dims and renormalize; None: full vectors.
     dimensions: int | None = None
+    #: The dense output is the MUVERA FDE of the multivector; None: no MUVERA.
+    muvera: MuveraOutput | None = None
+
+    @property
+    def output_types(self) -> tuple[str, ...]:
+        """The types the response holds (``settings.output_types`` is what the model runs)."""
+        types = self.settings.output_types
+        return types if self.muvera is None else self.muvera.output_types(types)
+
+    @property
+    def dense_dims(self) -> int | None:
+        """The response's dense dims where they are not the model's: the FDE's, or the
+        truncated ``dimensions``; None for the model's full dense vectors."""
+        return self.muvera.params.dims if self.muvera is not None else self.dimensions
 
 
 #: Bytes per value of each output dtype on the wire (binary packs eight values a byte).
@@ -90,14 +138,14 @@ def response_bytes(call: EncodeCall, spec: ModelSpec, tokens: int) -> int:
     item, and sparse entries and multivector rows per token."""
     value = _VALUE_BYTES[call.output_dtype]
     size = _ITEM_OVERHEAD * len(call.items)
-    for kind in call.settings.output_types:
-        dims = spec.outputs[kind].dims or 0
+    for kind in call.output_types:
         if kind == "dense":
-            size += int(len(call.items) * (call.dimensions or dims) * value)
+            dims = call.dense_dims or spec.outputs["dense"].dims or 0
+            size += int(len(call.items) * dims * value)
         elif kind == "sparse":
             size += tokens * (4 + int(_VALUE_BYTES[sparse_dtype(call.output_dtype)]))
         elif kind == "multivector":
-            size += int(tokens * dims * value)
+            size += int(tokens * (spec.outputs[kind].dims or 0) * value)
     return size
 
 
@@ -150,8 +198,42 @@ def resolve_encode(
     option_dtype = options.optional_text("output_dtype")
     option_is_query = options.optional_flag("is_query")
     option_instruction = options.optional_text("instruction")
-    types = tuple(dict.fromkeys(params.output_types or option_types or ()))
-    types = types or tuple(t for t in profile.output_types if t in OUTPUT_TYPES)
+    asked = tuple(dict.fromkeys(params.output_types or option_types or ()))
+    is_query = bool(params.is_query if params.is_query is not None else option_is_query)
+    requested = params.dimensions is not None or "dimensions" in params.options
+    muvera = resolve_muvera(spec, options, asked, is_query=is_query, dimensions=requested)
+    if muvera is None:
+        types = _output_types(spec, asked or [t for t in profile.output_types if t in OUTPUT_TYPES])
+    else:
+        types = _muvera_output_types(spec, asked)
+    dtype = params.output_dtype or option_dtype or "float32"
+    if dtype not in OUTPUT_DTYPES:
+        raise InvalidInput(
+            f"unknown output_dtype {dtype!r} (known: {', '.join(OUTPUT_DTYPES)})", model=spec.name
+        )
+    instruction = params.instruction or option_instruction or None
+    dimensions = params.dimensions
+    if dimensions is None:
+        dimensions = _option_dimensions(options)
+    settings = EncodeSettings(
+        output_types=types,
+        is_query=is_query,
+        instruction=instruction,
+        options=options.without(ENCODE_KEYS),
+    )
+    return EncodeCall(
+        items=items,
+        settings=settings,
+        output_dtype=dtype,
+        deadline=deadline,
+        dimensions=resolve_dimensions(spec, dimensions, types, requested=requested),
+        muvera=muvera,
+    )
+
+
+def _output_types(spec: ModelSpec, types: Sequence[str]) -> tuple[str, ...]:
+    """The output types asked (or the profile's), checked, in one canonical order: [dense,
+    sparse] and [sparse, dense] share a forward pass."""
     unknown = [t for t in types if t not in OUTPUT_TYPES]
     if unknown:
         raise InvalidInput(
@@ -165,32 +247,39 @@ def resolve_encode(
             f"model {spec.name} does not produce {', '.join(missing) or 'embeddings'} (it produces {produced})",
             model=spec.name,
         )
-    # One canonical order: [dense, sparse] and [sparse, dense] share a forward pass.
-    types = tuple(t for t in OUTPUT_TYPES if t in types)
-    dtype = params.output_dtype or option_dtype or "float32"
-    if dtype not in OUTPUT_DTYPES:
+    return tuple(t for t in OUTPUT_TYPES if t in types)
+
+
+def _muvera_output_types(spec: ModelSpec, asked: Sequence[str]) -> tuple[str, ...]:
+    """What the model computes for a MUVERA request: its multivector (the FDE's source) in place
+    of dense, and the other types asked."""
+    others = [t for t in asked if t != "dense"]
+    return _output_types(spec, [*others, "multivector"])
+
+
+def resolve_muvera(
+    spec: ModelSpec, options: Options, asked: Sequence[str], *, is_query: bool, dimensions: bool
+) -> MuveraOutput | None:
+    """The ``muvera`` option (None when absent or null), checked against the model: it needs a
+    multivector output, and ``dimensions`` (requested, not from the profile) does not apply."""
+    value = options.mapping("muvera")
+    if value is None:
+        return None
+    name = spec.name
+    multivector = spec.outputs.get("multivector")
+    if multivector is None:
+        produced = ", ".join(spec.embedding_outputs) or "no embeddings"
         raise InvalidInput(
-            f"unknown output_dtype {dtype!r} (known: {', '.join(OUTPUT_DTYPES)})", model=spec.name
+            f"option 'muvera' encodes multivectors; model {name} has none (it produces {produced})",
+            model=name,
         )
-    is_query = params.is_query if params.is_query is not None else option_is_query
-    instruction = params.instruction or option_instruction or None
-    dimensions = params.dimensions
-    if dimensions is None:
-        dimensions = _option_dimensions(options)
-    requested = params.dimensions is not None or "dimensions" in params.options
-    settings = EncodeSettings(
-        output_types=types,
-        is_query=bool(is_query),
-        instruction=instruction,
-        options=options.without(ENCODE_KEYS),
-    )
-    return EncodeCall(
-        items=items,
-        settings=settings,
-        output_dtype=dtype,
-        deadline=deadline,
-        dimensions=resolve_dimensions(spec, dimensions, types, requested=requested),
-    )
+    if dimensions:
+        raise InvalidInput(
+            "dimensions does not apply to a MUVERA encoding; set muvera.final_dim instead",
+            model=name,
+        )
+    params = parse_muvera(value, multivector.dims or 0, name)
+    return MuveraOutput(params, is_query=is_query, keep_multivector="multivector" in asked)
 
 
 def _option_dimensions(options: Options) -> int | None:
@@ -267,9 +356,15 @@ def convert_outputs(
     dtype: str,
     *,
     dimensions: int | None = None,
+    muvera: MuveraOutput | None = None,
 ) -> list[EncodedItem]:
     """Adapter outputs (float32) to results in ``dtype``; ``tokens`` is (num_tokens, truncated).
-    Dense vectors are cut to ``dimensions`` and renormalized first (None: full vectors)."""
+    Dense vectors are cut to ``dimensions`` and renormalized first (None: full vectors). With
+    ``muvera``, ``types`` are the ones the model computed, and the dense vector is the FDE of
+    each multivector."""
+    if muvera is not None:
+        outputs = [muvera.apply(out) for out in outputs]
+        types = muvera.output_types(types)
     return [
         _convert(out, count, truncated, types, dtype, dimensions)
         for out, (count, truncated) in zip(outputs, tokens, strict=True)
