@@ -265,7 +265,9 @@ async def test_refusals_name_what_is_wrong(server: ServerHandle, built: Built) -
         )
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_info(refused.value)[0] == "INVALID_INPUT"
-    assert "'lora_id'" in str(refused.value.details())
+    assert "tiny/reranker cannot take LoRA adapters (option 'lora_id'" in str(
+        refused.value.details()
+    )
 
     await missing_adapter_fails(stub)
 

@@ -74,6 +74,11 @@ class Options:
     # ---- checks ------------------------------------------------------------------------------
     def check_known(self, accepted: Collection[str]) -> None:
         unknown = sorted(k for k in self.values if k not in accepted)
+        if "lora_id" in unknown:
+            raise self._error(
+                f"model {self.model} cannot take LoRA adapters (option 'lora_id'; the dense "
+                "family takes them)"
+            )
         if unknown:
             known = ", ".join(sorted(accepted)) or "none"
             raise self._error(
