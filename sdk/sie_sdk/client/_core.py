@@ -14,10 +14,12 @@ means gRPC to the server).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
+from sie_sdk.client._retry import RetryPolicy
+from sie_sdk.client._stream import StreamState, http_unsupported
 from sie_sdk.client._transports.base import CallOptions, Kind, Operation
 from sie_sdk.client.errors import PoolError, RequestError, SIEError
 from sie_sdk.inputs import InputError, prepare_item
@@ -222,6 +224,35 @@ class ClientCore:
             route,
             wait_for_capacity,
         )
+
+    def encode_stream(
+        self,
+        model: str,
+        items: Iterable[Item],
+        batch_size: int,
+        window: int,
+        **kwargs: Any,
+    ) -> StreamState:
+        """The state of one ``encode_stream``: batches built by ``encode`` (with ``kwargs``),
+        read lazily from ``items``. gRPC only: the bridge has no streaming endpoint yet."""
+        if self.config.transport == "http":
+            raise http_unsupported()
+        if batch_size > self.config.max_items_per_request:
+            raise ValueError(
+                f"batch_size {batch_size} is over max_items_per_request "
+                f"{self.config.max_items_per_request}"
+            )
+        self._route(kwargs.get("gpu"))
+        budget = self._provision(kwargs.get("provision_timeout_s"))
+        wait = bool(kwargs.get("wait_for_capacity", False))
+
+        def build(chunk: list[Item]) -> tuple[Mapping[str, Any], Callable[[list[Any]], Any]]:
+            prepared = self.encode(model, chunk, **kwargs)
+            body = prepared.bodies[0]
+            assert body is not None
+            return body, prepared.parse
+
+        return StreamState(items, build, batch_size, window, lambda: RetryPolicy(budget, wait))
 
     def score(
         self,

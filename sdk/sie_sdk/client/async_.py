@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
 from sie_sdk.client._core import ClientBase, ClientConfig, Prepared, closed_error, no_pools
 from sie_sdk.client._retry import RetryPolicy
+from sie_sdk.client._stream import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_WINDOW,
+    StreamResult,
+    StreamState,
+    async_requests,
+)
 from sie_sdk.client._transports.base import AsyncTransport, Operation
 from sie_sdk.client.errors import ProvisioningError, SIEError
 from sie_sdk.types import CapacityInfo, EncodeResult, ExtractResult, Item, ModelInfo, ScoreResult
@@ -77,6 +84,49 @@ class SIEAsyncClient(ClientBase[AsyncTransport]):
         self, model: str, items: Item | Sequence[Item], **kwargs: Any
     ) -> EncodeResult | list[EncodeResult]:
         return await self._run(await _off_loop(self._core.encode, model, items, **kwargs))
+
+    def encode_stream(
+        self,
+        model: str,
+        items: Iterable[Item],
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        window: int = DEFAULT_WINDOW,
+        **kwargs: Any,
+    ) -> AsyncIterator[StreamResult]:
+        """``SIEClient.encode_stream`` as an async iterator (``items`` is a plain iterable,
+        read on the event loop)."""
+        state = self._core.encode_stream(model, items, batch_size, window, **kwargs)
+        return self._stream(model, state)
+
+    async def _stream(self, model: str, state: StreamState) -> AsyncIterator[StreamResult]:
+        policy = state.policy()
+        while not state.done:
+            if self._closed:
+                raise closed_error()
+            room, stop = asyncio.Condition(), asyncio.Event()
+            batches = ((b.sequence, b.body) async for b in async_requests(state, room, stop))
+            replies = self._transport.encode_stream(model, batches, state.window, self._call)
+            try:
+                async for sequence, outcome in replies:
+                    results = state.ack(sequence, outcome)
+                    async with room:
+                        room.notify_all()
+                    policy = state.policy()
+                    for result in results:
+                        yield result
+            except SIEError as error:
+                state.check()
+                delay = policy.delay_after(error)
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
+            finally:
+                stop.set()
+                async with room:
+                    room.notify_all()
+                await replies.aclose()  # type: ignore[attr-defined]
+            state.check()
 
     async def score(
         self, model: str, query: Item, items: Sequence[Item], **kwargs: Any

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, TypeVar
 
 from sie_sdk.client._core import ClientBase, ClientConfig, Prepared, closed_error, no_pools
 from sie_sdk.client._retry import RetryPolicy
+from sie_sdk.client._stream import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_WINDOW,
+    StreamResult,
+    StreamState,
+    sync_requests,
+)
 from sie_sdk.client._transports.base import Operation, Transport
 from sie_sdk.client.errors import ProvisioningError, SIEError
 from sie_sdk.types import CapacityInfo, EncodeResult, ExtractResult, Item, ModelInfo, ScoreResult
@@ -62,6 +70,53 @@ class SIEClient(ClientBase[Transport]):
         self, model: str, items: Item | Sequence[Item], **kwargs: Any
     ) -> EncodeResult | list[EncodeResult]:
         return self._run(self._core.encode(model, items, **kwargs))
+
+    def encode_stream(
+        self,
+        model: str,
+        items: Iterable[Item],
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        window: int = DEFAULT_WINDOW,
+        **kwargs: Any,
+    ) -> Iterator[StreamResult]:
+        """Encode a stream of items over one gRPC stream: one result per item, in input order.
+
+        ``items`` is read lazily, ``batch_size`` at a time (one request each, ``encode``'s
+        ``kwargs``); ``window``: requests the server works on at once. A request the server
+        refuses yields its ``SIEError`` for each of its items and the stream goes on; a server
+        restart is waited for (``provision_timeout_s``) and the stream resumed from the last
+        acknowledged batch. See ``sie_sdk.client._stream``."""
+        state = self._core.encode_stream(model, items, batch_size, window, **kwargs)
+        return self._stream(model, state)
+
+    def _stream(self, model: str, state: StreamState) -> Iterator[StreamResult]:
+        policy = state.policy()
+        while not state.done:
+            if self._closed:
+                raise closed_error()
+            room, stop = threading.Condition(), threading.Event()
+            batches = ((b.sequence, b.body) for b in sync_requests(state, room, stop))
+            replies = self._transport.encode_stream(model, batches, state.window, self._call)
+            try:
+                for sequence, outcome in replies:
+                    results = state.ack(sequence, outcome)
+                    with room:
+                        room.notify_all()
+                    policy = state.policy()
+                    yield from results
+            except SIEError as error:
+                state.check()
+                delay = policy.delay_after(error)
+                if delay is None:
+                    raise
+                time.sleep(delay)
+            finally:
+                with room:
+                    stop.set()
+                    room.notify_all()
+                replies.close()  # type: ignore[attr-defined]
+            state.check()
 
     def score(self, model: str, query: Item, items: Sequence[Item], **kwargs: Any) -> ScoreResult:
         return self._run(self._core.score(model, query, items, **kwargs))

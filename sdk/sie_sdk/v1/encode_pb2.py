@@ -26,13 +26,15 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from sie_sdk.v1 import common_pb2 as sie_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13sie/v1/encode.proto\x12\x06sie.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x13sie/v1/common.proto\"a\n\rEncodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1b\n\x05items\x18\x02 \x03(\x0b\x32\x0c.sie.v1.Item\x12$\n\x06params\x18\x03 \x01(\x0b\x32\x14.sie.v1.EncodeParams\"\xda\x01\n\x0c\x45ncodeParams\x12\x14\n\x0coutput_types\x18\x01 \x03(\t\x12\x18\n\x0binstruction\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x14\n\x0coutput_dtype\x18\x03 \x01(\t\x12\x15\n\x08is_query\x18\x04 \x01(\x08H\x01\x88\x01\x01\x12(\n\x07options\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\ndimensions\x18\x06 \x01(\x05H\x02\x88\x01\x01\x42\x0e\n\x0c_instructionB\x0b\n\t_is_queryB\r\n\x0b_dimensions\"d\n\x0e\x45ncodeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x05items\x18\x02 \x03(\x0b\x32\x14.sie.v1.EncodeResult\x12\x1e\n\x06timing\x18\x03 \x01(\x0b\x32\x0e.sie.v1.Timing\"\xb5\x01\n\x0c\x45ncodeResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x05\x64\x65nse\x18\x02 \x01(\x0b\x32\x13.sie.v1.DenseVector\x12$\n\x06sparse\x18\x03 \x01(\x0b\x32\x14.sie.v1.SparseVector\x12(\n\x0bmultivector\x18\x04 \x01(\x0b\x32\x13.sie.v1.MultiVector\x12\x12\n\nnum_tokens\x18\x05 \x01(\x05\x12\x11\n\ttruncated\x18\x06 \x01(\x08\";\n\x0b\x44\x65nseVector\x12\x0c\n\x04\x64ims\x18\x01 \x01(\x05\x12\x1e\n\x06values\x18\x02 \x01(\x0b\x32\x0e.sie.v1.Tensor\"]\n\x0cSparseVector\x12\x0c\n\x04\x64ims\x18\x01 \x01(\x05\x12\x1f\n\x07indices\x18\x02 \x01(\x0b\x32\x0e.sie.v1.Tensor\x12\x1e\n\x06values\x18\x03 \x01(\x0b\x32\x0e.sie.v1.Tensor\"U\n\x0bMultiVector\x12\x12\n\ntoken_dims\x18\x01 \x01(\x05\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\x1e\n\x06values\x18\x03 \x01(\x0b\x32\x0e.sie.v1.Tensor2H\n\rEncodeService\x12\x37\n\x06\x45ncode\x12\x15.sie.v1.EncodeRequest\x1a\x16.sie.v1.EncodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13sie/v1/encode.proto\x12\x06sie.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x13sie/v1/common.proto\"a\n\rEncodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1b\n\x05items\x18\x02 \x03(\x0b\x32\x0c.sie.v1.Item\x12$\n\x06params\x18\x03 \x01(\x0b\x32\x14.sie.v1.EncodeParams\"\xda\x01\n\x0c\x45ncodeParams\x12\x14\n\x0coutput_types\x18\x01 \x03(\t\x12\x18\n\x0binstruction\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x14\n\x0coutput_dtype\x18\x03 \x01(\t\x12\x15\n\x08is_query\x18\x04 \x01(\x08H\x01\x88\x01\x01\x12(\n\x07options\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\ndimensions\x18\x06 \x01(\x05H\x02\x88\x01\x01\x42\x0e\n\x0c_instructionB\x0b\n\t_is_queryB\r\n\x0b_dimensions\"d\n\x0e\x45ncodeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x05items\x18\x02 \x03(\x0b\x32\x14.sie.v1.EncodeResult\x12\x1e\n\x06timing\x18\x03 \x01(\x0b\x32\x0e.sie.v1.Timing\"\xb5\x01\n\x0c\x45ncodeResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x05\x64\x65nse\x18\x02 \x01(\x0b\x32\x13.sie.v1.DenseVector\x12$\n\x06sparse\x18\x03 \x01(\x0b\x32\x14.sie.v1.SparseVector\x12(\n\x0bmultivector\x18\x04 \x01(\x0b\x32\x13.sie.v1.MultiVector\x12\x12\n\nnum_tokens\x18\x05 \x01(\x05\x12\x11\n\ttruncated\x18\x06 \x01(\x08\";\n\x0b\x44\x65nseVector\x12\x0c\n\x04\x64ims\x18\x01 \x01(\x05\x12\x1e\n\x06values\x18\x02 \x01(\x0b\x32\x0e.sie.v1.Tensor\"]\n\x0cSparseVector\x12\x0c\n\x04\x64ims\x18\x01 \x01(\x05\x12\x1f\n\x07indices\x18\x02 \x01(\x0b\x32\x0e.sie.v1.Tensor\x12\x1e\n\x06values\x18\x03 \x01(\x0b\x32\x0e.sie.v1.Tensor\"U\n\x0bMultiVector\x12\x12\n\ntoken_dims\x18\x01 \x01(\x05\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\x1e\n\x06values\x18\x03 \x01(\x0b\x32\x0e.sie.v1.Tensor\"_\n\x13\x45ncodeStreamRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12&\n\x07request\x18\x02 \x01(\x0b\x32\x15.sie.v1.EncodeRequest\x12\x0e\n\x06window\x18\x03 \x01(\r\"\x84\x01\n\x14\x45ncodeStreamResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12*\n\x08response\x18\x02 \x01(\x0b\x32\x16.sie.v1.EncodeResponseH\x00\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.sie.v1.StreamErrorH\x00\x42\x08\n\x06result\"\xac\x01\n\x0bStreamError\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x33\n\x08metadata\x18\x03 \x03(\x0b\x32!.sie.v1.StreamError.MetadataEntry\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\r\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\x97\x01\n\rEncodeService\x12\x37\n\x06\x45ncode\x12\x15.sie.v1.EncodeRequest\x1a\x16.sie.v1.EncodeResponse\x12M\n\x0c\x45ncodeStream\x12\x1b.sie.v1.EncodeStreamRequest\x1a\x1c.sie.v1.EncodeStreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sie.v1.encode_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_STREAMERROR_METADATAENTRY']._loaded_options = None
+  _globals['_STREAMERROR_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_ENCODEREQUEST']._serialized_start=82
   _globals['_ENCODEREQUEST']._serialized_end=179
   _globals['_ENCODEPARAMS']._serialized_start=182
@@ -47,6 +49,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SPARSEVECTOR']._serialized_end=842
   _globals['_MULTIVECTOR']._serialized_start=844
   _globals['_MULTIVECTOR']._serialized_end=929
-  _globals['_ENCODESERVICE']._serialized_start=931
-  _globals['_ENCODESERVICE']._serialized_end=1003
+  _globals['_ENCODESTREAMREQUEST']._serialized_start=931
+  _globals['_ENCODESTREAMREQUEST']._serialized_end=1026
+  _globals['_ENCODESTREAMRESPONSE']._serialized_start=1029
+  _globals['_ENCODESTREAMRESPONSE']._serialized_end=1161
+  _globals['_STREAMERROR']._serialized_start=1164
+  _globals['_STREAMERROR']._serialized_end=1336
+  _globals['_STREAMERROR_METADATAENTRY']._serialized_start=1289
+  _globals['_STREAMERROR_METADATAENTRY']._serialized_end=1336
+  _globals['_ENCODESERVICE']._serialized_start=1339
+  _globals['_ENCODESERVICE']._serialized_end=1490
 # @@protoc_insertion_point(module_scope)

@@ -260,3 +260,134 @@ class MultiVector(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MultiVector: _TypeAlias = MultiVector  # noqa: Y015
+
+@_typing.final
+class EncodeStreamRequest(_message.Message):
+    """One request of an EncodeStream, e.g. for grpcurl:
+      {"sequence": 1, "window": 8, "request": {"model": "BAAI/bge-m3", "items": [{"text": "hi"}]}}
+      {"sequence": 2, "request": {"model": "BAAI/bge-m3", "items": [{"text": "there"}]}}
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Client-chosen number, echoed in the response to this request (the SDK counts up from 1)."""
+    window: _builtins.int
+    """First message only (ignored later): how many requests the server works on at once for this
+    stream. 0: the server's default (4); capped by the server (64).
+    """
+    @_builtins.property
+    def request(self) -> Global___EncodeRequest:
+        """What to encode: exactly what `Encode` takes."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        request: Global___EncodeRequest | None = ...,
+        window: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request", b"request", "sequence", b"sequence", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EncodeStreamRequest: _TypeAlias = EncodeStreamRequest  # noqa: Y015
+
+@_typing.final
+class EncodeStreamResponse(_message.Message):
+    """The answer to one EncodeStreamRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """The request's `sequence`."""
+    @_builtins.property
+    def response(self) -> Global___EncodeResponse:
+        """What `Encode` answers for the request."""
+
+    @_builtins.property
+    def error(self) -> Global___StreamError:
+        """Why the request failed; the stream goes on."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        response: Global___EncodeResponse | None = ...,
+        error: Global___StreamError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "response", b"response", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "response", b"response", "result", b"result", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["response", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___EncodeStreamResponse: _TypeAlias = EncodeStreamResponse  # noqa: Y015
+
+@_typing.final
+class StreamError(_message.Message):
+    """A failed request of a stream: what `Encode` would have put in its error status."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_MS_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """A sie.v1.ErrorReason value name without the `ERROR_REASON_` prefix, e.g. "INVALID_INPUT"."""
+    message: _builtins.str
+    """Human-readable: names the problem."""
+    retry_after_ms: _builtins.int
+    """For retryable reasons: milliseconds after which sending the request again may succeed;
+    0 when retrying does not help.
+    """
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """ErrorInfo's metadata: the model, and what the reason adds."""
+
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        retry_after_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "metadata", b"metadata", "reason", b"reason", "retry_after_ms", b"retry_after_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamError: _TypeAlias = StreamError  # noqa: Y015

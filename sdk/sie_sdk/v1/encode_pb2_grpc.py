@@ -40,6 +40,11 @@ class EncodeServiceStub:
                 request_serializer=sie_dot_v1_dot_encode__pb2.EncodeRequest.SerializeToString,
                 response_deserializer=sie_dot_v1_dot_encode__pb2.EncodeResponse.FromString,
                 _registered_method=True)
+        self.EncodeStream = channel.stream_stream(
+                '/sie.v1.EncodeService/EncodeStream',
+                request_serializer=sie_dot_v1_dot_encode__pb2.EncodeStreamRequest.SerializeToString,
+                response_deserializer=sie_dot_v1_dot_encode__pb2.EncodeStreamResponse.FromString,
+                _registered_method=True)
 
 
 class EncodeServiceServicer:
@@ -53,6 +58,21 @@ class EncodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EncodeStream(self, request_iterator, context):
+        """Bulk encode: stream many requests, get one response per request, tagged with its
+        `sequence`. Each request is validated and run exactly as `Encode` runs it (its items batch
+        with unary traffic under the same admission and fairness rules). Responses come back in the
+        order the requests were sent. At most `window` requests are worked on at once; while the
+        window is full the server stops reading, so gRPC flow control holds the client back.
+        A failed request answers an `error` for its sequence and the stream goes on; QUEUE_FULL,
+        MODEL_LOADING, LORA_LOADING and MODEL_NOT_LOADED are retried by the server after their hint
+        instead, until the stream's deadline. Cancelling the stream (or its deadline
+        passing) cancels the requests still queued.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EncodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +80,11 @@ def add_EncodeServiceServicer_to_server(servicer, server):
                     servicer.Encode,
                     request_deserializer=sie_dot_v1_dot_encode__pb2.EncodeRequest.FromString,
                     response_serializer=sie_dot_v1_dot_encode__pb2.EncodeResponse.SerializeToString,
+            ),
+            'EncodeStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.EncodeStream,
+                    request_deserializer=sie_dot_v1_dot_encode__pb2.EncodeStreamRequest.FromString,
+                    response_serializer=sie_dot_v1_dot_encode__pb2.EncodeStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +115,33 @@ class EncodeService:
             '/sie.v1.EncodeService/Encode',
             sie_dot_v1_dot_encode__pb2.EncodeRequest.SerializeToString,
             sie_dot_v1_dot_encode__pb2.EncodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EncodeStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/sie.v1.EncodeService/EncodeStream',
+            sie_dot_v1_dot_encode__pb2.EncodeStreamRequest.SerializeToString,
+            sie_dot_v1_dot_encode__pb2.EncodeStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,17 @@ class EncodeServiceStub:
     def __new__(cls, channel: _aio.Channel) -> EncodeServiceAsyncStub: ...
     Encode: _grpc.UnaryUnaryMultiCallable[_encode_pb2.EncodeRequest, _encode_pb2.EncodeResponse]
     """Encode items with one model. One result per item, in request order."""
+    EncodeStream: _grpc.StreamStreamMultiCallable[_encode_pb2.EncodeStreamRequest, _encode_pb2.EncodeStreamResponse]
+    """Bulk encode: stream many requests, get one response per request, tagged with its
+    `sequence`. Each request is validated and run exactly as `Encode` runs it (its items batch
+    with unary traffic under the same admission and fairness rules). Responses come back in the
+    order the requests were sent. At most `window` requests are worked on at once; while the
+    window is full the server stops reading, so gRPC flow control holds the client back.
+    A failed request answers an `error` for its sequence and the stream goes on; QUEUE_FULL,
+    MODEL_LOADING, LORA_LOADING and MODEL_NOT_LOADED are retried by the server after their hint
+    instead, until the stream's deadline. Cancelling the stream (or its deadline
+    passing) cancels the requests still queued.
+    """
 
 @_typing.type_check_only
 class EncodeServiceAsyncStub(EncodeServiceStub):
@@ -43,6 +54,17 @@ class EncodeServiceAsyncStub(EncodeServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Encode: _aio.UnaryUnaryMultiCallable[_encode_pb2.EncodeRequest, _encode_pb2.EncodeResponse]  # type: ignore[assignment]
     """Encode items with one model. One result per item, in request order."""
+    EncodeStream: _aio.StreamStreamMultiCallable[_encode_pb2.EncodeStreamRequest, _encode_pb2.EncodeStreamResponse]  # type: ignore[assignment]
+    """Bulk encode: stream many requests, get one response per request, tagged with its
+    `sequence`. Each request is validated and run exactly as `Encode` runs it (its items batch
+    with unary traffic under the same admission and fairness rules). Responses come back in the
+    order the requests were sent. At most `window` requests are worked on at once; while the
+    window is full the server stops reading, so gRPC flow control holds the client back.
+    A failed request answers an `error` for its sequence and the stream goes on; QUEUE_FULL,
+    MODEL_LOADING, LORA_LOADING and MODEL_NOT_LOADED are retried by the server after their hint
+    instead, until the stream's deadline. Cancelling the stream (or its deadline
+    passing) cancels the requests still queued.
+    """
 
 class EncodeServiceServicer(metaclass=_abc_1.ABCMeta):
     """Embeddings: dense, sparse and multivector."""
@@ -54,5 +76,22 @@ class EncodeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_encode_pb2.EncodeResponse, _abc.Awaitable[_encode_pb2.EncodeResponse]]:
         """Encode items with one model. One result per item, in request order."""
+
+    @_abc_1.abstractmethod
+    def EncodeStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_encode_pb2.EncodeStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_encode_pb2.EncodeStreamResponse], _abc.AsyncIterator[_encode_pb2.EncodeStreamResponse]]:
+        """Bulk encode: stream many requests, get one response per request, tagged with its
+        `sequence`. Each request is validated and run exactly as `Encode` runs it (its items batch
+        with unary traffic under the same admission and fairness rules). Responses come back in the
+        order the requests were sent. At most `window` requests are worked on at once; while the
+        window is full the server stops reading, so gRPC flow control holds the client back.
+        A failed request answers an `error` for its sequence and the stream goes on; QUEUE_FULL,
+        MODEL_LOADING, LORA_LOADING and MODEL_NOT_LOADED are retried by the server after their hint
+        instead, until the stream's deadline. Cancelling the stream (or its deadline
+        passing) cancels the requests still queued.
+        """
 
 def add_EncodeServiceServicer_to_server(servicer: EncodeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,9 +1,13 @@
 """``sie.v1.EncodeService``: the servicer and its converters.
 
 The response echoes the model name the client sent (a ``<name>:<profile>`` variant too); the
-engine runs under the catalog name. Items may carry token ids (decoded by the family)."""
+engine runs under the catalog name. Items may carry token ids (decoded by the family).
+``EncodeStream`` runs each of its messages through the same ``encode`` (see ``encode_stream``)."""
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from sie_sdk.tensors import DTYPE_BY_NAME, to_tensor
 from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc
@@ -19,6 +23,7 @@ from sie_server.grpc_api.convert import (
     struct_to_dict,
     timing_pb,
 )
+from sie_server.grpc_api.encode_stream import StreamMetrics, encode_stream
 from sie_server.grpc_api.errors import translate_errors
 from sie_server.tasks.common import RequestLimits
 from sie_server.tasks.encode import EncodedItem, EncodeParams, resolve_encode
@@ -33,6 +38,26 @@ class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
     async def Encode(
         self, request: encode_pb2.EncodeRequest, context: Context
     ) -> encode_pb2.EncodeResponse:
+        return await self.encode(request, deadline_of(context))
+
+    async def EncodeStream(
+        self, request_iterator: AsyncIterator[encode_pb2.EncodeStreamRequest], context: Context
+    ) -> AsyncIterator[encode_pb2.EncodeStreamResponse]:
+        # An async generator function itself: grpc tells stream handlers apart by that.
+        responses = encode_stream(
+            request_iterator,
+            lambda request: self.encode(request, deadline_of(context)),
+            StreamMetrics(self.registry),
+        )
+        async with aclosing(responses):
+            async for response in responses:
+                yield response
+
+    async def encode(
+        self, request: encode_pb2.EncodeRequest, deadline: float | None
+    ) -> encode_pb2.EncodeResponse:
+        """One request, validated and run through the engine: what ``Encode`` and each message
+        of ``EncodeStream`` do. Domain errors propagate as ``SIEServerError``."""
         ref, cls = self.registry.require_task(request.model, "encode")
         assert issubclass(cls, Encoder)
         spec = ref.spec
@@ -50,7 +75,7 @@ class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
             ),
             accepted_options=cls.encode_options,
             limits=self.limits,
-            deadline=deadline_of(context),
+            deadline=deadline,
         )
         outcome = await self.registry.encode(spec.name, call)
         dtype = DTYPE_BY_NAME[call.output_dtype]

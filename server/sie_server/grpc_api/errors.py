@@ -81,7 +81,7 @@ def translate_errors(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
             registry = self.registry
             registry.metrics.inc(
                 REQUESTS_TOTAL,
-                model=_model_label(registry, request),
+                model=model_label(registry, request),
                 endpoint=endpoint,
                 status=status,
             )
@@ -115,7 +115,7 @@ def _snake_case(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
-def _model_label(registry: Any, request: Any) -> str:
+def model_label(registry: Any, request: Any) -> str:
     """The catalog name of the model the request names, "" when none or not in the catalog."""
     name = getattr(request, "model", None)
     if name is None:

@@ -2,8 +2,9 @@
 
 ``RejectMalformed``: a request whose bytes do not parse as its message (corrupt wire format,
 truncated, wrong field types) is answered INVALID_ARGUMENT with our ``ErrorInfo``
-(``INVALID_INPUT``), like every other bad input. Without it grpc's own deserializer raises before
-the servicer and the caller gets UNKNOWN.
+(``INVALID_INPUT``), like every other bad input; in a request stream, such a message ends the
+stream that way. Without it grpc's own deserializer raises before the servicer and the caller
+gets UNKNOWN.
 """
 
 from __future__ import annotations
@@ -74,6 +75,28 @@ class RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
             return grpc.unary_stream_rpc_method_handler(
                 stream_behavior,
+                request_deserializer=deserialize,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream is not None:
+            bidi: Any = handler.stream_stream
+
+            async def bidi_behavior(
+                requests: AsyncIterator[Any], context: Context
+            ) -> AsyncIterator[Any]:
+                # A message that does not parse has no sequence to answer: it ends the stream
+                # with INVALID_ARGUMENT (the responses before it were sent).
+                async def checked() -> AsyncIterator[Any]:
+                    async for request in requests:
+                        if isinstance(request, _Malformed):
+                            await _refuse(context, request)
+                        yield request
+
+                async for message in bidi(checked(), context):
+                    yield message
+
+            return grpc.stream_stream_rpc_method_handler(
+                bidi_behavior,
                 request_deserializer=deserialize,
                 response_serializer=handler.response_serializer,
             )

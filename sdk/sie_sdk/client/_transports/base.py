@@ -54,6 +54,14 @@ class Transport(Protocol):
 
     def watch_status(self, interval_ms: int, call: CallOptions) -> Iterator[dict[str, Any]]: ...
 
+    def encode_stream(
+        self,
+        model: str,
+        batches: Iterator[tuple[int, Mapping[str, Any]]],
+        window: int,
+        call: CallOptions,
+    ) -> Iterator[tuple[int, Any]]: ...
+
     def close(self) -> None: ...
 
 
@@ -67,5 +75,13 @@ class AsyncTransport(Protocol):
     def watch_status(
         self, interval_ms: int, call: CallOptions
     ) -> AsyncIterator[dict[str, Any]]: ...
+
+    def encode_stream(
+        self,
+        model: str,
+        batches: AsyncIterator[tuple[int, Mapping[str, Any]]],
+        window: int,
+        call: CallOptions,
+    ) -> AsyncIterator[tuple[int, Any]]: ...
 
     async def close(self) -> None: ...

@@ -29,10 +29,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sie_sdk.client._transports.base import CallOptions, Kind, Operation
 from sie_sdk.client.errors import SIEError, error_from_detail
 from sie_sdk.convert import from_proto, to_proto
-from sie_sdk.reasons import error_from_rpc
+from sie_sdk.reasons import REASONS, ErrorDetail, error_from_rpc
 from sie_sdk.targets import ROUND_ROBIN, grpc_target
 from sie_sdk.tls import ClientTLS
 from sie_sdk.v1 import (
+    encode_pb2,
     encode_pb2_grpc,
     extract_pb2_grpc,
     models_pb2,
@@ -139,6 +140,38 @@ def _failure(exc: grpc.RpcError) -> SIEError:
     return error_from_detail(error_from_rpc(exc))
 
 
+def _stream_message(
+    model: str, sequence: int, body: Mapping[str, Any], window: int
+) -> encode_pb2.EncodeStreamRequest:
+    """One EncodeStream message; ``window``: set on a stream's first message only (else 0)."""
+    return encode_pb2.EncodeStreamRequest(
+        sequence=sequence, request=to_proto.encode_request(model, body), window=window
+    )
+
+
+def _stream_outcome(message: encode_pb2.EncodeStreamResponse) -> tuple[int, Any]:
+    """(sequence, the response in the HTTP API's shape, or the SIEError the request failed
+    with: the one a unary call would raise)."""
+    if message.WhichOneof("result") != "error":
+        return message.sequence, unpacked(from_proto.encode_response(message.response))
+    error = message.error
+    detail = ErrorDetail(
+        reason=error.reason if error.reason in REASONS else "INTERNAL_ERROR",
+        message=error.message,
+        model=error.metadata.get("model"),
+        retry_after_s=error.retry_after_ms / 1000 if error.retry_after_ms else None,
+        metadata=dict(error.metadata),
+    )
+    return message.sequence, error_from_detail(detail)
+
+
+def _stream_messages(
+    model: str, batches: Iterator[tuple[int, Mapping[str, Any]]], window: int
+) -> Iterator[encode_pb2.EncodeStreamRequest]:
+    for index, (sequence, body) in enumerate(batches):
+        yield _stream_message(model, sequence, body, window if index == 0 else 0)
+
+
 class GrpcTransport:
     def __init__(self, base_url: str) -> None:
         target = parse_target(base_url)
@@ -173,6 +206,26 @@ class GrpcTransport:
         try:
             for message in stream:
                 yield from_proto.status_message(message)
+        except grpc.RpcError as exc:
+            raise _failure(exc) from exc
+        finally:
+            stream.cancel()
+
+    def encode_stream(
+        self,
+        model: str,
+        batches: Iterator[tuple[int, Mapping[str, Any]]],
+        window: int,
+        call: CallOptions,
+    ) -> Iterator[tuple[int, Any]]:
+        """One EncodeStream: (sequence, response or SIEError) per batch, in order. No deadline:
+        a bulk stream lasts as long as its input."""
+        stream = self.stubs.encode.EncodeStream(
+            _stream_messages(model, batches, window), metadata=_metadata(call)
+        )
+        try:
+            for message in stream:
+                yield _stream_outcome(message)
         except grpc.RpcError as exc:
             raise _failure(exc) from exc
         finally:
@@ -220,6 +273,30 @@ class AsyncGrpcTransport:
         try:
             async for message in stream:
                 yield from_proto.status_message(message)
+        except grpc.RpcError as exc:
+            raise _failure(exc) from exc
+        finally:
+            stream.cancel()
+
+    async def encode_stream(
+        self,
+        model: str,
+        batches: AsyncIterator[tuple[int, Mapping[str, Any]]],
+        window: int,
+        call: CallOptions,
+    ) -> AsyncIterator[tuple[int, Any]]:
+        """One EncodeStream: (sequence, response or SIEError) per batch, in order."""
+
+        async def messages() -> AsyncIterator[encode_pb2.EncodeStreamRequest]:
+            index = 0
+            async for sequence, body in batches:
+                yield _stream_message(model, sequence, body, window if index == 0 else 0)
+                index += 1
+
+        stream = self.stubs.encode.EncodeStream(messages(), metadata=_metadata(call))
+        try:
+            async for message in stream:
+                yield _stream_outcome(message)
         except grpc.RpcError as exc:
             raise _failure(exc) from exc
         finally:

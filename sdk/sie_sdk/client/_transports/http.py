@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 from sie_sdk import __version__
+from sie_sdk.client._stream import http_unsupported
 from sie_sdk.client._transports.base import CallOptions, Operation
 from sie_sdk.client.errors import (
     RequestError,
@@ -129,6 +130,15 @@ class HttpTransport:
         except httpx.TransportError:
             return False
 
+    def encode_stream(
+        self,
+        model: str,
+        batches: Iterator[tuple[int, Mapping[str, Any]]],
+        window: int,
+        call: CallOptions,
+    ) -> Iterator[tuple[int, Any]]:
+        raise http_unsupported()
+
     def watch_status(self, interval_ms: int, call: CallOptions) -> Iterator[dict[str, Any]]:
         from websockets.exceptions import WebSocketException
         from websockets.sync.client import connect
@@ -162,6 +172,15 @@ class AsyncHttpTransport:
         except httpx.TransportError:
             return False
         return response.status_code == 200
+
+    def encode_stream(
+        self,
+        model: str,
+        batches: AsyncIterator[tuple[int, Mapping[str, Any]]],
+        window: int,
+        call: CallOptions,
+    ) -> AsyncIterator[tuple[int, Any]]:
+        raise http_unsupported()
 
     async def watch_status(
         self, interval_ms: int, call: CallOptions

@@ -1,0 +1,306 @@
+"""``EncodeService.EncodeStream`` end to end on the fake adapter: every request answered once, in
+order, equal to the unary answer; bad requests answered as errors without ending the stream; the
+window bounds the work admitted; cancelling frees the queued work; unary calls get served
+meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from sie_sdk.tensors import from_tensor
+from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc
+
+from tests.fakes import FakeAdapter, expected_vector
+from tests.server_utils import (
+    ServerHandle,
+    eventually,
+    fake_entry,
+    serving,
+    write_catalog_entry,
+)
+
+MODEL = "fake/stream"
+MAX_LENGTH = 64
+
+
+@asynccontextmanager
+async def fake_server(tmp_path: Path, **overrides: Any) -> AsyncIterator[ServerHandle]:
+    catalog = tmp_path / "catalog"
+    write_catalog_entry(catalog, fake_entry(MODEL))
+    async with serving([catalog], preload=[MODEL], **overrides) as handle:
+        yield handle
+
+
+def adapter_of(handle: ServerHandle) -> FakeAdapter:
+    adapter = handle.running.registry.entry(MODEL).adapter
+    assert isinstance(adapter, FakeAdapter)
+    return adapter
+
+
+def pending_items(handle: ServerHandle) -> int:
+    executor = handle.running.registry.entry(MODEL).executor
+    assert executor is not None
+    return executor.pending_items
+
+
+def request(texts: Sequence[str], model: str = MODEL) -> encode_pb2.EncodeRequest:
+    return encode_pb2.EncodeRequest(
+        model=model, items=[common_pb2.Item(id=f"id-{i}", text=t) for i, t in enumerate(texts)]
+    )
+
+
+def texts_of(sequence: int, count: int) -> list[str]:
+    return [f"request {sequence} text {i}" for i in range(count)]
+
+
+def messages(
+    requests: Iterable[encode_pb2.EncodeRequest], window: int = 0
+) -> Iterator[encode_pb2.EncodeStreamRequest]:
+    """Stream messages numbered from 1; the first one carries ``window``."""
+    for sequence, req in enumerate(requests, start=1):
+        yield encode_pb2.EncodeStreamRequest(
+            sequence=sequence, request=req, window=window if sequence == 1 else 0
+        )
+
+
+def results_only(response: encode_pb2.EncodeResponse) -> list[encode_pb2.EncodeResult]:
+    """The per-item results (timing differs from call to call)."""
+    return list(response.items)
+
+
+def assert_encodes(response: encode_pb2.EncodeResponse, texts: Sequence[str]) -> None:
+    assert [item.id for item in response.items] == [f"id-{i}" for i in range(len(texts))]
+    for item, text in zip(response.items, texts, strict=True):
+        np.testing.assert_array_equal(
+            from_tensor(item.dense.values), expected_vector(text, MAX_LENGTH)
+        )
+
+
+async def test_many_requests_stream_through_in_order_and_equal_unary(tmp_path: Path) -> None:
+    count, per_request = 2000, 50
+    async with fake_server(tmp_path) as handle:
+        stub = encode_pb2_grpc.EncodeServiceStub(handle.channel)
+        requests = [request(texts_of(seq, per_request)) for seq in range(1, count + 1)]
+        call = stub.EncodeStream(messages(requests, window=8))
+        responses = [response async for response in call]
+        assert [r.sequence for r in responses] == list(range(1, count + 1))
+        assert all(r.WhichOneof("result") == "response" for r in responses)
+        for sequence, response in enumerate(responses, start=1):
+            assert_encodes(response.response, texts_of(sequence, per_request))
+        # The unary call answers the same for the same request (a sample: the unary path is
+        # the slow part of this test).
+        for sequence in range(1, count + 1, 97):
+            unary = await stub.Encode(requests[sequence - 1])
+            assert results_only(unary) == results_only(responses[sequence - 1].response)
+            assert unary.model == responses[sequence - 1].response.model == MODEL
+        assert pending_items(handle) == 0
+
+
+async def test_a_bad_request_is_answered_as_an_error_and_the_stream_goes_on(
+    tmp_path: Path,
+) -> None:
+    async with fake_server(tmp_path) as handle:
+        stub = encode_pb2_grpc.EncodeServiceStub(handle.channel)
+        good = [request(texts_of(seq, 3)) for seq in range(1, 21)]
+        no_text = encode_pb2.EncodeRequest(model=MODEL, items=[common_pb2.Item(id="empty")])
+        unknown_model = request(["hello"], model="no/such-model")
+        stream = [*good[:10], no_text, unknown_model, *good[10:]]
+        sent = list(messages(stream, window=4))
+        sent.insert(5, encode_pb2.EncodeStreamRequest(sequence=999))  # carries no request
+        responses = [response async for response in stub.EncodeStream(iter(sent))]
+
+        assert [r.sequence for r in responses] == [m.sequence for m in sent]
+        by_sequence = {r.sequence: r for r in responses}
+        errors = {r.sequence: r.error for r in responses if r.WhichOneof("result") == "error"}
+        assert sorted(errors) == [11, 12, 999]
+
+        assert errors[11].reason == "INVALID_INPUT"
+        assert "text" in errors[11].message
+        assert errors[12].reason == "MODEL_NOT_FOUND"
+        assert "no/such-model" in errors[12].message
+        assert errors[999].reason == "INVALID_INPUT"
+        assert "no request" in errors[999].message
+        # The same request sent unary fails with the same reason and message.
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await stub.Encode(no_text)
+        assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert failed.value.details() == errors[11].message
+
+        for index in range(len(good)):
+            sequence = index + 1 if index < 10 else index + 3
+            response = by_sequence[sequence]
+            assert response.WhichOneof("result") == "response"
+            assert_encodes(response.response, texts_of(index + 1, 3))
+        # Each streamed request is counted once, like a unary call.
+        assert streamed(handle, MODEL, "ok") == len(good)
+        assert streamed(handle, MODEL, "INVALID_INPUT") == 1
+        assert streamed(handle, "", "MODEL_NOT_FOUND") == 1
+
+
+def streamed(handle: ServerHandle, model: str, status: str) -> int:
+    """How many streamed requests on ``model`` the server answered with ``status``."""
+    metrics = handle.running.registry.metrics
+    return metrics.counter(
+        "sie_requests_total", model=model, endpoint="encode_stream", status=status
+    )
+
+
+async def test_the_window_bounds_the_requests_admitted(tmp_path: Path) -> None:
+    window, per_request, count = 3, 2, 12
+    async with fake_server(tmp_path) as handle:
+        stub = encode_pb2_grpc.EncodeServiceStub(handle.channel)
+        adapter = adapter_of(handle)
+        warmup = adapter.passes_started  # passes the load ran
+        adapter.hold()
+        try:
+            requests = [request(texts_of(seq, per_request)) for seq in range(1, count + 1)]
+            call = stub.EncodeStream(messages(requests, window=window))
+            collected = asyncio.ensure_future(collect(call))
+            await eventually(lambda: adapter.passes_started == warmup + 1, "the model is busy")
+            await eventually(
+                lambda: pending_items(handle) == window * per_request, "the window is admitted"
+            )
+            for _ in range(20):  # let the loop run: more would be admitted if the bound broke
+                await asyncio.sleep(0.01)
+                assert pending_items(handle) == window * per_request
+            # The server is not full: a unary call is admitted beside the stream.
+            unary = asyncio.ensure_future(stub.Encode(request(["interactive query"])))
+            await eventually(
+                lambda: pending_items(handle) == window * per_request + 1,
+                "the unary call is admitted",
+            )
+        finally:
+            adapter.release()
+        responses = await collected
+        assert [r.sequence for r in responses] == list(range(1, count + 1))
+        assert_encodes((await unary), ["interactive query"])
+        assert pending_items(handle) == 0
+
+
+async def collect(
+    call: grpc.aio.StreamStreamCall[
+        encode_pb2.EncodeStreamRequest, encode_pb2.EncodeStreamResponse
+    ],
+) -> list[encode_pb2.EncodeStreamResponse]:
+    return [response async for response in call]
+
+
+async def test_cancelling_the_stream_frees_its_queued_work(tmp_path: Path) -> None:
+    window, per_request = 4, 3
+    async with fake_server(tmp_path) as handle:
+        stub = encode_pb2_grpc.EncodeServiceStub(handle.channel)
+        adapter = adapter_of(handle)
+        warmup = adapter.passes_started  # passes the load ran
+        adapter.hold()
+        try:
+            # A unary call holds the model, so every streamed item waits in the queue.
+            first = asyncio.ensure_future(stub.Encode(request(["saturating first pass"])))
+            await eventually(lambda: adapter.passes_started == warmup + 1, "the model is busy")
+            requests = (request(texts_of(seq, per_request)) for seq in range(1, 10_000))
+            call = stub.EncodeStream(messages(requests, window=window))
+            await eventually(
+                lambda: pending_items(handle) == 1 + window * per_request, "the window is queued"
+            )
+            call.cancel()
+            await eventually(lambda: pending_items(handle) == 1, "the queued work is freed")
+        finally:
+            adapter.release()
+        assert_encodes(await first, ["saturating first pass"])
+        assert await call.code() == grpc.StatusCode.CANCELLED
+        await eventually(lambda: pending_items(handle) == 0, "the executor is empty")
+        ran = [p.texts for p in adapter.passes[warmup:]]
+        assert ran == [("saturating first pass",)], "no streamed item ran"
+        # The server serves on.
+        assert_encodes(await stub.Encode(request(["after the cancel"])), ["after the cancel"])
+
+
+async def test_queue_full_is_retried_by_the_server(tmp_path: Path) -> None:
+    async with fake_server(tmp_path, max_pending_items=4) as handle:
+        stub = encode_pb2_grpc.EncodeServiceStub(handle.channel)
+        adapter = adapter_of(handle)
+        warmup = adapter.passes_started  # passes the load ran
+        adapter.hold()
+        try:
+            requests = [request(texts_of(seq, 3)) for seq in range(1, 5)]
+            collected = asyncio.ensure_future(
+                collect(stub.EncodeStream(messages(requests, window=4)))
+            )
+            await eventually(lambda: adapter.passes_started == warmup + 1, "the model is busy")
+            # The first request fills the queue; the next ones are refused QUEUE_FULL for now.
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Encode(request(["refused while full", "and this"]))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            adapter.release()
+        responses = await collected
+        assert [r.sequence for r in responses] == [1, 2, 3, 4]
+        for sequence, response in enumerate(responses, start=1):
+            assert response.WhichOneof("result") == "response", response.error
+            assert_encodes(response.response, texts_of(sequence, 3))
+
+
+async def test_a_loading_model_is_waited_for_not_answered_as_an_error(tmp_path: Path) -> None:
+    catalog = tmp_path / "catalog"
+    write_catalog_entry(catalog, fake_entry(MODEL))
+    async with serving([catalog]) as handle:  # not preloaded: the first request loads it
+        stub = encode_pb2_grpc.EncodeServiceStub(handle.channel)
+        requests = [request(texts_of(seq, 2)) for seq in range(1, 4)]
+        responses = await collect(stub.EncodeStream(messages(requests)))
+        assert [r.sequence for r in responses] == [1, 2, 3]
+        for sequence, response in enumerate(responses, start=1):
+            assert response.WhichOneof("result") == "response", response.error
+            assert_encodes(response.response, texts_of(sequence, 2))
+        assert streamed(handle, MODEL, "ok") == 3
+
+
+async def test_unary_calls_are_served_while_a_stream_runs(tmp_path: Path) -> None:
+    count = 400
+    async with fake_server(tmp_path) as handle:
+        stub = encode_pb2_grpc.EncodeServiceStub(handle.channel)
+        received: list[encode_pb2.EncodeStreamResponse] = []
+
+        async def consume() -> None:
+            requests = [request(texts_of(seq, 20)) for seq in range(1, count + 1)]
+            async for response in stub.EncodeStream(messages(requests, window=4)):
+                received.append(response)
+
+        stream = asyncio.ensure_future(consume())
+        await eventually(lambda: len(received) > 0, "the stream is running")
+        served_while_streaming = 0
+        for index in range(5):
+            text = f"interactive query {index}"
+            assert_encodes(await stub.Encode(request([text])), [text])
+            served_while_streaming += len(received) < count
+        await stream
+        assert served_while_streaming == 5, "each unary call finished before the stream did"
+        assert [r.sequence for r in received] == list(range(1, count + 1))
+
+
+async def test_a_message_that_does_not_parse_ends_the_stream_with_invalid_argument(
+    tmp_path: Path,
+) -> None:
+    async with fake_server(tmp_path) as handle:
+        raw = handle.channel.stream_stream(
+            "/sie.v1.EncodeService/EncodeStream",
+            request_serializer=lambda data: data,
+            response_deserializer=encode_pb2.EncodeStreamResponse.FromString,
+        )
+        first = encode_pb2.EncodeStreamRequest(sequence=1, request=request(["fine"]))
+        corrupt = b"\x0a\xff\xff\xff\xff\x0f"  # field 1, a length far past the message's end
+        call = raw(iter([first.SerializeToString(), corrupt]))
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            async for _ in call:
+                pass
+        assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "EncodeStream: the request is not a valid message" in str(failed.value.details())
+        # The server goes on serving streams.
+        stub = encode_pb2_grpc.EncodeServiceStub(handle.channel)
+        responses = [r async for r in stub.EncodeStream(iter([first]))]
+        assert [r.WhichOneof("result") for r in responses] == ["response"]
