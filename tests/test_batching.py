@@ -413,3 +413,44 @@ def test_two_bulk_requests_are_served_turn_by_turn() -> None:
     assert first_of_two == 1, "the second request rides in the second batch"
     assert last_of_one > first_of_two
     assert len(batches) == 6
+
+
+# ---- bulk (streamed) work yields to interactive work -------------------------------------------
+def bulk_item(cost: int, request: int) -> WorkItem:
+    return WorkItem(None, cost, "k", _NO_RUNNER, _NO_FUTURE, request=request, bulk=True)
+
+
+def test_an_interactive_item_anchors_before_older_bulk_and_runs_without_it() -> None:
+    queue = PendingQueue()
+    bulk = [bulk_item(16, request=1_000_000) for _ in range(40)]
+    for it in bulk:
+        queue.push(it)
+    query = item(16)
+    queue.push(query)
+    assert queue.bulk == 40
+    limits = BatchLimits(16384, 64, 1.0)
+    batch = queue.take_batch(limits)
+    assert batch is not None
+    assert batch.items == [query], "the interactive item runs in a batch of its own kind"
+    assert queue.bulk == 40
+    rest = queue.take_batch(limits)
+    assert rest is not None
+    assert len(rest.items) == 40
+    assert queue.bulk == 0
+
+
+def test_bulk_limits_hold_bulk_batches_only() -> None:
+    queue = PendingQueue()
+    for _ in range(20):
+        queue.push(bulk_item(16, request=2_000_000))
+    small = BatchLimits(16384, 8, 1.0)
+    batch = queue.take_batch(BatchLimits(16384, 64, 1.0), bulk_limits=small)
+    assert batch is not None
+    assert len(batch.items) == 8
+    interactive = [item(16) for _ in range(20)]
+    for it in interactive:
+        queue.push(it)
+    batch = queue.take_batch(BatchLimits(16384, 64, 1.0), bulk_limits=small)
+    assert batch is not None
+    assert batch.items == sorted(interactive, key=lambda it: it.cost)
+    assert len(batch.items) == 20, "interactive batches keep the normal limits"

@@ -44,6 +44,12 @@ def adapter_of(handle: ServerHandle) -> FakeAdapter:
     return adapter
 
 
+def queued_items(handle: ServerHandle) -> int:
+    executor = handle.running.registry.entry(MODEL).executor
+    assert executor is not None
+    return executor.queued_items
+
+
 def pending_items(handle: ServerHandle) -> int:
     executor = handle.running.registry.entry(MODEL).executor
     assert executor is not None
@@ -304,3 +310,33 @@ async def test_a_message_that_does_not_parse_ends_the_stream_with_invalid_argume
         stub = encode_pb2_grpc.EncodeServiceStub(handle.channel)
         responses = [r async for r in stub.EncodeStream(iter([first]))]
         assert [r.WhichOneof("result") for r in responses] == ["response"]
+
+
+async def test_streamed_work_yields_to_an_interactive_call(tmp_path: Path) -> None:
+    """An interactive call that arrives while a bulk stream keeps the model busy runs in a batch
+    of its own as soon as the passes already formed end, and the bulk batches formed while it is
+    about stay short (``--bulk-batch-items``, 8)."""
+    async with fake_server(tmp_path) as handle:
+        stub = encode_pb2_grpc.EncodeServiceStub(handle.channel)
+        adapter = adapter_of(handle)
+        warmup = adapter.passes_started
+        adapter.hold()
+        try:
+            bulk = (request(texts_of(seq, 64)) for seq in range(1, 7))
+            call = stub.EncodeStream(messages(bulk, window=3))
+            await eventually(lambda: adapter.passes_started == warmup + 1, "a bulk pass runs")
+            # The window's three requests: one pass running, one prepared, one queued.
+            await eventually(lambda: pending_items(handle) == 3 * 64, "the window is admitted")
+            await eventually(lambda: queued_items(handle) == 64, "two passes are formed")
+            query = asyncio.ensure_future(stub.Encode(request(["interactive query"])))
+            await eventually(lambda: queued_items(handle) == 65, "the query is queued")
+        finally:
+            adapter.release()
+        assert_encodes(await query, ["interactive query"])
+        answers = await collect(call)
+        assert [a.WhichOneof("result") for a in answers] == ["response"] * 6
+        ran = [p.texts for p in adapter.passes[warmup:]]
+        at = ran.index(("interactive query",))
+        assert at <= 2, f"the query waited for {at} passes: {[len(t) for t in ran]}"
+        assert all(len(texts) <= 8 for texts in ran[at + 1 :]), [len(t) for t in ran]
+        assert sum(len(t) for t in ran) == 6 * 64 + 1

@@ -51,6 +51,8 @@ class Settings:
     max_pending_tokens: int = 262144
     max_pending_items: int = 8192
     max_preparing_requests: int = 64
+    #: Items per batch of streamed (bulk) work while interactive requests are about.
+    bulk_batch_items: int = 8
     max_items_per_request: int = 1024
     max_text_chars: int = 1_000_000
     max_labels: int = 256
@@ -177,6 +179,12 @@ _OPTIONS: tuple[Option, ...] = (
     ("max-pending-tokens", int, "admitted tokens per model before QUEUE_FULL"),
     ("max-pending-items", int, "admitted items per model before QUEUE_FULL"),
     ("max-preparing-requests", int, "requests per model tokenized at once before QUEUE_FULL"),
+    (
+        "bulk-batch-items",
+        int,
+        "items per batch of streamed (EncodeStream) work while interactive requests arrived in "
+        "the last second, so that they wait for a short batch at most",
+    ),
     ("max-items-per-request", int, "items in one request at most"),
     ("max-text-chars", int, "characters of one text at most (INVALID_INPUT past it)"),
     ("max-labels", int, "labels of one extract request at most (INVALID_INPUT past it)"),

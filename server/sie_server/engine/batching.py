@@ -12,6 +12,10 @@
   padding cap (padding at most ``max_padding`` of the padded tokens), and among the windows
   holding the oldest item it takes the most items, then the least padding. Items left out wait
   for a batch of lengths like theirs.
+* Bulk work (streamed requests) yields to interactive work: an interactive item anchors before
+  any bulk item, and its batch holds interactive items only (bulk items would lengthen its forward
+  pass). A bulk batch may get tighter limits (``bulk_limits``: the executor sets them while
+  interactive traffic is about), so that an interactive arrival waits at most a short batch.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class PendingQueue:
         #: Per request with pending items: how many are pending, and how many were batched.
         self._pending_of: dict[int, int] = {}
         self._served: dict[int, int] = {}
+        self._bulk = 0
 
     def __len__(self) -> int:
         return self._count
@@ -62,10 +67,16 @@ class PendingQueue:
     def cost(self) -> int:
         return self._cost
 
+    @property
+    def bulk(self) -> int:
+        """Bulk items pending."""
+        return self._bulk
+
     def push(self, item: WorkItem) -> None:
         self._groups.setdefault(item.key, []).append(item)
         self._count += 1
         self._cost += item.cost
+        self._bulk += item.bulk
         self._pending_of[item.request] = self._pending_of.get(item.request, 0) + 1
 
     def __iter__(self) -> Iterator[WorkItem]:
@@ -102,10 +113,18 @@ class PendingQueue:
         """Whether some group could fill a batch on its own (worth preparing ahead)."""
         return bool(self._full_keys(limits))
 
-    def take_batch(self, limits: BatchLimits, *, full_only: bool = False) -> Batch | None:
-        """The batch of the group holding the oldest item; with ``full_only`` (preparing ahead
-        while the model runs), of the oldest group that can fill a batch, so the prepared slot
-        never holds a small batch of another group while a full one waits."""
+    def take_batch(
+        self,
+        limits: BatchLimits,
+        *,
+        full_only: bool = False,
+        bulk_limits: BatchLimits | None = None,
+    ) -> Batch | None:
+        """The batch of the group holding the anchor (``anchor_order``); with ``full_only``
+        (preparing ahead while the model runs), of the oldest group that can fill a batch, so the
+        prepared slot never holds a small batch of another group while a full one waits. The
+        batch holds items of the anchor's kind only (interactive or bulk); a bulk batch is held
+        to ``bulk_limits`` when given."""
         keys = self._full_keys(limits) if full_only else list(self._groups)
         if not keys:
             return None
@@ -114,7 +133,9 @@ class PendingQueue:
             key=self.anchor_order,
         )
         group = self._groups[anchor.key]
-        ordered = sorted(group, key=lambda item: item.cost)
+        if anchor.bulk and bulk_limits is not None:
+            limits = bulk_limits
+        ordered = sorted((i for i in group if i.bulk == anchor.bulk), key=lambda item: item.cost)
         lo, hi = _best_window([item.cost for item in ordered], ordered.index(anchor), limits)
         chosen = ordered[lo : hi + 1]
         taken = {id(item) for item in chosen}
@@ -131,6 +152,7 @@ class PendingQueue:
                 self._left(item.request)
         self._count += len(items) - len(before)
         self._cost += sum(i.cost for i in items) - sum(i.cost for i in before)
+        self._bulk += sum(i.bulk for i in items) - sum(i.bulk for i in before)
         if items:
             self._groups[key] = items
         else:
@@ -144,9 +166,10 @@ class PendingQueue:
             del self._pending_of[request]
             self._served.pop(request, None)
 
-    def anchor_order(self, item: WorkItem) -> tuple[int, int]:
-        """The order anchors are chosen in (fewest items batched for its request, then oldest)."""
-        return (self._served.get(item.request, 0), item.seq)
+    def anchor_order(self, item: WorkItem) -> tuple[bool, int, int]:
+        """The order anchors are chosen in: interactive before bulk, then the fewest items
+        batched for its request, then the oldest."""
+        return (item.bulk, self._served.get(item.request, 0), item.seq)
 
 
 def _best_window(costs: list[int], must: int, limits: BatchLimits) -> tuple[int, int]:

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Executor
@@ -75,10 +76,23 @@ class ExecutorConfig:
     tracing: Tracing = NO_TRACING
     #: How often (at most) the model thread returns the heap's free pages (0: never).
     malloc_trim_interval_s: float = 0.0
+    #: Bulk (streamed) work while interactive requests are about (one arrived within
+    #: ``interactive_window_s``): its batches hold at most this many items, and no bulk batch is
+    #: prepared ahead, so an interactive arrival waits for one short batch at most.
+    bulk_batch_items: int = 8
+    interactive_window_s: float = 1.0
 
     @property
     def limits(self) -> BatchLimits:
         return BatchLimits(self.max_batch_tokens, self.max_batch_items, self.max_batch_padding)
+
+    @property
+    def bulk_limits(self) -> BatchLimits:
+        return BatchLimits(
+            self.max_batch_tokens,
+            min(self.bulk_batch_items, self.max_batch_items),
+            self.max_batch_padding,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +137,8 @@ class BatchExecutor:
         self._last_run_s = 0.0
         self._closing = False
         self._requests = 0
+        #: When the last interactive (not bulk) request was admitted.
+        self._last_interactive = -math.inf
         self._broken: InternalError | None = None
         self._thread = ModelThread(
             name, self._complete, run_context, trim_interval_s=config.malloc_trim_interval_s
@@ -233,10 +249,10 @@ class BatchExecutor:
         return self.submit_groups([group], deadline)[0]
 
     def submit_groups(
-        self, groups: Sequence[WorkGroup], deadline: float | None = None
+        self, groups: Sequence[WorkGroup], deadline: float | None = None, *, bulk: bool = False
     ) -> list[list[WorkItem]]:
         """Admit one request's groups; one work item (with its future and timing) per payload,
-        in order, per group.
+        in order, per group. ``bulk``: a streamed request, which yields to interactive ones.
 
         The request is admitted whole or refused whole with ``QueueFull`` (``Admission``).
         """
@@ -247,6 +263,8 @@ class BatchExecutor:
         self._admission.admit(sum(sum(g.costs) for g in groups), count)
         admitted: list[list[WorkItem]] = []
         self._requests += 1
+        if not bulk:
+            self._last_interactive = time.monotonic()
         trace = self.config.tracing.capture()
         for group in groups:
             items: list[WorkItem] = []
@@ -261,6 +279,7 @@ class BatchExecutor:
                     deadline,
                     request=self._requests,
                     trace=trace,
+                    bulk=bulk,
                 )
                 future.add_done_callback(functools.partial(self._resolved, item))
                 if deadline is not None:
@@ -311,7 +330,17 @@ class BatchExecutor:
             return False
         if self._in_flight == 0:
             return True
-        return self._in_flight == 1 and self._pending.has_full_batch(self.config.limits)
+        return (
+            self._in_flight == 1
+            and not self._bulk_yields()
+            and self._pending.has_full_batch(self.config.limits)
+        )
+
+    def _bulk_yields(self) -> bool:
+        """Bulk work is pending while interactive requests are about: bulk batches stay short
+        and none is prepared ahead (see ``ExecutorConfig.bulk_batch_items``)."""
+        recent = time.monotonic() - self._last_interactive < self.config.interactive_window_s
+        return recent and self._pending.bulk > 0
 
     def _arrival_wait(self) -> float:
         """Seconds to hold an idle model for the last batch's callers (see ``batch_wait_ms``);
@@ -329,7 +358,10 @@ class BatchExecutor:
         now = time.monotonic()
         for item in self._pending.remove_where(lambda it: it.dead or it.expired(now)):
             self._fail(item, DeadlineExceeded("deadline passed while queued", model=self.name))
-        return self._pending.take_batch(self.config.limits, full_only=ahead)
+        bulk_limits = self.config.bulk_limits if self._bulk_yields() else None
+        return self._pending.take_batch(
+            self.config.limits, full_only=ahead, bulk_limits=bulk_limits
+        )
 
     async def _dispatch(self, batch: Batch) -> None:
         assert self._loop is not None

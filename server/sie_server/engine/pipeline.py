@@ -40,6 +40,7 @@ async def run_job(
     prepare_pool: Executor,
     finish_pool: Executor,
     check: Callable[[Job[R]], None] | None = None,
+    bulk: bool = False,
 ) -> Outcome[R]:
     """Prepare (off the loop), ``check`` the prepared job (before any compute), submit, gather,
     finish (off the loop), time."""
@@ -50,7 +51,7 @@ async def run_job(
         prepared = time.perf_counter()
         if check is not None:
             check(job)
-        admitted = executor.submit_groups(job.groups, deadline)
+        admitted = executor.submit_groups(job.groups, deadline, bulk=bulk)
     futures = [item.future for group in admitted for item in group]
     gathered = await asyncio.gather(*futures, return_exceptions=True)
     for value in gathered:

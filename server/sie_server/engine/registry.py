@@ -280,7 +280,10 @@ class ModelRegistry:
         raise ModelLoading(f"model {name} is loading; retry shortly", model=name)
 
     # ---- entry points ----------------------------------------------------------------------
-    async def encode(self, model: str, call: EncodeCall) -> Outcome[list[EncodedItem]]:
+    async def encode(
+        self, model: str, call: EncodeCall, *, bulk: bool = False
+    ) -> Outcome[list[EncodedItem]]:
+        """``bulk``: a streamed request, whose items yield to interactive ones (batching.py)."""
         lora_id = self.lora_request(model, call.settings.options)
         adapter, executor = self.ready(model)
         assert isinstance(adapter, Encoder)
@@ -302,6 +305,7 @@ class ModelRegistry:
                 call.deadline,
                 check=lambda job: check_response_size(call, spec, job.tokens, limit),
                 images=images,
+                bulk=bulk,
             )
 
     async def score(self, model: str, call: ScoreCall) -> Outcome[list[RankedScore]]:
@@ -340,6 +344,7 @@ class ModelRegistry:
         deadline: float | None,
         check: Callable[[Job[R]], None] | None = None,
         images: bool = False,
+        bulk: bool = False,
     ) -> Outcome[R]:
         """Run the job; a completed request records its tokens and one duration per phase. A
         request with images is decoded and prepared in the image pool."""
@@ -348,6 +353,7 @@ class ModelRegistry:
             make_job,
             deadline=deadline,
             prepare_pool=self._image_pool if images else self._tokenizer_pool,
+            bulk=bulk,
             finish_pool=self._tokenizer_pool,
             check=check,
         )

@@ -46,6 +46,8 @@ class WorkItem:
     expiry: asyncio.TimerHandle | None = None
     #: The request's span context when tracing is on (``Tracing.capture``): its batch links to it.
     trace: object | None = None
+    #: Bulk work (a streamed request): interactive items go first and never wait in its batches.
+    bulk: bool = False
 
     @property
     def dead(self) -> bool:

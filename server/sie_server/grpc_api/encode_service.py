@@ -46,7 +46,7 @@ class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
         # An async generator function itself: grpc tells stream handlers apart by that.
         responses = encode_stream(
             request_iterator,
-            lambda request: self.encode(request, deadline_of(context)),
+            lambda request: self.encode(request, deadline_of(context), bulk=True),
             StreamMetrics(self.registry),
         )
         async with aclosing(responses):
@@ -54,10 +54,11 @@ class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
                 yield response
 
     async def encode(
-        self, request: encode_pb2.EncodeRequest, deadline: float | None
+        self, request: encode_pb2.EncodeRequest, deadline: float | None, *, bulk: bool = False
     ) -> encode_pb2.EncodeResponse:
         """One request, validated and run through the engine: what ``Encode`` and each message
-        of ``EncodeStream`` do. Domain errors propagate as ``SIEServerError``."""
+        of ``EncodeStream`` (``bulk``: it yields to interactive requests) do. Domain errors
+        propagate as ``SIEServerError``."""
         ref, cls = self.registry.require_task(request.model, "encode")
         assert issubclass(cls, Encoder)
         spec = ref.spec
@@ -77,7 +78,7 @@ class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
             limits=self.limits,
             deadline=deadline,
         )
-        outcome = await self.registry.encode(spec.name, call)
+        outcome = await self.registry.encode(spec.name, call, bulk=bulk)
         dtype = DTYPE_BY_NAME[call.output_dtype]
         return encode_pb2.EncodeResponse(
             model=request.model,

@@ -129,6 +129,7 @@ def build_registry(settings: Settings) -> ModelRegistry:
             max_pending_tokens=settings.max_pending_tokens,
             max_pending_items=settings.max_pending_items,
             max_preparing_requests=settings.max_preparing_requests,
+            bulk_batch_items=settings.bulk_batch_items,
             malloc_trim_interval_s=settings.malloc_trim_interval_s,
             tracing=server_tracing(settings),
         ),
