@@ -1,0 +1,219 @@
+"""Bulk streaming encode against unary calls, and what a bulk stream costs interactive callers.
+
+    .venv/bin/python bench/bench_stream.py [--seconds 10] [--out FILE]
+
+One server (``python -m sie_server``, the embedded MiniLM, fp32) and, in one run:
+
+1. **Unary**: ``CONCURRENCY`` closed-loop gRPC clients, each sending requests of ``BATCH`` short
+   texts (texts/s).
+2. **Stream**: one ``EncodeStream`` with ``window = CONCURRENCY`` (the same requests in flight),
+   requests of ``BATCH`` short texts (texts/s). Target (issue 20): stream >= unary.
+3. **Interactive p50**: one client sending one short text at a time, alone (idle p50), then
+   while a bulk stream of the same shape runs. Target: p50 under the stream <= 2x idle p50.
+
+Short texts (~16 tokens) from the bench corpus. Both throughput phases run for the same window,
+after a warm-up; only ratios measured here, side by side in one run, mean anything.
+The result is JSON (bench/results/stream-<time>.json, or ``--out``) and a few lines of text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from bench_common import CALL_TIMEOUT_S, MODEL, ROOT, percentile
+from bench_server import ServerProcess
+from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc
+
+CONCURRENCY = 4
+BATCH = 64
+WARM_S = 2.0
+
+
+def corpus() -> list[str]:
+    data = json.loads((ROOT / "bench" / "data" / "bench-texts.json").read_text())
+    return list(data["short"])
+
+
+def request(texts: Sequence[str], start: int, count: int) -> encode_pb2.EncodeRequest:
+    items = [common_pb2.Item(text=texts[(start + i) % len(texts)]) for i in range(count)]
+    return encode_pb2.EncodeRequest(model=MODEL, items=items)
+
+
+async def unary_rate(stub: Any, texts: Sequence[str], seconds: float) -> float:
+    """Texts/s of CONCURRENCY closed-loop clients, each BATCH texts per call."""
+    done = 0
+    counting = False
+
+    async def client(index: int) -> None:
+        nonlocal done
+        position = index * BATCH
+        while not stopping:
+            reply = await stub.Encode(request(texts, position, BATCH), timeout=CALL_TIMEOUT_S)
+            position += CONCURRENCY * BATCH
+            if counting:
+                done += len(reply.items)
+
+    stopping = False
+    tasks = [asyncio.create_task(client(i)) for i in range(CONCURRENCY)]
+    await asyncio.sleep(WARM_S)
+    counting, started = True, time.perf_counter()
+    await asyncio.sleep(seconds)
+    counting, elapsed = False, time.perf_counter() - started
+    stopping = True
+    await asyncio.gather(*tasks)
+    return done / elapsed
+
+
+async def stream_messages(
+    texts: Sequence[str], stop: asyncio.Event
+) -> AsyncIterator[encode_pb2.EncodeStreamRequest]:
+    sequence = 0
+    while not stop.is_set():
+        sequence += 1
+        yield encode_pb2.EncodeStreamRequest(
+            sequence=sequence,
+            request=request(texts, sequence * BATCH, BATCH),
+            window=CONCURRENCY if sequence == 1 else 0,
+        )
+
+
+async def stream_rate(stub: Any, texts: Sequence[str], seconds: float) -> float:
+    """Texts/s of one EncodeStream with window CONCURRENCY, BATCH texts per request."""
+    stop = asyncio.Event()
+    call = stub.EncodeStream(stream_messages(texts, stop))
+    done, counting, started = 0, False, time.perf_counter()
+    warm_until = started + WARM_S
+    end = warm_until + seconds
+    async for answer in call:
+        if answer.WhichOneof("result") != "response":
+            raise RuntimeError(f"stream error: {answer.error.reason} {answer.error.message}")
+        now = time.perf_counter()
+        if not counting and now >= warm_until:
+            counting, started = True, now
+        elif counting:
+            done += len(answer.response.items)
+        if now >= end:
+            stop.set()
+            call.cancel()
+            break
+    return done / (time.perf_counter() - started)
+
+
+PHASES = ("tokenization_ms", "queue_ms", "inference_ms", "postprocessing_ms")
+#: The server's timing breakdown (median ms per phase) of the last ``interactive_p50`` run.
+last_breakdown: dict[str, float] = {}
+
+
+async def interactive_p50(stub: Any, texts: Sequence[str], seconds: float) -> float:
+    """p50 ms of one client sending one short text at a time for ``seconds``; the server's
+    median timing per phase goes to ``last_breakdown``."""
+    latencies: list[float] = []
+    phases: dict[str, list[float]] = {phase: [] for phase in PHASES}
+    end = time.perf_counter() + seconds
+    position = 0
+    while time.perf_counter() < end:
+        sent = time.perf_counter()
+        reply = await stub.Encode(request(texts, position, 1), timeout=CALL_TIMEOUT_S)
+        latencies.append((time.perf_counter() - sent) * 1000.0)
+        for phase in PHASES:
+            phases[phase].append(getattr(reply.timing, phase))
+        position += 1
+    last_breakdown.clear()
+    last_breakdown.update({phase: percentile(v, 50) for phase, v in phases.items()})
+    return percentile(latencies, 50)
+
+
+async def p50_under_stream(stub: Any, texts: Sequence[str], seconds: float) -> tuple[float, float]:
+    """(interactive p50 ms while a bulk stream runs, the stream's texts/s meanwhile)."""
+    stop = asyncio.Event()
+    call = stub.EncodeStream(stream_messages(texts, stop))
+    streamed = 0
+
+    async def drain() -> None:
+        nonlocal streamed
+        async for answer in call:
+            streamed += len(answer.response.items)
+
+    reader = asyncio.create_task(drain())
+    await asyncio.sleep(WARM_S)
+    before, started = streamed, time.perf_counter()
+    p50 = await interactive_p50(stub, texts, seconds)
+    rate = (streamed - before) / (time.perf_counter() - started)
+    stop.set()
+    call.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+    return p50, rate
+
+
+async def measure(address: str, seconds: float) -> dict[str, Any]:
+    texts = corpus()
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = encode_pb2_grpc.EncodeServiceStub(channel)
+        await stub.Encode(request(texts, 0, BATCH), timeout=CALL_TIMEOUT_S)
+        unary = await unary_rate(stub, texts, seconds)
+        print(f"unary, {CONCURRENCY} clients x {BATCH} texts: {unary:.1f} texts/s", flush=True)
+        streamed = await stream_rate(stub, texts, seconds)
+        print(f"stream, window {CONCURRENCY} x {BATCH} texts: {streamed:.1f} texts/s", flush=True)
+        idle = await interactive_p50(stub, texts, seconds)
+        idle_phases = dict(last_breakdown)
+        print(f"interactive p50 alone: {idle:.1f} ms, server {idle_phases}", flush=True)
+        busy, meanwhile = await p50_under_stream(stub, texts, seconds)
+        busy_phases = dict(last_breakdown)
+        print(f"interactive p50 under a bulk stream: {busy:.1f} ms, server {busy_phases} "
+              f"(stream meanwhile {meanwhile:.1f} texts/s)", flush=True)  # fmt: skip
+    return {
+        "unary_texts_per_s": unary,
+        "stream_texts_per_s": streamed,
+        "stream_over_unary": streamed / unary,
+        "interactive_p50_idle_ms": idle,
+        "interactive_p50_under_stream_ms": busy,
+        "interactive_server_ms_idle": idle_phases,
+        "interactive_server_ms_under_stream": busy_phases,
+        "p50_ratio": busy / idle,
+        "stream_texts_per_s_meanwhile": meanwhile,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="window of each phase")
+    parser.add_argument("--out", type=Path, default=None, help="result JSON path")
+    args = parser.parse_args()
+    started = dt.datetime.now(dt.UTC)
+    server = ServerProcess("float32")
+    try:
+        server.wait_ready()
+        result = asyncio.run(measure(server.address, args.seconds))
+    finally:
+        server.terminate()
+        exit_code = server.wait_exit()
+    result.update(
+        {
+            "started_at": started.isoformat(timespec="seconds"),
+            "model": MODEL,
+            "concurrency": CONCURRENCY,
+            "texts_per_request": BATCH,
+            "seconds": args.seconds,
+            "server_exit_code": exit_code,
+            "targets": {
+                "stream >= unary": result["stream_over_unary"] >= 1.0,
+                "p50 under stream <= 2x idle": result["p50_ratio"] <= 2.0,
+            },
+        }
+    )
+    out = args.out or ROOT / "bench" / "results" / f"stream-{started:%Y%m%d-%H%M%S}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"stream / unary {result['stream_over_unary']:.2f}x; interactive p50 under stream "
+          f"{result['p50_ratio']:.2f}x idle; wrote {out}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
