@@ -12,7 +12,7 @@ One server (``python -m sie_server``, the embedded MiniLM, fp32) and, in one run
    while a bulk stream of the same shape runs. Target: p50 under the stream <= 2x idle p50.
 
 Short texts (~16 tokens) from the bench corpus. Both throughput phases run for the same window,
-after a warm-up; only ratios measured here, side by side in one run, mean anything.
+after an untimed round of each (a fresh server builds kernels for new batch shapes); only ratios measured here, side by side in one run, mean anything.
 The result is JSON (bench/results/stream-<time>.json, or ``--out``) and a few lines of text.
 """
 
@@ -158,6 +158,10 @@ async def measure(address: str, seconds: float) -> dict[str, Any]:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = encode_pb2_grpc.EncodeServiceStub(channel)
         await stub.Encode(request(texts, 0, BATCH), timeout=CALL_TIMEOUT_S)
+        # A fresh server meets new batch shapes (oneDNN builds kernels for each): one untimed
+        # round of each kind first, so neither phase pays for it.
+        await unary_rate(stub, texts, WARM_S)
+        await stream_rate(stub, texts, WARM_S)
         unary = await unary_rate(stub, texts, seconds)
         print(f"unary, {CONCURRENCY} clients x {BATCH} texts: {unary:.1f} texts/s", flush=True)
         streamed = await stream_rate(stub, texts, seconds)
