@@ -28,7 +28,7 @@ from sie_bridge.auth import auth_middleware
 from sie_bridge.config import BridgeSettings
 from sie_bridge.errors import Handler, error_middleware
 from sie_bridge.negotiate import SERVER_VERSION, VERSION_HEADER
-from sie_bridge.routes import inference, models, openai, ops, status
+from sie_bridge.routes import inference, models, openai, ops, status, stream
 from sie_bridge.state import METRICS, SETTINGS, UPSTREAM
 from sie_bridge.upstream import Upstream
 
@@ -79,7 +79,8 @@ def create_app(
     app[SETTINGS] = settings
     app[UPSTREAM] = upstream
     app[METRICS] = Metrics()
-    for group in (inference, models, openai, ops, status, openapi):
+    # stream first: its /v1/encode/{model}/stream would match /v1/encode/{model:.+} too.
+    for group in (stream, inference, models, openai, ops, status, openapi):
         group.add_routes(app)
 
     async def watch_credentials(app: web.Application) -> AsyncIterator[None]:
