@@ -315,7 +315,7 @@ async def test_a_message_that_does_not_parse_ends_the_stream_with_invalid_argume
 async def test_streamed_work_yields_to_an_interactive_call(tmp_path: Path) -> None:
     """An interactive call that arrives while a bulk stream keeps the model busy runs in a batch
     of its own as soon as the passes already formed end, and the bulk batches formed while it is
-    about stay short (``--bulk-batch-items``, 4)."""
+    about stay short (``--bulk-batch-items``, 2)."""
     async with fake_server(tmp_path) as handle:
         stub = encode_pb2_grpc.EncodeServiceStub(handle.channel)
         adapter = adapter_of(handle)
@@ -338,5 +338,5 @@ async def test_streamed_work_yields_to_an_interactive_call(tmp_path: Path) -> No
         ran = [p.texts for p in adapter.passes[warmup:]]
         at = ran.index(("interactive query",))
         assert at <= 2, f"the query waited for {at} passes: {[len(t) for t in ran]}"
-        assert all(len(texts) <= 4 for texts in ran[at + 1 :]), [len(t) for t in ran]
+        assert all(len(texts) <= 2 for texts in ran[at + 1 :]), [len(t) for t in ran]
         assert sum(len(t) for t in ran) == 6 * 64 + 1

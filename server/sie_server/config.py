@@ -52,7 +52,7 @@ class Settings:
     max_pending_items: int = 8192
     max_preparing_requests: int = 64
     #: Items per batch of streamed (bulk) work while interactive requests are about.
-    bulk_batch_items: int = 4
+    bulk_batch_items: int = 2
     max_items_per_request: int = 1024
     max_text_chars: int = 1_000_000
     max_labels: int = 256

@@ -79,7 +79,7 @@ class ExecutorConfig:
     #: Bulk (streamed) work while interactive requests are about (one arrived within
     #: ``interactive_window_s``): its batches hold at most this many items, and no bulk batch is
     #: prepared ahead, so an interactive arrival waits for one short batch at most.
-    bulk_batch_items: int = 4
+    bulk_batch_items: int = 2
     interactive_window_s: float = 1.0
 
     @property
