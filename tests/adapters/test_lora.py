@@ -5,7 +5,6 @@ broken adapter leaves the model as it was, and the catalog's ``lora`` section an
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +25,6 @@ from tests.tiny_models import dense
 from tests.tiny_models.lora import build_lora, cosines, mean_pooled, reference_lora
 
 TEXTS = ["Hello, world!", "LoRA adapters change the attention projections.", "x"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
