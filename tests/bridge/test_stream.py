@@ -2,22 +2,28 @@
 NDJSON lines stream through in order, each result equal to ``/v1/encode`` for the same body; bad
 lines (malformed JSON, invalid requests, too long) answer error lines and the stream goes on; the
 checks before the stream (content type, window, unknown model, backend down) are normal error
-responses."""
+responses; a client that disconnects frees its queued work on the server; a backend that fails
+mid-stream ends the response with an error line."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 from collections.abc import AsyncIterator, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import pytest_asyncio
 from sie_bridge.routes.stream import NDJSON
 
 from tests.bridge_utils import JSON_HEADERS, BridgeHandle, bridged
+from tests.fakes import FakeAdapter
 from tests.server_utils import (
+    HANG_GUARD_S,
     ServerHandle,
+    eventually,
     fake_entry,
     free_port,
     serving,
@@ -203,3 +209,110 @@ async def test_a_backend_that_is_down_is_a_503_before_the_stream() -> None:
             http, STREAM, data=dumped(body(1, 1)), headers=NDJSON_HEADERS
         )
     assert (status, detail["code"]) == (503, "BACKEND_UNAVAILABLE")
+
+
+def fake_of(server: ServerHandle) -> FakeAdapter:
+    adapter = server.running.registry.entry(MODEL).adapter
+    assert isinstance(adapter, FakeAdapter)
+    return adapter
+
+
+def pending_items(server: ServerHandle) -> int:
+    """Items the model's executor has admitted and not yet resolved."""
+    executor = server.running.registry.entry(MODEL).executor
+    assert executor is not None
+    return executor.pending_items
+
+
+async def paused_body(before: int, release: asyncio.Event, after: int = 0) -> AsyncIterator[bytes]:
+    """An NDJSON body that sends ``before`` lines, waits for ``release``, then sends ``after``
+    more (a client still uploading its stream)."""
+    for sequence in range(1, before + 1):
+        yield dumped(body(sequence, 3)) + b"\n"
+    await release.wait()
+    for sequence in range(before + 1, before + after + 1):
+        yield dumped(body(sequence, 3)) + b"\n"
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_client_that_disconnects_cancels_its_queued_work(
+    server: ServerHandle, http: BridgeHandle
+) -> None:
+    """The model is held by a unary call, so the stream's window of requests waits queued in the
+    executor; dropping the connection (the client's task cancelled mid-upload, nothing read)
+    must cancel the bridge's handler and so its gRPC call, and free exactly that work."""
+    window, per_request = 4, 3
+    adapter = fake_of(server)
+    warmup = adapter.passes_started
+    never = asyncio.Event()  # the body never ends by itself: only the disconnect ends it
+    async with asyncio.timeout(3 * HANG_GUARD_S):
+        adapter.hold()
+        try:
+            first = asyncio.create_task(
+                unary(http, {"items": [{"id": "held", "text": "saturating first"}]})
+            )
+            await eventually(lambda: adapter.passes_started == warmup + 1, "the model is busy")
+            async with aiohttp.ClientSession(http.url) as client:
+
+                async def upload() -> None:
+                    async with client.post(
+                        f"{STREAM}?window={window}",
+                        data=paused_body(2 * window, never),
+                        headers=NDJSON_HEADERS,
+                    ) as response:
+                        await response.read()  # never returns: the body never ends
+
+                doomed = asyncio.create_task(upload())
+                await eventually(
+                    lambda: pending_items(server) == 1 + window * per_request,
+                    "the stream's window is queued behind the held pass",
+                )
+                doomed.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await doomed
+            await eventually(
+                lambda: pending_items(server) == 1,
+                "the disconnected stream's queued work is freed (the bridge cancelled its call)",
+            )
+        finally:
+            adapter.release()
+        assert [item["id"] for item in (await first)["items"]] == ["held"]
+        await eventually(lambda: pending_items(server) == 0, "the executor is empty")
+        ran = [p.texts for p in adapter.passes[warmup:]]
+        assert ran == [("saturating first",)], "no streamed item reached the model"
+        after = body(1, 2)
+        result = await unary(http, after)
+        assert [item["id"] for item in result["items"]] == ["1-0", "1-1"]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_backend_that_fails_mid_stream_ends_with_an_error_line(tmp_path: Path) -> None:
+    """Three lines are answered, then the server stops while the body is paused; the next line
+    read cannot be answered, so the response ends with an error line for it (the mapped reason
+    of the failed gRPC stream) and never answers the lines after it."""
+    before, after = 3, 3
+    catalog = tmp_path / "catalog"
+    write_catalog_entry(catalog, fake_entry(MODEL))
+    release = asyncio.Event()
+    async with (
+        asyncio.timeout(3 * HANG_GUARD_S),
+        serving([catalog], preload=[MODEL]) as backend,
+        bridged(backend.address) as http,
+        http.session.post(
+            STREAM, data=paused_body(before, release, after), headers=NDJSON_HEADERS
+        ) as response,
+    ):
+        assert response.status == 200, await response.text()
+        assert response.content_type == NDJSON
+        answers = [json.loads(await response.content.readline()) for _ in range(before)]
+        await backend.running.stop(0)
+        release.set()
+        answers += [json.loads(line) async for line in response.content if line.strip()]
+    assert [a["sequence"] for a in answers] == list(range(1, before + 2))
+    for sequence, answer in enumerate(answers[:before], start=1):
+        ids = [item["id"] for item in answer["result"]["items"]]
+        assert ids == [f"{sequence}-{i}" for i in range(3)]
+    last = answers[-1]
+    assert set(last) == {"sequence", "error"}, last
+    assert last["error"]["code"] == "BACKEND_UNAVAILABLE", last
+    assert len(answers) < before + after
