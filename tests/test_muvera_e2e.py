@@ -18,7 +18,15 @@ import pytest
 import pytest_asyncio
 from scipy.stats import spearmanr  # type: ignore[import-untyped]
 from sie_sdk.tensors import from_tensor
-from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc, score_pb2, score_pb2_grpc
+from sie_sdk.v1 import (
+    common_pb2,
+    encode_pb2,
+    encode_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+    score_pb2,
+    score_pb2_grpc,
+)
 from sie_server.tasks.muvera import MuveraParams, parse_muvera
 
 from tests.bridge_utils import JSON_HEADERS, BridgeHandle, bridged, pack, unpack
@@ -178,6 +186,26 @@ async def test_output_dtype_applies_to_the_fde(server: ServerHandle) -> None:
         assert item.dense.dims == PARAMS.dims
         want = np.packbits(reference_fde(vector, PARAMS, is_query=False) > 0)
         np.testing.assert_array_equal(from_tensor(item.dense.values), want)
+
+
+async def test_get_model_reports_what_the_muvera_profile_returns(server: ServerHandle) -> None:
+    """The profile's responses hold the dense FDE (dot product), not the multivector it is
+    computed from; the default profile still reports the multivector and MaxSim."""
+    stub = models_pb2_grpc.ModelServiceStub(server.channel)
+    for name in (COLBERT, f"{COLBERT}:muvera"):
+        info = (await stub.GetModel(models_pb2.GetModelRequest(name=name))).model
+        muvera, default = info.profiles["muvera"], info.profiles["default"]
+        assert (list(muvera.output_types), dict(muvera.output_similarity)) == (
+            ["dense"],
+            {"dense": "dot"},
+        )
+        assert (list(default.output_types), dict(default.output_similarity)) == (
+            ["multivector"],
+            {"multivector": "maxsim"},
+        )
+        assert muvera.is_default == name.endswith(":muvera")
+    response = await grpc_encode(server, f"{COLBERT}:muvera", TEXTS[:1])
+    assert [response.items[0].HasField(t) for t in ("dense", "multivector")] == [True, False]
 
 
 async def test_grpc_refuses_muvera_on_a_model_without_multivectors(server: ServerHandle) -> None:

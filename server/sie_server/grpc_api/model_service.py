@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from sie_sdk.v1 import models_pb2, models_pb2_grpc
 
+from sie_server.catalog import ModelSpec
+from sie_server.catalog.spec import ProfileSpec
 from sie_server.engine.registry import ModelEntry, ModelRef, ModelRegistry, ModelState
 from sie_server.grpc_api.convert import Context
 from sie_server.grpc_api.errors import translate_errors
+from sie_server.tasks.encode import profile_outputs
 
 _STATE = {
     ModelState.AVAILABLE: models_pb2.MODEL_STATE_AVAILABLE,
@@ -57,19 +60,23 @@ def model_info(ref: ModelRef, device: str) -> models_pb2.ModelInfo:
         loaded=loaded,
         max_sequence_length=spec.max_sequence_length,
         profiles={
-            name: models_pb2.ProfileInfo(
-                is_default=name == default,
-                output_types=list(profile.output_types),
-                output_similarity={
-                    t: sim
-                    for t in profile.output_types
-                    if (sim := spec.outputs[t].similarity) is not None
-                },
-            )
+            name: _profile_info(spec, profile, is_default=name == default)
             for name, profile in spec.profiles.items()
         },
         state=_STATE[entry.state],
         device=device if loaded else "",
         error=entry.error or "",
         tasks=list(spec.tasks),
+    )
+
+
+def _profile_info(
+    spec: ModelSpec, profile: ProfileSpec, *, is_default: bool
+) -> models_pb2.ProfileInfo:
+    """The types the profile's responses hold (a MUVERA profile's: its dense FDE, ``dot``)."""
+    outputs = profile_outputs(spec, profile)
+    return models_pb2.ProfileInfo(
+        is_default=is_default,
+        output_types=list(outputs),
+        output_similarity={t: sim for t, sim in outputs.items() if sim is not None},
     )

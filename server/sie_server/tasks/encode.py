@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sie_server.catalog import ModelSpec
-from sie_server.catalog.spec import OUTPUT_TYPES
+from sie_server.catalog.spec import OUTPUT_TYPES, ProfileSpec
 from sie_server.domain import EncodeOutput, InputItem
 from sie_server.errors import InvalidInput, SIEServerError
 from sie_server.tasks.common import RequestLimits, check_items, freeze
@@ -248,6 +248,16 @@ def _output_types(spec: ModelSpec, types: Sequence[str]) -> tuple[str, ...]:
             model=spec.name,
         )
     return tuple(t for t in OUTPUT_TYPES if t in types)
+
+
+def profile_outputs(spec: ModelSpec, profile: ProfileSpec) -> dict[str, str | None]:
+    """What an encode call with ``profile`` and nothing else asked returns, each type with its
+    similarity: the profile's types as the model declares them, or with MUVERA (the profile's
+    ``muvera`` option set) the FDE alone, a dense vector compared by dot product (the
+    encoding approximates MaxSim by an inner product, as ``resolve_encode`` builds it)."""
+    if profile.options.get("muvera") is not None and "multivector" in spec.outputs:
+        return {"dense": "dot"}
+    return {t: spec.outputs[t].similarity for t in profile.output_types if t in spec.outputs}
 
 
 def _muvera_output_types(spec: ModelSpec, asked: Sequence[str]) -> tuple[str, ...]:
