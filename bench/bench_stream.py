@@ -1,6 +1,6 @@
 """Bulk streaming encode against unary calls, and what a bulk stream costs interactive callers.
 
-    .venv/bin/python bench/bench_stream.py [--seconds 10] [--out FILE]
+    .venv/bin/python bench/bench_stream.py [--seconds 10] [--rounds 3] [--out FILE]
 
 One server (``python -m sie_server``, the embedded MiniLM, fp32) and, in one run:
 
@@ -12,7 +12,9 @@ One server (``python -m sie_server``, the embedded MiniLM, fp32) and, in one run
    while a bulk stream of the same shape runs. Target: p50 under the stream <= 2x idle p50.
 
 Short texts (~16 tokens) from the bench corpus. Both throughput phases run for the same window,
-after an untimed round of each (a fresh server builds kernels for new batch shapes); only ratios measured here, side by side in one run, mean anything.
+after an untimed round of each (a fresh server builds kernels for new batch shapes), ``--rounds``
+times, alternating which goes first; the stream / unary figure is the median of the rounds'
+ratios. Only ratios measured here, side by side in one run, mean anything.
 The result is JSON (bench/results/stream-<time>.json, or ``--out``) and a few lines of text.
 """
 
@@ -22,6 +24,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import statistics
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -153,7 +156,7 @@ async def p50_under_stream(stub: Any, texts: Sequence[str], seconds: float) -> t
     return p50, rate
 
 
-async def measure(address: str, seconds: float) -> dict[str, Any]:
+async def measure(address: str, seconds: float, rounds: int) -> dict[str, Any]:
     texts = corpus()
     async with grpc.aio.insecure_channel(address) as channel:
         stub = encode_pb2_grpc.EncodeServiceStub(channel)
@@ -162,10 +165,21 @@ async def measure(address: str, seconds: float) -> dict[str, Any]:
         # round of each kind first, so neither phase pays for it.
         await unary_rate(stub, texts, WARM_S)
         await stream_rate(stub, texts, WARM_S)
-        unary = await unary_rate(stub, texts, seconds)
-        print(f"unary, {CONCURRENCY} clients x {BATCH} texts: {unary:.1f} texts/s", flush=True)
-        streamed = await stream_rate(stub, texts, seconds)
-        print(f"stream, window {CONCURRENCY} x {BATCH} texts: {streamed:.1f} texts/s", flush=True)
+        unary_rates: list[float] = []
+        stream_rates: list[float] = []
+        for round_ in range(rounds):
+            # Alternate which goes first, so a drift of the machine favours neither.
+            order = ("unary", "stream") if round_ % 2 == 0 else ("stream", "unary")
+            for kind in order:
+                if kind == "unary":
+                    unary_rates.append(await unary_rate(stub, texts, seconds))
+                    print(f"round {round_ + 1}: unary, {CONCURRENCY} clients x {BATCH} texts: "
+                          f"{unary_rates[-1]:.1f} texts/s", flush=True)  # fmt: skip
+                else:
+                    stream_rates.append(await stream_rate(stub, texts, seconds))
+                    print(f"round {round_ + 1}: stream, window {CONCURRENCY} x {BATCH} texts: "
+                          f"{stream_rates[-1]:.1f} texts/s", flush=True)  # fmt: skip
+        ratios = [s / u for s, u in zip(stream_rates, unary_rates, strict=True)]
         idle = await interactive_p50(stub, texts, seconds)
         idle_phases = dict(last_breakdown)
         print(f"interactive p50 alone: {idle:.1f} ms, server {idle_phases}", flush=True)
@@ -174,9 +188,10 @@ async def measure(address: str, seconds: float) -> dict[str, Any]:
         print(f"interactive p50 under a bulk stream: {busy:.1f} ms, server {busy_phases} "
               f"(stream meanwhile {meanwhile:.1f} texts/s)", flush=True)  # fmt: skip
     return {
-        "unary_texts_per_s": unary,
-        "stream_texts_per_s": streamed,
-        "stream_over_unary": streamed / unary,
+        "unary_texts_per_s": unary_rates,
+        "stream_texts_per_s": stream_rates,
+        "stream_over_unary_per_round": ratios,
+        "stream_over_unary": statistics.median(ratios),
         "interactive_p50_idle_ms": idle,
         "interactive_p50_under_stream_ms": busy,
         "interactive_server_ms_idle": idle_phases,
@@ -189,13 +204,14 @@ async def measure(address: str, seconds: float) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="window of each phase")
+    parser.add_argument("--rounds", type=int, default=3, help="unary/stream rounds, alternated")
     parser.add_argument("--out", type=Path, default=None, help="result JSON path")
     args = parser.parse_args()
     started = dt.datetime.now(dt.UTC)
     server = ServerProcess("float32")
     try:
         server.wait_ready()
-        result = asyncio.run(measure(server.address, args.seconds))
+        result = asyncio.run(measure(server.address, args.seconds, args.rounds))
     finally:
         server.terminate()
         exit_code = server.wait_exit()
@@ -206,6 +222,7 @@ def main() -> None:
             "concurrency": CONCURRENCY,
             "texts_per_request": BATCH,
             "seconds": args.seconds,
+            "rounds": args.rounds,
             "server_exit_code": exit_code,
             "targets": {
                 "stream >= unary": result["stream_over_unary"] >= 1.0,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sie_server.domain import EncodeOutput, InputItem, LoadTarget
+from sie_server.domain import EncodeOutput, InputItem, LoadTarget, WorkGroup
 from sie_server.engine.executor import BatchExecutor, BatchStats, ExecutorConfig
 from sie_server.engine.pipeline import run_job
 from sie_server.engine.work import WorkItem
@@ -784,3 +784,76 @@ async def test_queue_full_hints_when_the_queue_will_have_drained(
     hint = refused.value.retry_after_s
     assert hint is not None
     assert 0.05 < hint <= 30.0
+
+
+def submit_bulk(
+    executor: BatchExecutor, adapter: FakeAdapter, texts: Sequence[str]
+) -> list[WorkItem]:
+    """``texts`` as one streamed (bulk) request."""
+    tokens = adapter.tokenize(texts)
+    runner = EncodeRunner(adapter, DOCS)
+    group = WorkGroup(list(tokens), [t.cost for t in tokens], ("encode", DOCS.batch_key()), runner)
+    return executor.submit_groups([group], bulk=True)[0]
+
+
+@pytest.mark.parametrize("grace_ms", [0.0, 1000.0])
+async def test_an_idle_model_holds_bulk_work_for_the_next_interactive_call(
+    prep_pool: ThreadPoolExecutor, grace_ms: float
+) -> None:
+    """After an interactive batch, bulk work waits (``bulk_grace_ms``) for that caller's next
+    query, which then runs first; without the grace the bulk pass starts at once and the
+    query comes after it. The grace is long (20x the pause) so that the order does not depend on
+    timing; it holds the bulk once more after the query, then lets it run."""
+    adapter = fake()
+    config = {"bulk_grace_ms": grace_ms, "bulk_hold_max_ms": 5000.0, "max_batch_items": 4}
+    async with running(prep_pool, **config) as executor:
+        assert_correct(["first query"], await outcomes(submit(executor, adapter, ["first query"])))
+        passes = adapter.passes_started
+        bulk_texts = [words(f"bulk{i}", 3) for i in range(8)]
+        bulk = submit_bulk(executor, adapter, bulk_texts)
+        await asyncio.sleep(0.05)  # the scheduler sees only bulk work pending
+        query = submit(executor, adapter, ["next query"])
+        assert_correct(["next query"], await outcomes(query))
+        assert_correct(bulk_texts, await outcomes(bulk))
+    ran = [p.texts for p in adapter.passes[passes:]]
+    if grace_ms:
+        assert ran[0] == ("next query",), ran
+    else:
+        assert ran.index(("next query",)) >= 1, ran
+    assert sorted(t for texts in ran for t in texts) == sorted([*bulk_texts, "next query"])
+
+
+async def test_the_bulk_grace_ends_without_an_interactive_call(
+    prep_pool: ThreadPoolExecutor,
+) -> None:
+    """With no interactive arrival the held bulk work runs once the grace has passed."""
+    adapter = fake()
+    async with running(prep_pool, bulk_grace_ms=100.0) as executor:
+        assert_correct(["a query"], await outcomes(submit(executor, adapter, ["a query"])))
+        held_from = time.monotonic()
+        bulk_texts = [words(f"bulk{i}", 3) for i in range(4)]
+        assert_correct(bulk_texts, await outcomes(submit_bulk(executor, adapter, bulk_texts)))
+        assert time.monotonic() - held_from >= 0.09, "the bulk work was not held"
+
+
+async def test_back_to_back_interactive_calls_cannot_starve_bulk_work(
+    prep_pool: ThreadPoolExecutor,
+) -> None:
+    """A closed-loop interactive caller keeps arriving within the grace; bulk work still gets a
+    pass once it has been held ``bulk_hold_max_ms``, and finishes while the caller goes on."""
+    adapter = fake(delay_s=0.002)
+    async with running(
+        prep_pool, bulk_grace_ms=10_000.0, bulk_hold_max_ms=20.0, bulk_batch_items=2
+    ) as executor:
+        assert_correct(["warm"], await outcomes(submit(executor, adapter, ["warm"])))
+        bulk_texts = [words(f"bulk{i}", 3) for i in range(6)]
+        bulk = submit_bulk(executor, adapter, bulk_texts)
+        queries = 0
+        while not all(item.future.done() for item in bulk):
+            assert queries < 2000, "the bulk work never ran while queries kept coming"
+            await outcomes(submit(executor, adapter, [f"query {queries}"]))
+            queries += 1
+        assert_correct(bulk_texts, await outcomes(bulk))
+    bulk_passes = [p for p in adapter.passes if p.texts[0].startswith("bulk")]
+    assert [len(p.texts) for p in bulk_passes] == [2, 2, 2]
+    assert queries >= 3, "each bulk pass came after a hold, with queries run meanwhile"

@@ -53,6 +53,10 @@ class Settings:
     max_preparing_requests: int = 64
     #: Items per batch of streamed (bulk) work while interactive requests are about.
     bulk_batch_items: int = 2
+    #: How long an idle model holds bulk work after an interactive batch, for its callers.
+    bulk_grace_ms: float = 5.0
+    #: The longest that grace holds bulk work since it last ran.
+    bulk_hold_max_ms: float = 50.0
     max_items_per_request: int = 1024
     max_text_chars: int = 1_000_000
     max_labels: int = 256
@@ -184,6 +188,18 @@ _OPTIONS: tuple[Option, ...] = (
         int,
         "items per batch of streamed (EncodeStream) work while interactive requests arrived in "
         "the last second, so that they wait for a short batch at most",
+    ),
+    (
+        "bulk-grace-ms",
+        float,
+        "while interactive requests are about, how long an idle model holds streamed work after "
+        "a batch with interactive items ends, for those callers' next requests (0 = never)",
+    ),
+    (
+        "bulk-hold-max-ms",
+        float,
+        "the longest that --bulk-grace-ms holds streamed work since it last ran, so that "
+        "back-to-back interactive calls cannot starve a stream",
     ),
     ("max-items-per-request", int, "items in one request at most"),
     ("max-text-chars", int, "characters of one text at most (INVALID_INPUT past it)"),

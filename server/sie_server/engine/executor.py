@@ -81,6 +81,14 @@ class ExecutorConfig:
     #: prepared ahead, so an interactive arrival waits for one short batch at most.
     bulk_batch_items: int = 2
     interactive_window_s: float = 1.0
+    #: While interactive requests are about, how long an idle model holds pending bulk work
+    #: after a batch with interactive items ends, for those callers' next requests: a
+    #: closed-loop client's next query then runs before the next bulk pass, not behind it.
+    #: Counted from the batch's end; an interactive arrival ends the hold. 0: never hold.
+    bulk_grace_ms: float = 5.0
+    #: The grace never holds bulk work longer than this since it last ran (or arrived), so
+    #: back-to-back interactive calls cannot starve a stream: it gets a pass at least this often.
+    bulk_hold_max_ms: float = 50.0
 
     @property
     def limits(self) -> BatchLimits:
@@ -137,8 +145,12 @@ class BatchExecutor:
         self._last_run_s = 0.0
         self._closing = False
         self._requests = 0
-        #: When the last interactive (not bulk) request was admitted.
+        #: When the last interactive (not bulk) request was admitted, and when the last batch
+        #: holding interactive items ended.
         self._last_interactive = -math.inf
+        self._last_interactive_done = -math.inf
+        #: When bulk work last ran a batch, or last arrived to an empty bulk queue.
+        self._bulk_served = -math.inf
         self._broken: InternalError | None = None
         self._thread = ModelThread(
             name, self._complete, run_context, trim_interval_s=config.malloc_trim_interval_s
@@ -265,6 +277,8 @@ class BatchExecutor:
         self._requests += 1
         if not bulk:
             self._last_interactive = time.monotonic()
+        elif not self._pending.bulk:
+            self._bulk_served = time.monotonic()
         trace = self.config.tracing.capture()
         for group in groups:
             items: list[WorkItem] = []
@@ -315,7 +329,7 @@ class BatchExecutor:
             await self._wake.wait()
             self._wake.clear()
             while self._should_dispatch():
-                if (delay := self._arrival_wait()) > 0:
+                if (delay := max(self._arrival_wait(), self._bulk_grace())) > 0:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), delay)
                     self._wake.clear()
@@ -341,6 +355,20 @@ class BatchExecutor:
         and none is prepared ahead (see ``ExecutorConfig.bulk_batch_items``)."""
         recent = time.monotonic() - self._last_interactive < self.config.interactive_window_s
         return recent and self._pending.bulk > 0
+
+    def _bulk_grace(self) -> float:
+        """Seconds to hold an idle model whose pending work is all bulk, for the interactive
+        callers of the batch that just ended (see ``bulk_grace_ms``); 0 once it has passed, once
+        bulk work has waited ``bulk_hold_max_ms``, or when an interactive item is pending or none
+        arrived lately."""
+        if self._in_flight or self.config.bulk_grace_ms <= 0:
+            return 0.0
+        if self._pending.bulk < len(self._pending) or not self._bulk_yields():
+            return 0.0
+        now = time.monotonic()
+        grace = self.config.bulk_grace_ms / 1000.0 - (now - self._last_interactive_done)
+        hold = self.config.bulk_hold_max_ms / 1000.0 - (now - self._bulk_served)
+        return max(0.0, min(grace, hold))
 
     def _arrival_wait(self) -> float:
         """Seconds to hold an idle model for the last batch's callers (see ``batch_wait_ms``);
@@ -402,6 +430,10 @@ class BatchExecutor:
             time.monotonic(),
             ms / 1000.0,
         )
+        if all(item.bulk for item in items):
+            self._bulk_served = self._last_done
+        else:
+            self._last_interactive_done = self._last_done
         self._admission.observe_batch(job.batch.tokens, ms / 1000.0)
         if error is None and (results is None or len(results) != len(items)):
             error = InferenceError(

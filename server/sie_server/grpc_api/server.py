@@ -130,6 +130,8 @@ def build_registry(settings: Settings) -> ModelRegistry:
             max_pending_items=settings.max_pending_items,
             max_preparing_requests=settings.max_preparing_requests,
             bulk_batch_items=settings.bulk_batch_items,
+            bulk_grace_ms=settings.bulk_grace_ms,
+            bulk_hold_max_ms=settings.bulk_hold_max_ms,
             malloc_trim_interval_s=settings.malloc_trim_interval_s,
             tracing=server_tracing(settings),
         ),
