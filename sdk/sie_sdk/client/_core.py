@@ -14,12 +14,12 @@ means gRPC to the server).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
 from sie_sdk.client._retry import RetryPolicy
-from sie_sdk.client._stream import StreamState, http_unsupported
+from sie_sdk.client._stream import StreamState
 from sie_sdk.client._transports.base import CallOptions, Kind, Operation
 from sie_sdk.client.errors import PoolError, RequestError, SIEError
 from sie_sdk.inputs import InputError, prepare_item
@@ -228,15 +228,13 @@ class ClientCore:
     def encode_stream(
         self,
         model: str,
-        items: Iterable[Item],
+        items: Iterable[Item] | AsyncIterable[Item],
         batch_size: int,
         window: int,
         **kwargs: Any,
     ) -> StreamState:
         """The state of one ``encode_stream``: batches built by ``encode`` (with ``kwargs``),
-        read lazily from ``items``. gRPC only: the bridge has no streaming endpoint yet."""
-        if self.config.transport == "http":
-            raise http_unsupported()
+        read lazily from ``items``; either transport streams them (``_stream``)."""
         if batch_size > self.config.max_items_per_request:
             raise ValueError(
                 f"batch_size {batch_size} is over max_items_per_request "

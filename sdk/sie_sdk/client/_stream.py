@@ -1,10 +1,12 @@
 """Bulk streaming encode (``encode_stream``), the part both clients share.
 
-The input items are cut into batches of ``batch_size``; batch ``n`` (counting from 1) goes out as
-the stream message with ``sequence`` n. Each batch is built by ``ClientCore.encode``, the same
-request a unary ``encode`` sends, and its response parsed the same way. A batch stays
-*unacknowledged* until its response arrives; at most ``2 * window`` are, so the client holds a
-bounded number of batches whatever the input's length (the input is read lazily).
+The input items are cut into batches of ``batch_size``; batch ``n`` (counting from 1) goes out
+with ``sequence`` n: a message of the gRPC ``EncodeStream``, or a line of the bridge's NDJSON
+``POST /v1/encode/:model/stream`` (the HTTP transport maps the bridge's per-POST line numbers back
+to these). Each batch is built by ``ClientCore.encode``, the same request a unary ``encode``
+sends, and its response parsed the same way. A batch stays *unacknowledged* until its response
+arrives; at most ``max_unacked(window)`` are, so the client holds a bounded number of batches
+whatever the input's length (the input is read lazily).
 
 Resuming: when the stream fails with a reason the SDK retries (the server restarting is
 BACKEND_UNAVAILABLE or SHUTTING_DOWN), the client waits as ``RetryPolicy`` says, opens a new
@@ -20,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -45,12 +47,10 @@ class Batch:
     size: int
 
 
-def http_unsupported() -> SIEError:
-    return SIEError(
-        "encode_stream needs the gRPC transport: the HTTP bridge has no streaming endpoint yet "
-        "(connect with a grpc:// URL or a bare host:port)",
-        code="STREAM_UNSUPPORTED",
-    )
+def max_unacked(window: int) -> int:
+    """How many batches of a stream may be sent and unanswered at once: the server works on
+    ``window`` while as many more wait to be read, so it never idles between answers."""
+    return 2 * window
 
 
 class StreamState:
@@ -60,7 +60,7 @@ class StreamState:
 
     def __init__(
         self,
-        items: Iterable[Item],
+        items: Iterable[Item] | AsyncIterable[Item],
         build: Callable[[list[Item]], tuple[Mapping[str, Any], Callable[[list[Any]], Any]]],
         batch_size: int,
         window: int,
@@ -73,11 +73,17 @@ class StreamState:
         #: What reading or building the input raised (in the request iterator); re-raised to
         #: the caller by ``check``.
         self.input_error: Exception | None = None
-        self._items = iter(items)
+        #: The input: a plain iterator, or (the asyncio client only) an async one.
+        self._items: Iterator[Item] | None = None
+        self._async_items: AsyncIterator[Item] | None = None
+        if isinstance(items, AsyncIterable):
+            self._async_items = aiter(items)
+        else:
+            self._items = iter(items)
         self._build = build
         self.batch_size = batch_size
         self.window = window
-        self.max_unacked = 2 * window
+        self.max_unacked = max_unacked(window)
         self._unacked: deque[Batch] = deque()
         self._next_sequence = 1
         self._next_index = 0
@@ -103,30 +109,58 @@ class StreamState:
     def take(self) -> Batch | None:
         """The next batch of the input (now unacknowledged), or None when the input is done.
         Items without an id get ``item-<position in the input>``."""
+        if self._items is None:
+            raise TypeError(
+                "encode_stream: an async iterable of items needs SIEAsyncClient.encode_stream"
+            )
         with self.lock:
-            chunk = list(islice(self._items, self.batch_size))
-            if not chunk:
-                self._exhausted = True
-                return None
-            start = self._next_index
-            self._next_index += len(chunk)
-            named = [
-                item
-                if not isinstance(item, Mapping) or "id" in item
-                else {**item, "id": f"item-{i}"}
-                for i, item in enumerate(chunk, start=start)
-            ]
-            body, parse = self._build(named)  # type: ignore[arg-type]
-            batch = Batch(self._next_sequence, body, parse, len(chunk))
-            self._next_sequence += 1
-            self._unacked.append(batch)
-            return batch
+            return self._batch(list(islice(self._items, self.batch_size)))
+
+    async def take_async(self) -> Batch | None:
+        """``take`` for the asyncio client: an async input is awaited a ``batch_size`` at a
+        time (nothing is held meanwhile), a plain one read as ``take`` reads it."""
+        if self._async_items is None:
+            return self.take()
+        chunk: list[Item] = []
+        while len(chunk) < self.batch_size:
+            try:
+                chunk.append(await anext(self._async_items))
+            except StopAsyncIteration:
+                break
+        with self.lock:
+            return self._batch(chunk)
+
+    def _batch(self, chunk: list[Item]) -> Batch | None:
+        """``chunk`` as the next unacknowledged batch (the lock held); None when it is empty:
+        the input is done."""
+        if not chunk:
+            self._exhausted = True
+            return None
+        start = self._next_index
+        self._next_index += len(chunk)
+        named = [
+            item if not isinstance(item, Mapping) or "id" in item else {**item, "id": f"item-{i}"}
+            for i, item in enumerate(chunk, start=start)
+        ]
+        body, parse = self._build(named)  # type: ignore[arg-type]
+        batch = Batch(self._next_sequence, body, parse, len(chunk))
+        self._next_sequence += 1
+        self._unacked.append(batch)
+        return batch
 
     def take_or_stop(self) -> Batch | None:
         """``take``, except that an input error stops the stream (kept for ``check``): raised
         in grpc's request iterator it would only cancel the call."""
         try:
             return self.take()
+        except Exception as exc:
+            self.input_error = exc
+            return None
+
+    async def take_or_stop_async(self) -> Batch | None:
+        """``take_or_stop`` with ``take_async``."""
+        try:
+            return await self.take_async()
         except Exception as exc:
             self.input_error = exc
             return None
@@ -178,7 +212,9 @@ async def async_requests(
     while True:
         async with room:
             await room.wait_for(lambda: not state.full or stop.is_set())
-            batch = None if stop.is_set() else state.take_or_stop()
+        # The input is read with the condition released: a slow async input never holds back
+        # the acknowledgements (this generator is the only reader, so the room stays).
+        batch = None if stop.is_set() else await state.take_or_stop_async()
         if batch is None:
             return
         yield batch

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -88,14 +88,14 @@ class SIEAsyncClient(ClientBase[AsyncTransport]):
     def encode_stream(
         self,
         model: str,
-        items: Iterable[Item],
+        items: Iterable[Item] | AsyncIterable[Item],
         *,
         batch_size: int = DEFAULT_BATCH_SIZE,
         window: int = DEFAULT_WINDOW,
         **kwargs: Any,
     ) -> AsyncIterator[StreamResult]:
-        """``SIEClient.encode_stream`` as an async iterator (``items`` is a plain iterable,
-        read on the event loop)."""
+        """``SIEClient.encode_stream`` as an async iterator. ``items`` is an async iterable
+        (awaited a batch at a time) or a plain one (read on the event loop)."""
         state = self._core.encode_stream(model, items, batch_size, window, **kwargs)
         return self._stream(model, state)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, TypeVar
@@ -80,13 +80,17 @@ class SIEClient(ClientBase[Transport]):
         window: int = DEFAULT_WINDOW,
         **kwargs: Any,
     ) -> Iterator[StreamResult]:
-        """Encode a stream of items over one gRPC stream: one result per item, in input order.
+        """Encode a stream of items: one result per item, in input order. Over gRPC one
+        ``EncodeStream``; over HTTP the bridge's NDJSON ``/v1/encode/:model/stream``, one POST of
+        at most ``2 * window`` batches after another.
 
         ``items`` is read lazily, ``batch_size`` at a time (one request each, ``encode``'s
         ``kwargs``); ``window``: requests the server works on at once. A request the server
         refuses yields its ``SIEError`` for each of its items and the stream goes on; a server
         restart is waited for (``provision_timeout_s``) and the stream resumed from the last
         acknowledged batch. See ``sie_sdk.client._stream``."""
+        if isinstance(items, AsyncIterable):
+            raise TypeError("an async iterable of items needs SIEAsyncClient.encode_stream")
         state = self._core.encode_stream(model, items, batch_size, window, **kwargs)
         return self._stream(model, state)
 
