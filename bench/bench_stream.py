@@ -1,15 +1,19 @@
 """Bulk streaming encode against unary calls, and what a bulk stream costs interactive callers.
 
-    .venv/bin/python bench/bench_stream.py [--seconds 10] [--rounds 3] [--out FILE]
+    .venv/bin/python bench/bench_stream.py [--seconds 10] [--rounds 3]
+        [--texts-per-request 8,64] [--out FILE]
 
-One server (``python -m sie_server``, the embedded MiniLM, fp32) and, in one run:
+One server (``python -m sie_server``, the embedded MiniLM, fp32) and, in one run, for each size
+of ``--texts-per-request``:
 
-1. **Unary**: ``CONCURRENCY`` closed-loop gRPC clients, each sending requests of ``BATCH`` short
+1. **Unary**: ``CONCURRENCY`` closed-loop gRPC clients, each sending requests of that many short
    texts (texts/s).
 2. **Stream**: one ``EncodeStream`` with ``window = CONCURRENCY`` (the same requests in flight),
-   requests of ``BATCH`` short texts (texts/s). Target (issue 20): stream >= unary.
-3. **Interactive p50**: one client sending one short text at a time, alone (idle p50), then
-   while a bulk stream of the same shape runs. Target: p50 under the stream <= 2x idle p50.
+   the client holding at most ``2 * window`` unanswered as the SDK does (texts/s). Target
+   (issue 20): stream >= unary.
+
+Then **interactive p50**: one client sending one short text at a time, alone (idle p50), then
+while a bulk stream of ``BATCH`` texts a request runs. Target: p50 under the stream <= 2x idle.
 
 Short texts (~16 tokens) from the bench corpus. Both throughput phases run for the same window,
 after an untimed round of each (a fresh server builds kernels for new batch shapes), ``--rounds``
@@ -36,7 +40,10 @@ from bench_server import ServerProcess
 from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc
 
 CONCURRENCY = 4
+#: Texts per request of the bulk stream under which the interactive p50 is measured.
 BATCH = 64
+#: Texts per request of the throughput rows: per-request costs show at 8, compute rules at 64.
+SIZES = (8, 64)
 WARM_S = 2.0
 
 
@@ -50,17 +57,17 @@ def request(texts: Sequence[str], start: int, count: int) -> encode_pb2.EncodeRe
     return encode_pb2.EncodeRequest(model=MODEL, items=items)
 
 
-async def unary_rate(stub: Any, texts: Sequence[str], seconds: float) -> float:
-    """Texts/s of CONCURRENCY closed-loop clients, each BATCH texts per call."""
+async def unary_rate(stub: Any, texts: Sequence[str], seconds: float, batch: int) -> float:
+    """Texts/s of CONCURRENCY closed-loop clients, each ``batch`` texts per call."""
     done = 0
     counting = False
 
     async def client(index: int) -> None:
         nonlocal done
-        position = index * BATCH
+        position = index * batch
         while not stopping:
-            reply = await stub.Encode(request(texts, position, BATCH), timeout=CALL_TIMEOUT_S)
-            position += CONCURRENCY * BATCH
+            reply = await stub.Encode(request(texts, position, batch), timeout=CALL_TIMEOUT_S)
+            position += CONCURRENCY * batch
             if counting:
                 done += len(reply.items)
 
@@ -75,27 +82,37 @@ async def unary_rate(stub: Any, texts: Sequence[str], seconds: float) -> float:
     return done / elapsed
 
 
+def unanswered() -> asyncio.Semaphore:
+    """The messages a stream may have sent and not had answered: ``2 * window``, as the SDK's
+    ``encode_stream`` (``max_unacked``). Without a bound the client builds and buffers requests
+    as fast as HTTP/2 flow control lets it, which costs this machine's cores."""
+    return asyncio.Semaphore(2 * CONCURRENCY)
+
+
 async def stream_messages(
-    texts: Sequence[str], stop: asyncio.Event
+    texts: Sequence[str], stop: asyncio.Event, room: asyncio.Semaphore, batch: int
 ) -> AsyncIterator[encode_pb2.EncodeStreamRequest]:
+    """Requests of ``batch`` texts, each once ``room`` has a slot (released by each answer)."""
     sequence = 0
     while not stop.is_set():
+        await room.acquire()
         sequence += 1
         yield encode_pb2.EncodeStreamRequest(
             sequence=sequence,
-            request=request(texts, sequence * BATCH, BATCH),
+            request=request(texts, sequence * batch, batch),
             window=CONCURRENCY if sequence == 1 else 0,
         )
 
 
-async def stream_rate(stub: Any, texts: Sequence[str], seconds: float) -> float:
-    """Texts/s of one EncodeStream with window CONCURRENCY, BATCH texts per request."""
-    stop = asyncio.Event()
-    call = stub.EncodeStream(stream_messages(texts, stop))
+async def stream_rate(stub: Any, texts: Sequence[str], seconds: float, batch: int) -> float:
+    """Texts/s of one EncodeStream with window CONCURRENCY, ``batch`` texts per request."""
+    stop, room = asyncio.Event(), unanswered()
+    call = stub.EncodeStream(stream_messages(texts, stop, room, batch))
     done, counting, started = 0, False, time.perf_counter()
     warm_until = started + WARM_S
     end = warm_until + seconds
     async for answer in call:
+        room.release()
         if answer.WhichOneof("result") != "response":
             raise RuntimeError(f"stream error: {answer.error.reason} {answer.error.message}")
         now = time.perf_counter()
@@ -137,12 +154,14 @@ async def interactive_p50(stub: Any, texts: Sequence[str], seconds: float) -> fl
 async def p50_under_stream(stub: Any, texts: Sequence[str], seconds: float) -> tuple[float, float]:
     """(interactive p50 ms while a bulk stream runs, the stream's texts/s meanwhile)."""
     stop = asyncio.Event()
-    call = stub.EncodeStream(stream_messages(texts, stop))
+    room = unanswered()
+    call = stub.EncodeStream(stream_messages(texts, stop, room, BATCH))
     streamed = 0
 
     async def drain() -> None:
         nonlocal streamed
         async for answer in call:
+            room.release()
             streamed += len(answer.response.items)
 
     reader = asyncio.create_task(drain())
@@ -156,30 +175,45 @@ async def p50_under_stream(stub: Any, texts: Sequence[str], seconds: float) -> t
     return p50, rate
 
 
-async def measure(address: str, seconds: float, rounds: int) -> dict[str, Any]:
+async def throughput(
+    stub: Any, texts: Sequence[str], seconds: float, rounds: int, batch: int
+) -> dict[str, Any]:
+    """Unary and stream texts/s at ``batch`` texts per request, ``rounds`` times alternated."""
+    # A fresh server meets new batch shapes (oneDNN builds kernels for each): one untimed
+    # round of each kind first, so neither phase pays for it.
+    await unary_rate(stub, texts, WARM_S, batch)
+    await stream_rate(stub, texts, WARM_S, batch)
+    unary_rates: list[float] = []
+    stream_rates: list[float] = []
+    for round_ in range(rounds):
+        # Alternate which goes first, so a drift of the machine favours neither.
+        order = ("unary", "stream") if round_ % 2 == 0 else ("stream", "unary")
+        for kind in order:
+            if kind == "unary":
+                unary_rates.append(await unary_rate(stub, texts, seconds, batch))
+                print(f"round {round_ + 1}: unary, {CONCURRENCY} clients x {batch} texts: "
+                      f"{unary_rates[-1]:.1f} texts/s", flush=True)  # fmt: skip
+            else:
+                stream_rates.append(await stream_rate(stub, texts, seconds, batch))
+                print(f"round {round_ + 1}: stream, window {CONCURRENCY} x {batch} texts: "
+                      f"{stream_rates[-1]:.1f} texts/s", flush=True)  # fmt: skip
+    ratios = [s / u for s, u in zip(stream_rates, unary_rates, strict=True)]
+    return {
+        "unary_texts_per_s": unary_rates,
+        "stream_texts_per_s": stream_rates,
+        "stream_over_unary_per_round": ratios,
+        "stream_over_unary": statistics.median(ratios),
+    }
+
+
+async def measure(
+    address: str, seconds: float, rounds: int, sizes: Sequence[int]
+) -> dict[str, Any]:
     texts = corpus()
     async with grpc.aio.insecure_channel(address) as channel:
         stub = encode_pb2_grpc.EncodeServiceStub(channel)
         await stub.Encode(request(texts, 0, BATCH), timeout=CALL_TIMEOUT_S)
-        # A fresh server meets new batch shapes (oneDNN builds kernels for each): one untimed
-        # round of each kind first, so neither phase pays for it.
-        await unary_rate(stub, texts, WARM_S)
-        await stream_rate(stub, texts, WARM_S)
-        unary_rates: list[float] = []
-        stream_rates: list[float] = []
-        for round_ in range(rounds):
-            # Alternate which goes first, so a drift of the machine favours neither.
-            order = ("unary", "stream") if round_ % 2 == 0 else ("stream", "unary")
-            for kind in order:
-                if kind == "unary":
-                    unary_rates.append(await unary_rate(stub, texts, seconds))
-                    print(f"round {round_ + 1}: unary, {CONCURRENCY} clients x {BATCH} texts: "
-                          f"{unary_rates[-1]:.1f} texts/s", flush=True)  # fmt: skip
-                else:
-                    stream_rates.append(await stream_rate(stub, texts, seconds))
-                    print(f"round {round_ + 1}: stream, window {CONCURRENCY} x {BATCH} texts: "
-                          f"{stream_rates[-1]:.1f} texts/s", flush=True)  # fmt: skip
-        ratios = [s / u for s, u in zip(stream_rates, unary_rates, strict=True)]
+        rows = {size: await throughput(stub, texts, seconds, rounds, size) for size in sizes}
         idle = await interactive_p50(stub, texts, seconds)
         idle_phases = dict(last_breakdown)
         print(f"interactive p50 alone: {idle:.1f} ms, server {idle_phases}", flush=True)
@@ -188,10 +222,7 @@ async def measure(address: str, seconds: float, rounds: int) -> dict[str, Any]:
         print(f"interactive p50 under a bulk stream: {busy:.1f} ms, server {busy_phases} "
               f"(stream meanwhile {meanwhile:.1f} texts/s)", flush=True)  # fmt: skip
     return {
-        "unary_texts_per_s": unary_rates,
-        "stream_texts_per_s": stream_rates,
-        "stream_over_unary_per_round": ratios,
-        "stream_over_unary": statistics.median(ratios),
+        "throughput_by_texts_per_request": rows,
         "interactive_p50_idle_ms": idle,
         "interactive_p50_under_stream_ms": busy,
         "interactive_server_ms_idle": idle_phases,
@@ -205,13 +236,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="window of each phase")
     parser.add_argument("--rounds", type=int, default=3, help="unary/stream rounds, alternated")
+    parser.add_argument(
+        "--texts-per-request",
+        default=",".join(map(str, SIZES)),
+        help="comma-separated texts per request of the throughput rows (both kinds)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="result JSON path")
     args = parser.parse_args()
+    sizes = [int(size) for size in args.texts_per_request.split(",")]
     started = dt.datetime.now(dt.UTC)
     server = ServerProcess("float32")
     try:
         server.wait_ready()
-        result = asyncio.run(measure(server.address, args.seconds, args.rounds))
+        result = asyncio.run(measure(server.address, args.seconds, args.rounds, sizes))
     finally:
         server.terminate()
         exit_code = server.wait_exit()
@@ -220,19 +257,26 @@ def main() -> None:
             "started_at": started.isoformat(timespec="seconds"),
             "model": MODEL,
             "concurrency": CONCURRENCY,
-            "texts_per_request": BATCH,
+            "bulk_texts_per_request": BATCH,
             "seconds": args.seconds,
             "rounds": args.rounds,
             "server_exit_code": exit_code,
             "targets": {
-                "stream >= unary": result["stream_over_unary"] >= 1.0,
+                f"stream >= unary at {size} texts a request": row["stream_over_unary"] >= 1.0
+                for size, row in result["throughput_by_texts_per_request"].items()
+            }
+            | {
                 "p50 under stream <= 2x idle": result["p50_ratio"] <= 2.0,
             },
         }
     )
     out = args.out or ROOT / "bench" / "results" / f"stream-{started:%Y%m%d-%H%M%S}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"stream / unary {result['stream_over_unary']:.2f}x; interactive p50 under stream "
+    ratios = ", ".join(
+        f"{size} texts {row['stream_over_unary']:.2f}x"
+        for size, row in result["throughput_by_texts_per_request"].items()
+    )
+    print(f"stream / unary: {ratios}; interactive p50 under stream "
           f"{result['p50_ratio']:.2f}x idle; wrote {out}")  # fmt: skip
 
 
