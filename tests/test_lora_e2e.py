@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 import pytest
 import pytest_asyncio
+import safetensors.torch
 from google.protobuf.struct_pb2 import Struct
 from sie_sdk import Item, SIEClient
 from sie_sdk.tensors import from_tensor
@@ -38,6 +39,11 @@ MODEL = "tiny/lora"
 MISSING = "/nonexistent/lora-adapter"
 
 
+def saved_bytes(folder: Path) -> int:
+    tensors = safetensors.torch.load_file(str(folder / "adapter_model.safetensors"))
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 class Built:
     """The saved base model, its adapters (a, b) and each one's reference vectors of TEXTS."""
 
@@ -48,6 +54,8 @@ class Built:
             n: reference_lora(self.base, path, TEXTS) for n, path in self.loras.items()
         }
         self.want[None] = dense.reference_st(self.base, TEXTS)
+        #: Bytes of each adapter's weights, as saved (fp32, as the served model).
+        self.lora_bytes = {n: saved_bytes(path) for n, path in self.loras.items()}
 
     def lora_id(self, name: str | None) -> str | None:
         return None if name is None else str(self.loras[name])
@@ -301,8 +309,10 @@ async def test_one_resident_adapter_evicts_and_reloads(built: Built, tmp_path: P
         folder, entry(MODEL, "dense", built.base, DENSE_OUTPUTS, lora={"allowed": ids})
     )
     async with serving([folder], preload=[MODEL], max_loras_per_model=1) as handle:
-        residency = handle.running.registry.entry(MODEL).loras
+        model = handle.running.registry.entry(MODEL)
+        residency = model.loras
         assert residency is not None
+        base_bytes = model.memory_bytes
         for name in ("a", "b", "a", "b"):
             got, refusals = await encode_retrying(handle.channel, MODEL, built.lora_id(name))
             assert refusals  # evicted by the other one, so loaded again
@@ -311,3 +321,6 @@ async def test_one_resident_adapter_evicts_and_reloads(built: Built, tmp_path: P
             assert list(residency.slots) == [built.lora_id(name)]
             base, _ = await encode_retrying(handle.channel, MODEL, None)
             assert np.allclose(base, built.want[None], atol=1e-5)
+            # The memory budget counts the resident adapter, and only it (the evicted one's
+            # bytes are released: both adapters have the same shapes).
+            assert model.memory_bytes == base_bytes + built.lora_bytes[name]

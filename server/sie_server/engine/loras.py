@@ -21,7 +21,7 @@ import enum
 import functools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from sie_server.adapters.lora import LoraSupport, lora_id_of
@@ -61,6 +61,9 @@ class LoraResidency:
     #: Seconds a failed adapter load is answered LoraLoadFailed before a request retries it.
     load_retry_s: float
     slots: dict[str, LoraSlot] = field(default_factory=dict)
+    #: Called (on the event loop) after an adapter was loaded or evicted: the model's memory
+    #: changed (the registry re-reads it for the memory budget).
+    on_change: Callable[[], None] = field(default=lambda: None)
     #: Loads in flight (held so they are not collected; cancelled with the model).
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -70,11 +73,16 @@ class LoraResidency:
 
     @classmethod
     async def open(
-        cls, adapter: LoraSupport, executor: BatchExecutor, max_resident: int, load_retry_s: float
+        cls,
+        adapter: LoraSupport,
+        executor: BatchExecutor,
+        max_resident: int,
+        load_retry_s: float,
+        on_change: Callable[[], None] = lambda: None,
     ) -> LoraResidency:
         """The residency of a freshly loaded model, with the default profile's adapter loaded
         (ModelLoadFailed when it does not load)."""
-        residency = cls(adapter, executor, max_resident, load_retry_s)
+        residency = cls(adapter, executor, max_resident, load_retry_s, on_change=on_change)
         spec = adapter.spec
         lora_id = lora_id_of(spec.profile(None).options, spec.name)
         if lora_id is not None:
@@ -150,6 +158,7 @@ class LoraResidency:
             slot.error = f"{type(exc).__name__}: {exc}"
             return
         slot.phase, slot.last_used = LoraPhase.LOADED, time.monotonic()
+        self.on_change()
         log.info(
             "loaded LoRA adapter %r of %s in %.1fs",
             lora_id,
@@ -173,11 +182,12 @@ class LoraResidency:
             del self.slots[lora_id]
             log.info("evicting LoRA adapter %r of %s (least recently used)", lora_id, self.model)
             done = self.executor.call(functools.partial(self.adapter.unload_lora, lora_id))
-            done.add_done_callback(functools.partial(_unloaded, self.model, lora_id))
+            done.add_done_callback(functools.partial(self._unloaded, lora_id))
 
-
-def _unloaded(model: str, lora_id: str, done: asyncio.Future[None]) -> None:
-    """Log an eviction that failed (the model thread keeps serving the others)."""
-    error = None if done.cancelled() else done.exception()
-    if error is not None:
-        log.warning("evicting LoRA adapter %r of %s failed: %s", lora_id, model, error)
+    def _unloaded(self, lora_id: str, done: asyncio.Future[None]) -> None:
+        """Report the memory freed, or log an eviction that failed (the model thread keeps
+        serving the others)."""
+        error = None if done.cancelled() else done.exception()
+        if error is not None:
+            log.warning("evicting LoRA adapter %r of %s failed: %s", lora_id, self.model, error)
+        self.on_change()

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -430,7 +431,11 @@ class ModelRegistry:
             await executor.call(lambda: adapter.load(target))
             loras = (
                 await LoraResidency.open(
-                    adapter, executor, self.config.max_loras_per_model, self.config.load_retry_s
+                    adapter,
+                    executor,
+                    self.config.max_loras_per_model,
+                    self.config.load_retry_s,
+                    on_change=functools.partial(self._remeasure, entry),
                 )
                 if isinstance(adapter, LoraSupport)
                 else None
@@ -463,6 +468,13 @@ class ModelRegistry:
         await self._make_room(entry, 0)
 
     # ---- memory ------------------------------------------------------------------------------
+    @staticmethod
+    def _remeasure(entry: ModelEntry) -> None:
+        """Re-read a loaded model's bytes (its LoRA adapters changed): the ``weights`` gauge of
+        the memory budget counts them too."""
+        if entry.adapter is not None:
+            entry.memory_bytes = entry.adapter.memory_bytes()
+
     async def _make_room(self, keep: ModelEntry, need: int) -> None:
         """Evict the least recently used loaded models (never ``keep``) until the gauge plus
         ``need`` bytes fits the budget."""
