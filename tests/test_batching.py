@@ -243,7 +243,7 @@ def test_a_queue_of_32_mixed_lengths_takes_the_best_window_every_time(seed: int)
     (checked against every window of the sorted group). With the cap off the same queue pads
     far more: the cap is what keeps padding low."""
     limits = ExecutorConfig().limits
-    assert limits.max_padding == 0.15
+    assert limits.max_padding == 0.10
     costs = mixed_costs(random.Random(seed), 32)
     queue = PendingQueue()
     fill(queue, costs)

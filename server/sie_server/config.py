@@ -46,7 +46,7 @@ class Settings:
     # Batching and admission.
     max_batch_tokens: int = 16384
     max_batch_items: int = 64
-    max_batch_padding: float = 0.15
+    max_batch_padding: float = 0.10
     batch_wait_ms: float = 0.0
     max_pending_tokens: int = 262144
     max_pending_items: int = 8192

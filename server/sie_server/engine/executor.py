@@ -57,7 +57,7 @@ class ExecutorConfig:
     max_batch_tokens: int = 16384
     max_batch_items: int = 64
     #: Largest share of a batch's padded tokens that may be padding (1.0: no cap).
-    max_batch_padding: float = 0.15
+    max_batch_padding: float = 0.10
     #: Admission bound: tokens admitted and not yet resolved, per model.
     max_pending_tokens: int = 262144
     max_pending_items: int = 8192
