@@ -857,3 +857,45 @@ async def test_back_to_back_interactive_calls_cannot_starve_bulk_work(
     bulk_passes = [p for p in adapter.passes if p.texts[0].startswith("bulk")]
     assert [len(p.texts) for p in bulk_passes] == [2, 2, 2]
     assert queries >= 3, "each bulk pass came after a hold, with queries run meanwhile"
+
+
+async def test_the_items_being_prepared_are_reserved_so_a_request_that_cannot_fit_is_never_tokenized(
+    prep_pool: ThreadPoolExecutor, tokenizer_pool: ThreadPoolExecutor
+) -> None:
+    """Three items are being tokenized against a bound of four: a two-item request is refused
+    before it is tokenized (before, it was tokenized and refused at admission), a one-item
+    request still fits, and once the first is admitted the reservation is its admission."""
+    adapter = fake()
+    gate = threading.Event()
+    started: list[str] = []
+
+    def slow_job(texts: list[str]) -> Any:
+        started.append(texts[0])
+        gate.wait(HANG_GUARD_S)
+        items = [InputItem(text=t) for t in texts]
+        return adapter.encode_job(EncodeCall(items=items, settings=DOCS))
+
+    async with running(prep_pool, max_pending_items=4, max_preparing_requests=8) as executor:
+
+        def call(texts: list[str]) -> Any:
+            return run_job(
+                executor,
+                lambda: slow_job(texts),
+                deadline=None,
+                prepare_pool=tokenizer_pool,
+                finish_pool=tokenizer_pool,
+                items=len(texts),
+            )
+
+        first = asyncio.create_task(call(["a1", "a2", "a3"]))
+        await eventually(lambda: started == ["a1"], "the first request is being tokenized")
+        with pytest.raises(QueueFull, match="3 items being prepared") as refused:
+            await call(["b1", "b2"])
+        assert refused.value.retry_after_s is not None
+        assert started == ["a1"], "the request that could not fit was never tokenized"
+        fits = asyncio.create_task(call(["c1"]))
+        await eventually(lambda: started == ["a1", "c1"], "a request that fits is tokenized")
+        gate.set()
+        done = await asyncio.wait_for(asyncio.gather(first, fits), HANG_GUARD_S)
+        assert [len(o.result) for o in done] == [3, 1]
+        assert executor.pending_items == 0

@@ -4,8 +4,10 @@
 * A request is admitted whole or refused whole with ``QueueFull``. An empty model admits any
   request (so one large request still runs); otherwise a request that would push admitted
   tokens or items past their bounds is refused.
-* At most ``max_preparing`` requests are tokenized at once, so a burst is refused before it
-  costs any work.
+* At most ``max_preparing`` requests are tokenized at once, and the items of those being
+  tokenized are reserved: a request that would not fit beside the admitted items and the
+  reserved ones is refused before it is tokenized, not after (which would spend the tokenizer
+  on work that is then refused). A burst is refused before it costs any work.
 * The retry hint of ``QueueFull`` is when the admitted work will have drained: admitted tokens
   over the model's recent tokens per second (an average over finished batches), at least the
   configured floor and at most 30 s. A constant hint makes refused callers return in lock step.
@@ -51,6 +53,8 @@ class Admission:
         self.items = 0
         self.tokens = 0
         self.preparing_requests = 0
+        #: Items of the requests being prepared (reserved until they are admitted or refused).
+        self.reserved_items = 0
         self.tokens_per_s = 0.0
         self._clock = clock
         self._demand = _Demand(clock())
@@ -58,27 +62,29 @@ class Admission:
     def full(self) -> bool:
         return self.tokens >= self.limits.max_tokens or self.items >= self.limits.max_items
 
-    def check(self) -> None:
-        """Fail fast before any work is spent on a request."""
-        if self.full():
+    def check(self, items: int = 0) -> None:
+        """Fail fast before any work is spent on a request of ``items`` items: the queue is
+        full, or the request would not fit beside what is admitted and reserved (an empty model
+        takes any request, as ``admit``)."""
+        pending = self.items + self.reserved_items
+        if self.full() or (pending and pending + items > self.limits.max_items):
             raise self.queue_full()
 
     @contextlib.contextmanager
-    def preparing(self) -> Iterator[None]:
-        """Hold a preparation slot while a request is tokenized."""
-        self.check()
+    def preparing(self, items: int = 0) -> Iterator[None]:
+        """Hold a preparation slot, and reserve ``items``, while a request is tokenized."""
+        self.check(items)
         if self.preparing_requests >= self.limits.max_preparing:
-            self._demand.count(self._clock(), refused=True)
-            raise QueueFull(
-                f"model {self.model!r} is preparing {self.preparing_requests} requests already",
-                model=self.model,
-                retry_after_s=self.limits.retry_floor_s,
+            raise self.queue_full(
+                f"model {self.model!r} is preparing {self.preparing_requests} requests already"
             )
         self.preparing_requests += 1
+        self.reserved_items += items
         try:
             yield
         finally:
             self.preparing_requests -= 1
+            self.reserved_items -= items
 
     def admit(self, tokens: int, items: int) -> None:
         if self.items and (
@@ -111,11 +117,14 @@ class Admission:
         pressure = max(1.0, self._demand.refusals_per_admission(self._clock()))
         return min(MAX_RETRY_AFTER_S, max(self.limits.retry_floor_s, drain * pressure))
 
-    def queue_full(self) -> QueueFull:
+    def queue_full(self, message: str | None = None) -> QueueFull:
+        """A refusal, counted, with the demand-scaled hint (whatever refused it: the callers
+        refused for any reason are the same crowd waiting for the same drain)."""
         self._demand.count(self._clock(), refused=True)
         return QueueFull(
-            f"model {self.model!r} queue is full "
-            f"({self.items} items, {self.tokens} tokens pending)",
+            message
+            or f"model {self.model!r} queue is full ({self.items} items, {self.tokens} tokens "
+            f"pending, {self.reserved_items} items being prepared)",
             model=self.model,
             retry_after_s=self.retry_after_s(),
         )

@@ -242,11 +242,12 @@ class BatchExecutor:
             raise self._broken
 
     @contextlib.contextmanager
-    def preparing(self) -> Iterator[None]:
-        """Hold one of the ``max_preparing_requests`` slots while a request is tokenized; refuse
-        with QueueFull (retryable) when they are all taken or the queue is at its bound."""
+    def preparing(self, items: int = 0) -> Iterator[None]:
+        """Hold one of the ``max_preparing_requests`` slots, and reserve ``items``, while a
+        request is tokenized; refuse with QueueFull (retryable) when they are all taken or the
+        request would not fit the queue (``Admission``)."""
         self._check_open()
-        with self._admission.preparing():
+        with self._admission.preparing(items):
             yield
 
     def submit(

@@ -1,6 +1,7 @@
 """The one request pipeline every task runs through.
 
-1. **Capacity**: a full queue refuses before any tokenizing is spent.
+1. **Capacity**: a full queue, or one the request's items would not fit beside the admitted
+   and reserved ones, refuses before any tokenizing is spent.
 2. **Prepare** in the tokenizer pool: the capability's ``*_job`` tokenizes and returns a ``Job``.
 3. **Submit**: the job's groups are admitted whole or refused whole (``QueueFull``).
 4. **Gather**: wait for every payload's future; the first error fails the request.
@@ -41,12 +42,14 @@ async def run_job(
     finish_pool: Executor,
     check: Callable[[Job[R]], None] | None = None,
     bulk: bool = False,
+    items: int = 0,
 ) -> Outcome[R]:
     """Prepare (off the loop), ``check`` the prepared job (before any compute), submit, gather,
-    finish (off the loop), time."""
+    finish (off the loop), time. ``items``: the request's items, reserved while it is
+    prepared, so a request that cannot fit is refused before it is tokenized."""
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
-    with executor.preparing():
+    with executor.preparing(items):
         job = await loop.run_in_executor(prepare_pool, make_job)
         prepared = time.perf_counter()
         if check is not None:
@@ -66,8 +69,8 @@ async def run_job(
 
     result = await loop.run_in_executor(finish_pool, job.finish, outputs)
     done = time.perf_counter()
-    items = [item for group in admitted for item in group]
-    batches = {item.timing.batch_id: item.timing.inference_ms for item in items}
+    work = [item for group in admitted for item in group]
+    batches = {item.timing.batch_id: item.timing.inference_ms for item in work}
     timing = Timing(
         total_ms=(done - started) * 1000.0,
         # Everything between admission and the last result that was not the request's own

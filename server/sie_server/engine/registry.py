@@ -307,6 +307,7 @@ class ModelRegistry:
                 check=lambda job: check_response_size(call, spec, job.tokens, limit),
                 images=images,
                 bulk=bulk,
+                items=len(call.items),
             )
 
     async def score(self, model: str, call: ScoreCall) -> Outcome[list[RankedScore]]:
@@ -325,7 +326,13 @@ class ModelRegistry:
 
         with self.lora_pinned(model, lora_id):
             outcome = await self._run(
-                model, "score", executor, make_job, call.deadline, images=images
+                model,
+                "score",
+                executor,
+                make_job,
+                call.deadline,
+                images=images,
+                items=len(call.items),
             )
         return Outcome(rank(outcome.result), outcome.timing, outcome.tokens)
 
@@ -333,7 +340,12 @@ class ModelRegistry:
         adapter, executor = self.ready(model)
         assert isinstance(adapter, Extractor)
         return await self._run(
-            model, "extract", executor, lambda: adapter.extract_job(call), call.deadline
+            model,
+            "extract",
+            executor,
+            lambda: adapter.extract_job(call),
+            call.deadline,
+            items=len(call.items),
         )
 
     async def _run(
@@ -346,6 +358,7 @@ class ModelRegistry:
         check: Callable[[Job[R]], None] | None = None,
         images: bool = False,
         bulk: bool = False,
+        items: int = 0,
     ) -> Outcome[R]:
         """Run the job; a completed request records its tokens and one duration per phase. A
         request with images is decoded and prepared in the image pool."""
@@ -357,6 +370,7 @@ class ModelRegistry:
             bulk=bulk,
             finish_pool=self._tokenizer_pool,
             check=check,
+            items=items,
         )
         self.metrics.inc("sie_tokens_processed_total", outcome.tokens, model=model)
         record_timing(self.metrics, outcome.timing, model=model, endpoint=endpoint)
