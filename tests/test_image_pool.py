@@ -127,10 +127,12 @@ async def test_a_mixed_request_runs_one_pass_per_modality_and_keeps_item_order(
 ) -> None:
     stub = encode_pb2_grpc.EncodeServiceStub(server.channel)
     TwoTowerFake.pass_modalities.clear()
+    # Texts of one length: texts of 3 and 4 tokens would pad 1 of 8 tokens, over the padding
+    # cap (10%), and run in two passes for that reason alone.
     items = [
         common_pb2.Item(text="one two"),
         image_item(32, 8),
-        common_pb2.Item(text="three"),
+        common_pb2.Item(text="three four"),
         image_item(8, 32),
     ]
     reply = await stub.Encode(encode_pb2.EncodeRequest(model=MODEL, items=items))
@@ -138,7 +140,7 @@ async def test_a_mixed_request_runs_one_pass_per_modality_and_keeps_item_order(
     assert got[1] == [-32.0, -8.0]
     assert got[3] == [-8.0, -32.0]
     assert got[0] == expected_vector("one two").tolist()
-    assert got[2] == expected_vector("three").tolist()
+    assert got[2] == expected_vector("three four").tolist()
     assert sorted(map(sorted, TwoTowerFake.pass_modalities)) == [["image"], ["text"]]
     assert [item.num_tokens for item in reply.items][1::2] == [4, 4], "an image costs its patches"
 

@@ -94,10 +94,9 @@ def _decode(body: bytes, content_type: str | None) -> Any:
 
 
 def _result(response: httpx.Response) -> Any:
-    content_type = response.headers.get("Content-Type")
     if response.is_success:
-        return _decode(response.content, content_type)
-    raise _error(response.status_code, response.content, content_type, response.headers)
+        return _decode(response.content, response.headers.get("Content-Type"))
+    raise _error_of(response, response.content)
 
 
 def _error(
@@ -112,6 +111,13 @@ def _error(
     if not isinstance(detail, Mapping):
         detail = {"message": body[:500].decode("utf-8", "replace") or f"HTTP {status}"}
     return _detail_error(detail, status, retry_after)
+
+
+def _error_of(response: httpx.Response, body: bytes) -> SIEError:
+    """The error of a response that is not a success (its body read)."""
+    return _error(
+        response.status_code, body, response.headers.get("Content-Type"), response.headers
+    )
 
 
 def _detail_error(detail: Mapping[str, Any], status: int, retry_after: float | None) -> SIEError:
@@ -224,6 +230,17 @@ class _Posts:
 
 def _body(post: list[_Line]) -> bytes:
     return b"".join(item.line for item in post if isinstance(item.line, bytes))
+
+
+def _stream_args(model: str, post: list[_Line], window: int, call: CallOptions) -> dict[str, Any]:
+    """``client.stream("POST", ...)``'s arguments for one POST of ``post``'s lines."""
+    return {
+        "url": _stream_path(model),
+        "content": _body(post),
+        "params": {"window": window},
+        "headers": _stream_headers(call),
+        "timeout": _stream_timeout(call),
+    }
 
 
 def _array(values: Any, dtype: Any) -> npt.NDArray[np.generic]:
@@ -415,21 +432,9 @@ class HttpTransport:
         """One POST of ``post``'s lines; each answer as its line arrives."""
         answers = _Answers(post)
         try:
-            with self.client.stream(
-                "POST",
-                _stream_path(model),
-                content=_body(post),
-                params={"window": window},
-                headers=_stream_headers(call),
-                timeout=_stream_timeout(call),
-            ) as response:
+            with self.client.stream("POST", **_stream_args(model, post, window, call)) as response:
                 if not response.is_success:
-                    raise _error(
-                        response.status_code,
-                        response.read(),
-                        response.headers.get("Content-Type"),
-                        response.headers,
-                    )
+                    raise _error_of(response, response.read())
                 for chunk in response.iter_bytes():
                     yield from answers.feed(chunk)
         except httpx.TransportError as exc:
@@ -502,20 +507,10 @@ class AsyncHttpTransport:
         answers = _Answers(post)
         try:
             async with self.client.stream(
-                "POST",
-                _stream_path(model),
-                content=_body(post),
-                params={"window": window},
-                headers=_stream_headers(call),
-                timeout=_stream_timeout(call),
+                "POST", **_stream_args(model, post, window, call)
             ) as response:
                 if not response.is_success:
-                    raise _error(
-                        response.status_code,
-                        await response.aread(),
-                        response.headers.get("Content-Type"),
-                        response.headers,
-                    )
+                    raise _error_of(response, await response.aread())
                 async for chunk in response.aiter_bytes():
                     for outcome in answers.feed(chunk):
                         yield outcome
