@@ -16,7 +16,8 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
-from sie_bridge.routes.stream import NDJSON
+from sie_bridge.routes.stream import NDJSON, error_line
+from sie_sdk.reasons import ErrorDetail
 
 from tests.bridge_utils import JSON_HEADERS, BridgeHandle, bridged
 from tests.fakes import FakeAdapter
@@ -316,3 +317,15 @@ async def test_a_backend_that_fails_mid_stream_ends_with_an_error_line(tmp_path:
     assert set(last) == {"sequence", "error"}, last
     assert last["error"]["code"] == "BACKEND_UNAVAILABLE", last
     assert len(answers) < before + after
+
+
+def test_an_error_line_carries_the_retry_hint_a_unary_response_sends_as_retry_after() -> None:
+    """A line has no headers: the hint is ``retry_after_ms`` (what the SDK's HTTP transport
+    reads); without a hint the line has no such field."""
+    hinted = json.loads(error_line(3, ErrorDetail("QUEUE_FULL", "busy", retry_after_s=1.25)))
+    assert hinted == {
+        "sequence": 3,
+        "error": {"code": "QUEUE_FULL", "message": "busy", "retry_after_ms": 1250},
+    }
+    plain = json.loads(error_line(4, ErrorDetail("INVALID_INPUT", "bad")))
+    assert plain == {"sequence": 4, "error": {"code": "INVALID_INPUT", "message": "bad"}}

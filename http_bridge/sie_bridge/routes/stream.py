@@ -136,7 +136,12 @@ def stream_error(error: encode_pb2.StreamError) -> ErrorDetail:
 
 
 def error_line(sequence: int, detail: ErrorDetail) -> bytes:
-    return dump_json({"sequence": sequence, "error": error_body(detail)["detail"]}) + b"\n"
+    """An ``error`` line: the fields of the bridge's error bodies, and ``retry_after_ms`` when
+    retrying helps (a unary response would send ``Retry-After``; a line has no headers)."""
+    error = error_body(detail)["detail"]
+    if detail.retry_after_s:
+        error["retry_after_ms"] = round(detail.retry_after_s * 1000)
+    return dump_json({"sequence": sequence, "error": error}) + b"\n"
 
 
 def result_line(message: encode_pb2.EncodeStreamResponse) -> bytes:
