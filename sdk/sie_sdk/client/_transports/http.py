@@ -203,14 +203,19 @@ class _Posts:
         #: Batches the server reads at once: they never wait in buffers.
         self.free = min(window, SERVER_MAX_WINDOW)
         self.pending: deque[_Line] = deque()
+        #: The input gave fewer batches than asked: it is done.
+        self.exhausted = False
 
     @property
     def room(self) -> int:
-        """How many batches may be taken from the input now (every posted one is answered)."""
-        return self.limit - len(self.pending)
+        """How many batches to take from the input now (every posted one is answered): never
+        more, so the input, which blocks past ``limit``, is never asked for one too many."""
+        return 0 if self.exhausted else self.limit - len(self.pending)
 
-    def add(self, sequence: int, body: Mapping[str, Any]) -> None:
-        self.pending.append(_line(sequence, body))
+    def add(self, taken: list[tuple[int, Mapping[str, Any]]], asked: int) -> None:
+        """The batches taken from the input when ``asked`` for that many."""
+        self.exhausted = len(taken) < asked
+        self.pending.extend(_line(sequence, body) for sequence, body in taken)
 
     def cut(self) -> list[_Line]:
         """The next POST's batches, in order; or the first pending batch alone when it has no
@@ -411,13 +416,9 @@ class HttpTransport:
         """(sequence, response or SIEError) per batch, in order, over one POST after another
         (module docstring); a failed stream raises its SIEError."""
         posts = _Posts(window)
-        exhausted = False
         while True:
-            if not exhausted and (room := posts.room) > 0:
-                taken = list(islice(batches, room))  # never next() past the room
-                exhausted = len(taken) < room
-                for sequence, body in taken:
-                    posts.add(sequence, body)
+            if room := posts.room:
+                posts.add(list(islice(batches, room)), room)
             post = posts.cut()
             if not post:
                 return
@@ -484,13 +485,9 @@ class AsyncHttpTransport:
     ) -> AsyncIterator[tuple[int, Any]]:
         """``HttpTransport.encode_stream``, awaiting."""
         posts = _Posts(window)
-        exhausted = False
         while True:
-            if not exhausted and (room := posts.room) > 0:
-                taken = await _take(batches, room)
-                exhausted = len(taken) < room
-                for sequence, body in taken:
-                    posts.add(sequence, body)
+            if room := posts.room:
+                posts.add(await _take(batches, room), room)
             post = posts.cut()
             if not post:
                 return
