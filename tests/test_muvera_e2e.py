@@ -208,6 +208,15 @@ async def test_get_model_reports_what_the_muvera_profile_returns(server: ServerH
     assert [response.items[0].HasField(t) for t in ("dense", "multivector")] == [True, False]
 
 
+async def test_the_bridge_reports_the_muvera_profile_as_get_model_does(http: BridgeHandle) -> None:
+    async with http.session.get(f"/v1/models/{COLBERT}", headers=JSON_HEADERS) as reply:
+        assert reply.status == 200, await reply.text()
+        profiles = (await reply.json())["profiles"]
+    assert profiles["muvera"]["output_types"] == ["dense"]
+    assert profiles["muvera"]["output_similarity"] == {"dense": "dot"}
+    assert profiles["default"]["output_similarity"] == {"multivector": "maxsim"}
+
+
 async def test_grpc_refuses_muvera_on_a_model_without_multivectors(server: ServerHandle) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await grpc_encode(server, DENSE, TEXTS, {"muvera": {}})
