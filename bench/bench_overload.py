@@ -35,6 +35,7 @@ from typing import Any
 import grpc
 import psutil  # type: ignore[import-untyped]
 from bench_common import MODEL, ROOT
+from bench_server import Counters, read_counters
 from bench_services import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sie_sdk import SIEAsyncClient
@@ -89,7 +90,7 @@ async def overload(address: str, rate: float, seconds: float) -> dict[str, Any]:
     failed: list[str] = []
     health_ms: list[float] = []
     refusal_ms: list[float] = []
-    probe_admitted = 0
+    probe_admitted = probe_admitted_in_window = 0
     not_serving = 0
     end = time.monotonic() + seconds
     rng = random.Random(7)
@@ -125,7 +126,7 @@ async def overload(address: str, rate: float, seconds: float) -> dict[str, Any]:
 
         async def probe_call(stub: Any, i: int) -> None:
             """A bare call, no retries: how long its answer takes when it is a refusal."""
-            nonlocal probe_admitted
+            nonlocal probe_admitted, probe_admitted_in_window
             request = encode_pb2.EncodeRequest(
                 model=MODEL, items=[common_pb2.Item(text=MEDIUM[i % len(MEDIUM)])]
             )
@@ -133,6 +134,7 @@ async def overload(address: str, rate: float, seconds: float) -> dict[str, Any]:
             try:
                 await stub.Encode(request, timeout=60)
                 probe_admitted += 1
+                probe_admitted_in_window += time.monotonic() <= end
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     refusal_ms.append((time.perf_counter() - started) * 1000)
@@ -155,7 +157,8 @@ async def overload(address: str, rate: float, seconds: float) -> dict[str, Any]:
         await asyncio.gather(*tasks)
     return {
         "offered_calls": offered,
-        "goodput_per_s": len(done) / seconds,
+        "goodput_per_s": (len(done) + probe_admitted_in_window) / seconds,
+        "sdk_goodput_per_s": len(done) / seconds,
         "failed": len(failed),
         "failed_kinds": sorted(set(failed)),
         "health_p99_ms": statistics.quantiles(health_ms, n=100)[98] if len(health_ms) > 2 else None,
@@ -167,6 +170,39 @@ async def overload(address: str, rate: float, seconds: float) -> dict[str, Any]:
             statistics.quantiles(refusal_ms, n=100)[98] if len(refusal_ms) > 2 else None
         ),
     }
+
+
+def model_rates(delta: Counters, seconds: float, cpu_s: float) -> dict[str, Any]:
+    """What the model did in a phase: items it computed a second, its batches, their padding,
+    and the server's CPU (cores) meanwhile. Items computed but not counted as goodput were
+    computed for callers that did not get them inside the window."""
+    return {
+        "items_computed_per_s": delta.batched_items / seconds,
+        "mean_batch": delta.batched_items / delta.batches if delta.batches else None,
+        "padding": 1.0 - delta.tokens / delta.padded_tokens if delta.padded_tokens else None,
+        "server_cores": cpu_s / seconds,
+    }
+
+
+def cpu_s(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+async def window_rates(address: str, process: psutil.Process, seconds: float) -> dict[str, Any]:
+    """``model_rates`` over the next ``seconds`` (run beside the phase's load)."""
+    before, cpu_before = await read_counters(address), cpu_s(process)
+    await asyncio.sleep(seconds)
+    after, cpu_after = await read_counters(address), cpu_s(process)
+    return model_rates(after - before, seconds, cpu_after - cpu_before)
+
+
+async def measured(
+    load: Any, address: str, process: psutil.Process, seconds: float
+) -> tuple[Any, dict[str, Any]]:
+    """Run the phase ``load`` with ``window_rates`` beside it."""
+    result, rates = await asyncio.gather(load, window_rates(address, process, seconds))
+    return result, rates
 
 
 def rss_mb(pid: int) -> float:
@@ -194,7 +230,19 @@ async def queue_full_count(address: str) -> int:
     )
 
 
-def start_server() -> tuple[subprocess.Popen[bytes], str]:
+def split_cpus(client_cpus: int) -> tuple[set[int], set[int]]:
+    """The CPUs of the server and of this load generator: the generator takes the last
+    ``client_cpus`` of this process's CPUs, the server the rest (0: both share all of them)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if client_cpus <= 0:
+        return set(cpus), set(cpus)
+    if client_cpus >= len(cpus):
+        raise SystemExit(f"--client-cpus {client_cpus} leaves no CPU of {len(cpus)} to the server")
+    return set(cpus[:-client_cpus]), set(cpus[-client_cpus:])
+
+
+def start_server(cpus: set[int]) -> tuple[subprocess.Popen[bytes], str]:
+    """The server, on ``cpus`` (torch sizes its thread pool to them)."""
     port = free_port()
     process = subprocess.Popen(
         [
@@ -203,6 +251,7 @@ def start_server() -> tuple[subprocess.Popen[bytes], str]:
         ],
         cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: os.sched_setaffinity(0, cpus),
     )  # fmt: skip
     address = f"127.0.0.1:{port}"
 
@@ -226,24 +275,31 @@ def start_server() -> tuple[subprocess.Popen[bytes], str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument(
+        "--client-cpus", type=int, default=1,
+        help="CPUs kept for this load generator, away from the server (0: they share all)",
+    )  # fmt: skip
     args = parser.parse_args()
-    server, address = start_server()
+    server_cpus, client_cpus = split_cpus(args.client_cpus)
+    server, address = start_server(server_cpus)
+    os.sched_setaffinity(0, client_cpus)
     try:
+        process = psutil.Process(server.pid)
         asyncio.run(closed_loop(address, 32, 5))  # warm up
-        peak_lat = asyncio.run(closed_loop(address, 32, args.seconds))
+        peak_lat, peak_model = asyncio.run(
+            measured(closed_loop(address, 32, args.seconds), address, process, args.seconds)
+        )
         peak = len(peak_lat) / args.seconds
         sdk_peak = asyncio.run(sdk_closed_loop(address, 32, args.seconds)) / args.seconds
         before = asyncio.run(closed_loop(address, 8, args.seconds / 2))
         rss_before = rss_mb(server.pid)
         refused_before = asyncio.run(queue_full_count(address))
-        server_cpu = psutil.Process(server.pid)
-        cpu_before = server_cpu.cpu_times()
+        cpu_before = cpu_s(process)
         own_before = time.process_time()
-        over = asyncio.run(overload(address, 4 * peak, args.seconds))
-        cpu_after = server_cpu.cpu_times()
-        over["server_cpu_s"] = (cpu_after.user + cpu_after.system) - (
-            cpu_before.user + cpu_before.system
+        over, over_model = asyncio.run(
+            measured(overload(address, 4 * peak, args.seconds), address, process, args.seconds)
         )
+        over["server_cpu_s"] = cpu_s(process) - cpu_before
         over["load_generator_cpu_s"] = time.process_time() - own_before
         over["queue_full_answers"] = asyncio.run(queue_full_count(address)) - refused_before
         rss_after = rss_mb(server.pid)
@@ -253,12 +309,17 @@ def main() -> None:
         server.wait(60)
     result = {
         "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "server_env": {k: v for k, v in os.environ.items() if k.startswith("SIE_")},
+        "server_cpus": sorted(server_cpus),
+        "load_generator_cpus": sorted(client_cpus),
         "peak_per_s": peak,
         "offered_per_s": 4 * peak,
         **over,
         "sdk_peak_per_s": sdk_peak,
         "goodput_over_peak": over["goodput_per_s"] / peak,
         "goodput_over_sdk_peak": over["goodput_per_s"] / sdk_peak,
+        "model_at_peak": peak_model,
+        "model_in_overload_window": over_model,
         "rss_mb_before": rss_before,
         "rss_mb_after": rss_after,
         "p50_ms_8_clients_before": statistics.median(before),

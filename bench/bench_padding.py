@@ -1,11 +1,13 @@
-"""The batch padding cap (``--max-batch-padding``) against throughput, side by side in one run.
+"""A batching flag (by default the padding cap, ``--max-batch-padding``) against throughput, side
+by side in one run.
 
-    .venv/bin/python bench/bench_padding.py [--caps 0.15,0.10] [--kinds mixed,medium,short]
-        [--rounds 2] [--seconds 12] [--out FILE]
+    .venv/bin/python bench/bench_padding.py [--flag max-batch-padding] [--values 0.15,0.10]
+        [--kinds mixed,medium,short] [--rounds 2] [--seconds 12] [--out FILE]
 
 For each kind of text and each round, one server (``python -m sie_server``, the embedded MiniLM,
-fp32) per cap, started in turn (the order alternates between rounds so that a drift of the
-machine favours no cap), each measured by 32 closed-loop gRPC clients sending one text a call
+fp32) per value of the flag (set as ``SIE_<FLAG>``; ``-`` leaves it unset, the default), started
+in turn (the order alternates between rounds so that a drift of the machine favours no value),
+each measured by 32 closed-loop gRPC clients sending one text a call
 (``bench_grid.run_cell``: texts/s, tokens/s, p50/p99, and from the server's counters the padding
 and the mean batch). The result is JSON (bench/results/padding-<time>.json, or ``--out``) and a
 line per measurement; only ratios within one run mean anything.
@@ -65,14 +67,20 @@ async def measure(
         await caller.close()
 
 
-def run(cap: str, kind: str, texts: Mapping[str, Sequence[str]], tokens: Mapping[str, int],
-        seconds: float) -> ServiceRow:  # fmt: skip
-    """One server with ``--max-batch-padding cap``, one cell, the server stopped after."""
-    os.environ["SIE_MAX_BATCH_PADDING"] = cap
+def run(flag: str, value: str, kind: str, texts: Mapping[str, Sequence[str]],
+        tokens: Mapping[str, int], seconds: float) -> ServiceRow:  # fmt: skip
+    """One server with ``--<flag> value`` (``-``: the default), one cell, the server stopped
+    after."""
+    variable = "SIE_" + flag.upper().replace("-", "_")
+    saved = os.environ.pop(variable, None)
+    if value != "-":
+        os.environ[variable] = value
     try:
         server = ServerProcess("float32")
     finally:
-        del os.environ["SIE_MAX_BATCH_PADDING"]
+        os.environ.pop(variable, None)
+        if saved is not None:
+            os.environ[variable] = saved
     try:
         server.wait_ready()
         return asyncio.run(measure(server, kind, texts, tokens, seconds))
@@ -83,30 +91,34 @@ def run(cap: str, kind: str, texts: Mapping[str, Sequence[str]], tokens: Mapping
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--caps", default="0.15,0.10", help="comma-separated padding caps")
+    parser.add_argument("--flag", default="max-batch-padding", help="the server flag compared")
+    parser.add_argument(
+        "--values", default="0.15,0.10", help="comma-separated values of it (-: the default)"
+    )
     parser.add_argument("--kinds", default="mixed,medium,short", help="kinds of text")
     parser.add_argument("--rounds", type=int, default=2, help="rounds, alternating the order")
     parser.add_argument("--seconds", type=float, default=12.0, help="window of each cell")
     parser.add_argument("--out", type=Path, default=None, help="result JSON path")
     args = parser.parse_args()
-    caps, kinds = args.caps.split(","), args.kinds.split(",")
+    values, kinds = args.values.split(","), args.kinds.split(",")
     started = dt.datetime.now(dt.UTC)
     texts = corpus()
     tokens = token_counts(texts)
     rows: list[dict[str, Any]] = []
     for kind in kinds:
         for round_ in range(args.rounds):
-            for cap in caps if round_ % 2 == 0 else caps[::-1]:
-                row = run(cap, kind, texts, tokens, args.seconds)
-                rows.append({"cap": cap, "round": round_ + 1, **dataclasses.asdict(row)})
+            for value in values if round_ % 2 == 0 else values[::-1]:
+                row = run(args.flag, value, kind, texts, tokens, args.seconds)
+                rows.append({"value": value, "round": round_ + 1, **dataclasses.asdict(row)})
                 padding = row.padding if row.padding is not None else float("nan")
                 batch = row.mean_batch if row.mean_batch is not None else float("nan")
-                print(f"{kind} cap {cap} round {round_ + 1}: {row.texts_per_s:.1f} texts/s, "
+                print(f"{kind} --{args.flag} {value} round {round_ + 1}: {row.texts_per_s:.1f} texts/s, "
                       f"{row.tokens_per_s:.0f} tokens/s, padding {padding:.1%}, batch "
                       f"{batch:.1f}, p50 {row.p50_ms:.0f} ms, p99 {row.p99_ms:.0f} ms",
                       flush=True)  # fmt: skip
     result = {
         "started_at": started.isoformat(timespec="seconds"),
+        "flag": args.flag,
         "clients": CLIENTS,
         "seconds": args.seconds,
         "rows": rows,

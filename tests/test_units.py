@@ -50,6 +50,28 @@ def test_flags_override_env_and_env_overrides_defaults(tmp_path: Path) -> None:
     assert flags.device == "cpu"
 
 
+def test_batch_token_budget_defaults_by_device_and_a_flag_overrides_it() -> None:
+    from sie_server.device import (
+        CPU_BATCH_TOKENS,
+        GPU_BATCH_TOKENS,
+        Placement,
+        default_batch_tokens,
+    )
+    from sie_server.grpc_api.server import build_registry
+
+    assert default_batch_tokens(Placement("cpu", "float32")) == CPU_BATCH_TOKENS
+    assert default_batch_tokens(Placement("cuda:0", "bfloat16", "h100")) == GPU_BATCH_TOKENS
+    assert CPU_BATCH_TOKENS < GPU_BATCH_TOKENS
+    auto = build_registry(
+        Settings(device="cpu", models=("sentence-transformers/all-MiniLM-L6-v2",))
+    )
+    assert auto.config.executor.max_batch_tokens == CPU_BATCH_TOKENS
+    flag = load_settings(["--device", "cpu", "--max-batch-tokens", "5000"], environ={})
+    assert build_registry(flag).config.executor.max_batch_tokens == 5000
+    with pytest.raises(SystemExit, match="--max-batch-tokens must be 0"):
+        load_settings(["--max-batch-tokens", "-1"], environ={})
+
+
 def test_bad_env_value_is_a_clear_error() -> None:
     with pytest.raises(SystemExit, match="SIE_PORT='x' is not a valid int"):
         load_settings([], environ={"SIE_PORT": "x"})

@@ -44,7 +44,8 @@ class Settings:
     #: The forward-pass engine of every model whose family supports it (auto: the catalog's).
     engine: str = "auto"
     # Batching and admission.
-    max_batch_tokens: int = 16384
+    #: 0: by device (device.default_batch_tokens: 2048 on CPU, 16384 on GPU).
+    max_batch_tokens: int = 0
     max_batch_items: int = 64
     max_batch_padding: float = 0.10
     batch_wait_ms: float = 0.0
@@ -168,7 +169,12 @@ _OPTIONS: tuple[Option, ...] = (
         "auto (each catalog entry's engine), torch, or onnx (ONNX Runtime, CPU float32, for "
         "every model whose family supports it; needs pip install 'sie[onnx]')",
     ),
-    ("max-batch-tokens", int, "token budget of one batch, padded (longest x count)"),
+    (
+        "max-batch-tokens",
+        int,
+        "token budget of one batch, padded (longest x count); 0: by device (2048 on cpu, "
+        "16384 on cuda)",
+    ),
     ("max-batch-items", int, "items in one batch at most"),
     (
         "max-batch-padding",
@@ -319,6 +325,10 @@ def load_settings(
     if log_format not in LOG_FORMATS:
         raise SystemExit(f"--log-format must be {' or '.join(LOG_FORMATS)}; got {log_format!r}")
     settings = Settings(**values)
+    if settings.max_batch_tokens < 0:
+        raise SystemExit(
+            f"--max-batch-tokens must be 0 (by device) or positive; got {settings.max_batch_tokens}"
+        )
     if settings.max_loras_per_model < 1:
         raise SystemExit(
             f"--max-loras-per-model must be at least 1; got {settings.max_loras_per_model}"

@@ -6,6 +6,12 @@ from dataclasses import dataclass
 
 DEVICES_HELP = "auto (cuda when present, else cpu), cpu, cuda, cuda:N"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: Default token budget of one batch (``--max-batch-tokens 0``) on a GPU, where bigger batches
+#: keep the device busy, and on a CPU, where a batch past about 2k tokens runs each text slower
+#: (its activations outgrow the caches): long texts served 19.4 texts/s at 16384 and 23.7 at
+#: 2048, mixed 40 and 44, medium the same (docs/performance.md, "The CPU token budget").
+GPU_BATCH_TOKENS = 16384
+CPU_BATCH_TOKENS = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +41,11 @@ def resolve_placement(device: str, dtype: str) -> Placement:
     if device != "cpu":
         raise ValueError(f"unknown device {device!r}: {DEVICES_HELP}")
     return Placement("cpu", "float32" if dtype == "auto" else dtype)
+
+
+def default_batch_tokens(placement: Placement) -> int:
+    """The token budget of a batch when ``--max-batch-tokens`` is 0 (auto)."""
+    return CPU_BATCH_TOKENS if placement.device == "cpu" else GPU_BATCH_TOKENS
 
 
 def gpu_type_of(name: str) -> str:

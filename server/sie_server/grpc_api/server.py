@@ -38,7 +38,7 @@ from sie_sdk.v1 import (
 
 from sie_server.catalog import Catalog, load_catalog
 from sie_server.config import Settings
-from sie_server.device import resolve_placement
+from sie_server.device import default_batch_tokens, resolve_placement
 from sie_server.engine.executor import ExecutorConfig
 from sie_server.engine.registry import EngineConfig, ModelRegistry
 from sie_server.errors import SIEServerError
@@ -120,9 +120,10 @@ def build_registry(settings: Settings) -> ModelRegistry:
         if outside:
             raise SystemExit(f"--preload names models outside --models: {', '.join(outside)}")
         catalog = Catalog(spec for name, spec in catalog.items() if name in settings.models)
+    placement = resolve_placement(settings.device, settings.dtype)
     config = EngineConfig(
         executor=ExecutorConfig(
-            max_batch_tokens=settings.max_batch_tokens,
+            max_batch_tokens=settings.max_batch_tokens or default_batch_tokens(placement),
             max_batch_items=settings.max_batch_items,
             max_batch_padding=settings.max_batch_padding,
             batch_wait_ms=settings.batch_wait_ms,
@@ -135,7 +136,7 @@ def build_registry(settings: Settings) -> ModelRegistry:
             malloc_trim_interval_s=settings.malloc_trim_interval_s,
             tracing=server_tracing(settings),
         ),
-        placement=resolve_placement(settings.device, settings.dtype),
+        placement=placement,
         tokenizer_workers=settings.tokenizer_workers,
         image_workers=settings.image_workers,
         limits=settings.request_limits(),
