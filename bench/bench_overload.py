@@ -1,6 +1,6 @@
 """Overload: goodput under 4x the sustainable load, with clients that retry as the SDK does.
 
-    .venv/bin/python bench/bench_overload.py [--seconds 20]
+    .venv/bin/python bench/bench_overload.py [--seconds 20] [--client-cpus 1]
 
 1. Peak: 32 closed-loop clients (one medium text per call) for a window: the sustainable rate,
    once with bare gRPC stubs and once through ``SIEAsyncClient`` (the client of the overload).
@@ -10,11 +10,15 @@
    retries arriving at a tenth of the offered rate on top of it, and the server's QUEUE_FULL
    count), the health check's latency and that it stays SERVING, the server's RSS, and the CPU
    seconds the server and this load generator spent in the phase (the window, then the calls
-   still waiting; they share the machine's cores).
+   still waiting).
 3. Recovery: 8 closed-loop clients again; their p50 against the same load before the overload.
 
-The server runs with ``--max-pending-items 256`` so that what it admits finishes within seconds.
-Ratios from one run; the result lands in bench/results/overload-<time>.json.
+The server runs with ``--max-pending-items 256`` so that what it admits finishes within seconds,
+on its own CPUs: this load generator keeps the last ``--client-cpus`` (1) of them, as clients on
+other machines would (0: both share all CPUs). Beside the peak and the overload window the bench
+reads the server's counters: the items the model computed a second, its mean batch and padding,
+and the server's CPU. Goodput counts the bare calls admitted too. Ratios from one run; the
+result lands in bench/results/overload-<time>.json.
 """
 
 from __future__ import annotations
@@ -174,8 +178,7 @@ async def overload(address: str, rate: float, seconds: float) -> dict[str, Any]:
 
 def model_rates(delta: Counters, seconds: float, cpu_s: float) -> dict[str, Any]:
     """What the model did in a phase: items it computed a second, its batches, their padding,
-    and the server's CPU (cores) meanwhile. Items computed but not counted as goodput were
-    computed for callers that did not get them inside the window."""
+    and the server's CPU (cores) meanwhile."""
     return {
         "items_computed_per_s": delta.batched_items / seconds,
         "mean_batch": delta.batched_items / delta.batches if delta.batches else None,

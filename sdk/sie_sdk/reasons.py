@@ -82,6 +82,11 @@ REASON_BY_BARE_CODE: Mapping[grpc.StatusCode, str] = {
     grpc.StatusCode.UNAUTHENTICATED: "UNAUTHENTICATED",
 }
 
+#: grpc core's own message for a call whose stream broke under it (the server stopped or reset
+#: the connection mid-call): a bare INTERNAL that means the backend went away, not a fault of
+#: the call, so it reads as BACKEND_UNAVAILABLE (retryable) like a bare UNAVAILABLE.
+CORE_STREAM_BROKEN = "Internal error from Core"
+
 
 def reason_names() -> tuple[str, ...]:
     """Every reason of the proto enum, without its prefix (UNSPECIFIED left out)."""
@@ -128,6 +133,8 @@ def error_from_rpc(error: grpc.RpcError) -> ErrorDetail:
     if detail is not None:
         return detail
     name = REASON_BY_BARE_CODE.get(code, "INTERNAL_ERROR")
+    if code == grpc.StatusCode.INTERNAL and message == CORE_STREAM_BROKEN:
+        name = "BACKEND_UNAVAILABLE"
     if name == "BACKEND_UNAVAILABLE":
         message = f"the SIE gRPC server is unavailable: {message}"
     return ErrorDetail(name, message, retry_after_s=REASONS[name].retry_after_s)
