@@ -8,8 +8,9 @@ DEVICES_HELP = "auto (cuda when present, else cpu), cpu, cuda, cuda:N"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 #: Default token budget of one batch (``--max-batch-tokens 0``) on a GPU, where bigger batches
 #: keep the device busy, and on a CPU, where a batch past about 2k tokens runs each text slower
-#: (its activations outgrow the caches): long texts served 19.4 texts/s at 16384 and 23.7 at
-#: 2048, mixed 40 and 44, medium the same (docs/performance.md, "The CPU token budget").
+#: (its activations outgrow the caches): at 32 clients long texts served 19.7 texts/s at 16384
+#: and 24.2 at 2048, mixed 39.3 and 41.3, medium the same (docs/performance.md, "The CPU token
+#: budget").
 GPU_BATCH_TOKENS = 16384
 CPU_BATCH_TOKENS = 2048
 
