@@ -33,8 +33,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import psutil  # type: ignore[import-untyped]
@@ -45,6 +46,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sie_sdk import SIEAsyncClient
 from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc, status_pb2, status_pb2_grpc
 
+T = TypeVar("T")
 MEDIUM = json.loads((ROOT / "bench/data/bench-texts.json").read_text())["medium"]
 
 
@@ -201,8 +203,8 @@ async def window_rates(address: str, process: psutil.Process, seconds: float) ->
 
 
 async def measured(
-    load: Any, address: str, process: psutil.Process, seconds: float
-) -> tuple[Any, dict[str, Any]]:
+    load: Awaitable[T], address: str, process: psutil.Process, seconds: float
+) -> tuple[T, dict[str, Any]]:
     """Run the phase ``load`` with ``window_rates`` beside it."""
     result, rates = await asyncio.gather(load, window_rates(address, process, seconds))
     return result, rates

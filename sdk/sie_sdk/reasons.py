@@ -86,6 +86,17 @@ REASON_BY_BARE_CODE: Mapping[grpc.StatusCode, str] = {
 #: the connection mid-call): a bare INTERNAL that means the backend went away, not a fault of
 #: the call, so it reads as BACKEND_UNAVAILABLE (retryable) like a bare UNAVAILABLE.
 CORE_STREAM_BROKEN = "Internal error from Core"
+#: grpc's message for a call its own caller cancelled (sync API; grpc.aio raises
+#: asyncio.CancelledError instead). Any other bare CANCELLED is the server's side resetting the
+#: stream (a replica killed or stopping mid-call), which reads as BACKEND_UNAVAILABLE.
+LOCALLY_CANCELLED = "Locally cancelled by application!"
+
+
+def _broken_stream(code: grpc.StatusCode, message: str) -> bool:
+    """A bare status that says the call's stream broke because the backend went away."""
+    if code == grpc.StatusCode.INTERNAL:
+        return message == CORE_STREAM_BROKEN
+    return code == grpc.StatusCode.CANCELLED and message != LOCALLY_CANCELLED
 
 
 def reason_names() -> tuple[str, ...]:
@@ -133,7 +144,7 @@ def error_from_rpc(error: grpc.RpcError) -> ErrorDetail:
     if detail is not None:
         return detail
     name = REASON_BY_BARE_CODE.get(code, "INTERNAL_ERROR")
-    if code == grpc.StatusCode.INTERNAL and message == CORE_STREAM_BROKEN:
+    if _broken_stream(code, message):
         name = "BACKEND_UNAVAILABLE"
     if name == "BACKEND_UNAVAILABLE":
         message = f"the SIE gRPC server is unavailable: {message}"

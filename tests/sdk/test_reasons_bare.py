@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from sie_sdk.reasons import CORE_STREAM_BROKEN, error_from_rpc
+from sie_sdk.reasons import CORE_STREAM_BROKEN, LOCALLY_CANCELLED, error_from_rpc
 
 
 class BareError(grpc.RpcError):
@@ -29,6 +29,10 @@ class BareError(grpc.RpcError):
         (grpc.StatusCode.UNAVAILABLE, "failed to connect", "BACKEND_UNAVAILABLE", True),
         # The server stopped mid-stream: grpc core resets the call with this bare INTERNAL.
         (grpc.StatusCode.INTERNAL, CORE_STREAM_BROKEN, "BACKEND_UNAVAILABLE", True),
+        # A replica killed or stopping mid-call resets the stream: a bare CANCELLED, no message.
+        (grpc.StatusCode.CANCELLED, "CANCELLED", "BACKEND_UNAVAILABLE", True),
+        # The caller's own cancellation is not the backend's absence.
+        (grpc.StatusCode.CANCELLED, LOCALLY_CANCELLED, "INTERNAL_ERROR", False),
         # Any other bare INTERNAL (e.g. a response that does not deserialize) is not retried.
         (grpc.StatusCode.INTERNAL, "Failed to deserialize", "INTERNAL_ERROR", False),
         (grpc.StatusCode.UNKNOWN, "Exception calling application", "INTERNAL_ERROR", False),
