@@ -44,17 +44,18 @@ from bench_server import Counters, read_counters
 from bench_services import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sie_sdk import SIEAsyncClient
+from sie_sdk.client._throttle import DEFAULT_RATIO
 from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc, status_pb2, status_pb2_grpc
 
 T = TypeVar("T")
 MEDIUM = json.loads((ROOT / "bench/data/bench-texts.json").read_text())["medium"]
 
 
-async def sdk_closed_loop(address: str, clients: int, seconds: float) -> int:
+async def sdk_closed_loop(address: str, clients: int, seconds: float, throttle: float) -> int:
     """Calls completed inside the window by ``clients`` closed loops of ``SIEAsyncClient``."""
     completed = 0
     end = time.monotonic() + seconds
-    async with SIEAsyncClient(address, timeout_s=60) as sdk:
+    async with SIEAsyncClient(address, timeout_s=60, throttle_ratio=throttle) as sdk:
 
         async def client(n: int) -> None:
             nonlocal completed
@@ -91,7 +92,7 @@ async def closed_loop(address: str, clients: int, seconds: float) -> list[float]
     return latencies
 
 
-async def overload(address: str, rate: float, seconds: float) -> dict[str, Any]:
+async def overload(address: str, rate: float, seconds: float, throttle: float) -> dict[str, Any]:
     done: list[float] = []
     failed: list[str] = []
     health_ms: list[float] = []
@@ -100,7 +101,7 @@ async def overload(address: str, rate: float, seconds: float) -> dict[str, Any]:
     not_serving = 0
     end = time.monotonic() + seconds
     rng = random.Random(7)
-    async with SIEAsyncClient(address, timeout_s=60) as sdk:
+    async with SIEAsyncClient(address, timeout_s=60, throttle_ratio=throttle) as sdk:
 
         async def call(i: int) -> None:
             try:
@@ -284,25 +285,42 @@ def main() -> None:
         "--client-cpus", type=int, default=1,
         help="CPUs kept for this load generator, away from the server (0: they share all)",
     )  # fmt: skip
+    parser.add_argument(
+        "--throttle-ratio", type=float, default=DEFAULT_RATIO,
+        help="the SDK clients' client-side throttling (0: off; sie_sdk.client._throttle)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--warm-up", type=float, default=15.0, help="seconds of load before the peak"
+    )
     args = parser.parse_args()
     server_cpus, client_cpus = split_cpus(args.client_cpus)
     server, address = start_server(server_cpus)
     os.sched_setaffinity(0, client_cpus)
     try:
         process = psutil.Process(server.pid)
-        asyncio.run(closed_loop(address, 32, 5))  # warm up
+        # Warmed up for 15 s (5 s in runs before overload-20261128-044244): the two peak windows
+        # that follow still differ by up to 13% on this shared host, so the result keeps both.
+        asyncio.run(closed_loop(address, 32, args.warm_up))
         peak_lat, peak_model = asyncio.run(
             measured(closed_loop(address, 32, args.seconds), address, process, args.seconds)
         )
         peak = len(peak_lat) / args.seconds
-        sdk_peak = asyncio.run(sdk_closed_loop(address, 32, args.seconds)) / args.seconds
+        sdk_peak = (
+            asyncio.run(sdk_closed_loop(address, 32, args.seconds, args.throttle_ratio))
+            / args.seconds
+        )
         before = asyncio.run(closed_loop(address, 8, args.seconds / 2))
         rss_before = rss_mb(server.pid)
         refused_before = asyncio.run(queue_full_count(address))
         cpu_before = cpu_s(process)
         own_before = time.process_time()
         over, over_model = asyncio.run(
-            measured(overload(address, 4 * peak, args.seconds), address, process, args.seconds)
+            measured(
+                overload(address, 4 * peak, args.seconds, args.throttle_ratio),
+                address,
+                process,
+                args.seconds,
+            )
         )
         over["server_cpu_s"] = cpu_s(process) - cpu_before
         over["load_generator_cpu_s"] = time.process_time() - own_before
@@ -317,12 +335,16 @@ def main() -> None:
         "server_env": {k: v for k, v in os.environ.items() if k.startswith("SIE_")},
         "server_cpus": sorted(server_cpus),
         "load_generator_cpus": sorted(client_cpus),
+        "throttle_ratio": args.throttle_ratio,
+        "warm_up_s": args.warm_up,
         "peak_per_s": peak,
         "offered_per_s": 4 * peak,
         **over,
         "sdk_peak_per_s": sdk_peak,
         "goodput_over_peak": over["goodput_per_s"] / peak,
         "goodput_over_sdk_peak": over["goodput_per_s"] / sdk_peak,
+        # Two measures of the same capacity, a window apart: their mean is the steadier figure.
+        "goodput_over_mean_peak": over["goodput_per_s"] / ((peak + sdk_peak) / 2),
         "model_at_peak": peak_model,
         "model_in_overload_window": over_model,
         "rss_mb_before": rss_before,

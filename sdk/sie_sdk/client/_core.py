@@ -20,6 +20,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from sie_sdk.client._retry import RetryPolicy
 from sie_sdk.client._stream import StreamState
+from sie_sdk.client._throttle import DEFAULT_RATIO, Throttle
 from sie_sdk.client._transports.base import CallOptions, Kind, Operation
 from sie_sdk.client.errors import PoolError, RequestError, SIEError
 from sie_sdk.inputs import InputError, prepare_item
@@ -61,6 +62,9 @@ class ClientConfig:
     max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST
     #: How many chunks of one split request are in flight at once.
     max_concurrency: int = 4
+    #: Client-side throttling under overload: attempts sent per call the server accepts while
+    #: it refuses most (``sie_sdk.client._throttle``); 0 turns it off.
+    throttle_ratio: float = DEFAULT_RATIO
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,6 +402,7 @@ class ClientBase(Generic[T]):
     _core: ClientCore
     _transport: T
     _call: CallOptions
+    _throttle: Throttle
     _closed: bool = False
 
     def __init__(
@@ -412,11 +417,14 @@ class ClientBase(Generic[T]):
         transport: str | None = None,
         max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST,
         max_concurrency: int = 4,
+        throttle_ratio: float = DEFAULT_RATIO,
     ) -> None:
         if pool is not None:
             raise no_pools(str(pool))
         if max_items_per_request < 1 or max_concurrency < 1:
             raise ValueError("max_items_per_request and max_concurrency must be at least 1")
+        if throttle_ratio != 0 and throttle_ratio < 1:
+            raise ValueError("throttle_ratio must be 0 (off) or at least 1")
         self.config = ClientConfig(
             base_url=base_url,
             timeout_s=timeout_s,
@@ -426,9 +434,11 @@ class ClientBase(Generic[T]):
             transport=choose_transport(base_url, transport),
             max_items_per_request=max_items_per_request,
             max_concurrency=max_concurrency,
+            throttle_ratio=throttle_ratio,
         )
         self._core = ClientCore(self.config)
         self._call = CallOptions(timeout_s, api_key)
+        self._throttle = Throttle(throttle_ratio)
         self._transport = self._open(self.config)
 
     def _open(self, config: ClientConfig) -> T:

@@ -62,13 +62,21 @@ class SIEAsyncClient(ClientBase[AsyncTransport]):
             raise closed_error()
         policy = RetryPolicy(prepared.provision_timeout_s, prepared.wait_for_capacity)
         while True:
+            held = self._throttle.before(op.model)
             try:
-                return await self._transport.send(op, body, self._call)
+                if held is not None:
+                    raise held
+                result = await self._transport.send(op, body, self._call)
             except SIEError as error:
+                if error is not held:
+                    self._throttle.after(op.model, error)
                 delay = policy.delay_after(error)
                 if delay is None:
                     raise
                 await asyncio.sleep(delay)
+            else:
+                self._throttle.after(op.model, None)
+                return result
 
     async def _run(self, prepared: Prepared[R]) -> R:
         gate = asyncio.Semaphore(self.config.max_concurrency)

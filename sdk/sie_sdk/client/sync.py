@@ -47,13 +47,21 @@ class SIEClient(ClientBase[Transport]):
             raise closed_error()
         policy = RetryPolicy(prepared.provision_timeout_s, prepared.wait_for_capacity)
         while True:
+            held = self._throttle.before(op.model)
             try:
-                return self._transport.send(op, body, self._call)
+                if held is not None:
+                    raise held
+                result = self._transport.send(op, body, self._call)
             except SIEError as error:
+                if error is not held:
+                    self._throttle.after(op.model, error)
                 delay = policy.delay_after(error)
                 if delay is None:
                     raise
                 time.sleep(delay)
+            else:
+                self._throttle.after(op.model, None)
+                return result
 
     def _run(self, prepared: Prepared[R]) -> R:
         def one(body: dict[str, Any] | None) -> Any:
