@@ -38,9 +38,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-import psutil  # type: ignore[import-untyped]
 from bench_common import MODEL, ROOT
-from bench_server import Counters, read_counters
+from bench_server import Counters, cpu_delta, proc_cpu_s, read_counters
 from bench_services import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sie_sdk import SIEAsyncClient
@@ -179,35 +178,35 @@ async def overload(address: str, rate: float, seconds: float, throttle: float) -
     }
 
 
-def model_rates(delta: Counters, seconds: float, cpu_s: float) -> dict[str, Any]:
+def model_rates(delta: Counters, seconds: float, cpu_s: float | None) -> dict[str, Any]:
     """What the model did in a phase: items it computed a second, its batches, their padding,
     and the server's CPU (cores) meanwhile."""
     return {
         "items_computed_per_s": delta.batched_items / seconds,
         "mean_batch": delta.batched_items / delta.batches if delta.batches else None,
         "padding": 1.0 - delta.tokens / delta.padded_tokens if delta.padded_tokens else None,
-        "server_cores": cpu_s / seconds,
+        "server_cores": cpu_s / seconds if cpu_s is not None else None,
     }
 
 
-def cpu_s(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return float(times.user + times.system)
-
-
-async def window_rates(address: str, process: psutil.Process, seconds: float) -> dict[str, Any]:
-    """``model_rates`` over the next ``seconds`` (run beside the phase's load)."""
-    before, cpu_before = await read_counters(address), cpu_s(process)
-    await asyncio.sleep(seconds)
-    after, cpu_after = await read_counters(address), cpu_s(process)
-    return model_rates(after - before, seconds, cpu_after - cpu_before)
+async def window_rates(
+    address: str, pid: int, seconds: float, edge_s: float = 0.0
+) -> dict[str, Any]:
+    """``model_rates`` over the next ``seconds`` (run beside the phase's load), leaving
+    ``edge_s`` out at each end (clients starting, the last calls draining)."""
+    await asyncio.sleep(edge_s)
+    span = seconds - 2 * edge_s
+    before, cpu_before = await read_counters(address), proc_cpu_s(pid)
+    await asyncio.sleep(span)
+    after, cpu_after = await read_counters(address), proc_cpu_s(pid)
+    return model_rates(after - before, span, cpu_delta(cpu_before, cpu_after))
 
 
 async def measured(
-    load: Awaitable[T], address: str, process: psutil.Process, seconds: float
+    load: Awaitable[T], address: str, pid: int, seconds: float
 ) -> tuple[T, dict[str, Any]]:
     """Run the phase ``load`` with ``window_rates`` beside it."""
-    result, rates = await asyncio.gather(load, window_rates(address, process, seconds))
+    result, rates = await asyncio.gather(load, window_rates(address, pid, seconds))
     return result, rates
 
 
@@ -297,12 +296,11 @@ def main() -> None:
     server, address = start_server(server_cpus)
     os.sched_setaffinity(0, client_cpus)
     try:
-        process = psutil.Process(server.pid)
         # Warmed up for 15 s (5 s in runs before overload-20261128-044244): the two peak windows
         # that follow still differ by up to 13% on this shared host, so the result keeps both.
         asyncio.run(closed_loop(address, 32, args.warm_up))
         peak_lat, peak_model = asyncio.run(
-            measured(closed_loop(address, 32, args.seconds), address, process, args.seconds)
+            measured(closed_loop(address, 32, args.seconds), address, server.pid, args.seconds)
         )
         peak = len(peak_lat) / args.seconds
         sdk_peak = (
@@ -312,17 +310,17 @@ def main() -> None:
         before = asyncio.run(closed_loop(address, 8, args.seconds / 2))
         rss_before = rss_mb(server.pid)
         refused_before = asyncio.run(queue_full_count(address))
-        cpu_before = cpu_s(process)
+        cpu_before = proc_cpu_s(server.pid)
         own_before = time.process_time()
         over, over_model = asyncio.run(
             measured(
                 overload(address, 4 * peak, args.seconds, args.throttle_ratio),
                 address,
-                process,
+                server.pid,
                 args.seconds,
             )
         )
-        over["server_cpu_s"] = cpu_s(process) - cpu_before
+        over["server_cpu_s"] = cpu_delta(cpu_before, proc_cpu_s(server.pid))
         over["load_generator_cpu_s"] = time.process_time() - own_before
         over["queue_full_answers"] = asyncio.run(queue_full_count(address)) - refused_before
         rss_after = rss_mb(server.pid)

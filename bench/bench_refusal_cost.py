@@ -24,10 +24,8 @@ import time
 from typing import Any
 
 import grpc
-import psutil  # type: ignore[import-untyped]
 from bench_common import ROOT
-from bench_overload import MEDIUM, closed_loop, cpu_s, model_rates, split_cpus, start_server
-from bench_server import read_counters
+from bench_overload import MEDIUM, closed_loop, split_cpus, start_server, window_rates
 from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc
 
 MISSING_MODEL = "bench/no-such-model"
@@ -62,17 +60,13 @@ async def errors_at(address: str, rate: float, seconds: float) -> int:
     return answered
 
 
-async def cell(
-    address: str, process: psutil.Process, clients: int, rate: float, seconds: float
-) -> dict[str, Any]:
-    async def window() -> dict[str, Any]:
-        await asyncio.sleep(EDGE_S)
-        before, cpu_before = await read_counters(address), cpu_s(process)
-        await asyncio.sleep(seconds - 2 * EDGE_S)
-        after, cpu_after = await read_counters(address), cpu_s(process)
-        return model_rates(after - before, seconds - 2 * EDGE_S, cpu_after - cpu_before)
-
-    loads: list[Any] = [window(), closed_loop(address, clients, seconds)]
+async def cell(address: str, pid: int, clients: int, rate: float, seconds: float) -> dict[str, Any]:
+    """One cell: the model's rates over the window, ``clients`` closed loops, and error calls at
+    ``rate`` a second (0: none)."""
+    loads: list[Any] = [
+        window_rates(address, pid, seconds, EDGE_S),
+        closed_loop(address, clients, seconds),
+    ]
     if rate > 0:
         loads.append(errors_at(address, rate, seconds))
     outcome = await asyncio.gather(*loads)
@@ -92,12 +86,11 @@ def main() -> None:
     os.sched_setaffinity(0, client_cpus)
     cells: list[dict[str, Any]] = []
     try:
-        process = psutil.Process(server.pid)
         asyncio.run(closed_loop(address, 32, 15))  # warm up
         for round_ in range(args.rounds):
             for clients in args.clients:
                 for rate in (0.0, args.rate):
-                    row = asyncio.run(cell(address, process, clients, rate, args.seconds))
+                    row = asyncio.run(cell(address, server.pid, clients, rate, args.seconds))
                     row["round"] = round_
                     cells.append(row)
                     print(json.dumps(row), flush=True)

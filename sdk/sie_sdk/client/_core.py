@@ -438,7 +438,7 @@ class ClientBase(Generic[T]):
         )
         self._core = ClientCore(self.config)
         self._call = CallOptions(timeout_s, api_key)
-        self._throttle = Throttle(throttle_ratio)
+        self._throttle = Throttle(self.config.throttle_ratio)
         self._transport = self._open(self.config)
 
     def _open(self, config: ClientConfig) -> T:
