@@ -31,6 +31,36 @@ def proc_cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@dataclass(frozen=True, slots=True)
+class ThreadTimes:
+    """One thread's CPU seconds and the times it went to sleep (voluntary context switches)."""
+
+    cpu_s: float
+    sleeps: int
+
+
+def thread_times(pid: int) -> dict[int, ThreadTimes]:
+    """Every thread of a process, by thread id (Linux /proc; empty elsewhere)."""
+    out: dict[int, ThreadTimes] = {}
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        sleeps = re.search(r"^voluntary_ctxt_switches:\s*(\d+)", status, re.MULTILINE)
+        out[tid] = ThreadTimes(
+            (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"),
+            int(sleeps.group(1)) if sleeps else 0,
+        )
+    return out
+
+
 def cpu_delta(before: float | None, after: float | None) -> float | None:
     """CPU seconds between two ``cpu_s()`` readings, or None when either is unknown."""
     return None if before is None or after is None else after - before

@@ -10,7 +10,8 @@ Use it directly (``FakeAdapter(spec)``) or through a catalog entry::
 * Tokens: ``[BOS, one id per whitespace word, EOS]``, so an item costs its word count + 2.
 * Output: one dense float32 vector ``[token count, sum of ids]`` per item (``expected_vector``).
 * ``delay_s`` sleeps in every forward pass; ``fail_word`` makes a batch holding that word raise
-  ``RuntimeError``; ``oom_above`` makes a batch of more than N items raise ``OutOfMemoryError``.
+  ``RuntimeError``; ``oom_above`` makes a batch of more than N items raise ``OutOfMemoryError``;
+  ``load_waits: true`` makes the load wait for ``FakeAdapter.load_gate``.
 * ``hold()`` / ``release()`` park forward passes on a gate (deterministic saturation);
   ``passes_started`` counts passes that entered the model, ``passes`` logs the finished ones.
 """
@@ -73,12 +74,16 @@ class ForwardPass:
 
     texts: tuple[str, ...]
     outcome: str
+    #: The thread that ran it.
+    thread: str = ""
 
 
 class FakeAdapter(Encoder[TokenizedText]):
     output_types: ClassVar[frozenset[str]] = frozenset({"dense"})
     #: Loads started, by model name, over the process's life.
     loads: ClassVar[Counter[str]] = Counter()
+    #: What a model with ``load_waits`` waits for in its load.
+    load_gate: ClassVar[threading.Event] = threading.Event()
     encode_options = TEMPLATE_KEYS
 
     def __init__(self, spec: ModelSpec) -> None:
@@ -91,6 +96,7 @@ class FakeAdapter(Encoder[TokenizedText]):
         self.oom_above: int | None = int(oom_above) if oom_above is not None else None
         #: What ``memory_bytes`` reports once loaded (``memory_mb``; 0 by default).
         self.weight_bytes = int(float(opts.get("memory_mb", 0)) * 2**20)
+        self.load_waits = bool(opts.get("load_waits", False))
         self.loaded = False
         self._lock = threading.Lock()
         self._passes: list[ForwardPass] = []
@@ -123,6 +129,8 @@ class FakeAdapter(Encoder[TokenizedText]):
     # ---- the adapter contract ------------------------------------------------------------------
     def load(self, target: LoadTarget) -> None:
         FakeAdapter.loads[self.spec.name] += 1
+        if self.load_waits and not FakeAdapter.load_gate.wait(GATE_TIMEOUT_S):
+            raise RuntimeError("fake model's load was held too long")
         self.loaded = True
 
     def unload(self) -> None:
@@ -174,4 +182,6 @@ class FakeAdapter(Encoder[TokenizedText]):
 
     def _record(self, inputs: FakeInputs, outcome: str) -> None:
         with self._lock:
-            self._passes.append(ForwardPass(inputs.texts, outcome))
+            self._passes.append(
+                ForwardPass(inputs.texts, outcome, threading.current_thread().name)
+            )

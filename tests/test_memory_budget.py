@@ -67,8 +67,12 @@ async def test_many_concurrent_callers_load_a_model_once(tmp_path: Path) -> None
 async def test_the_least_recently_used_model_is_evicted_its_queued_work_completes_and_it_reloads(
     tmp_path: Path,
 ) -> None:
-    # Three models of 10 MiB under a 25 MiB budget of loaded weights: two fit.
-    async with serving([_catalog(tmp_path)], memory_budget_mb=25, memory_gauge="weights") as handle:
+    # Three models of 10 MiB under a 25 MiB budget of loaded weights: two fit. A thread per
+    # model: B's forward pass is held below while A serves (on one shared compute thread A's
+    # batch would wait behind B's).
+    async with serving(
+        [_catalog(tmp_path)], memory_budget_mb=25, memory_gauge="weights", model_threads="per-model"
+    ) as handle:
         registry = handle.running.registry
         stub = encode_pb2_grpc.EncodeServiceStub(handle.channel)
         await _encode_when_loaded(stub, A)

@@ -23,6 +23,8 @@ from sie_server.engine.memory import GAUGES
 from sie_server.tasks.common import RequestLimits
 
 MIB = 1024 * 1024
+#: ``--model-threads``: auto (shared on the CPU, per-model on a GPU), shared, per-model.
+MODEL_THREADS = ("auto", "shared", "per-model")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,9 @@ class Settings:
     dtype: str = "auto"
     #: The forward-pass engine of every model whose family supports it (auto: the catalog's).
     engine: str = "auto"
+    #: Which thread runs the forward passes: auto (shared on the CPU, per-model on a GPU),
+    #: shared (one for every model) or per-model (engine/model_thread.py says why).
+    model_threads: str = "auto"
     # Batching and admission.
     #: 0: by device (device.default_batch_tokens: 2048 on CPU, 16384 on GPU).
     max_batch_tokens: int = 0
@@ -168,6 +173,12 @@ _OPTIONS: tuple[Option, ...] = (
         str,
         "auto (each catalog entry's engine), torch, or onnx (ONNX Runtime, CPU float32, for "
         "every model whose family supports it; needs pip install 'sie[onnx]')",
+    ),
+    (
+        "model-threads",
+        str,
+        "auto (one compute thread for every model on cpu, one per model on cuda), shared or "
+        "per-model",
     ),
     (
         "max-batch-tokens",
@@ -318,6 +329,11 @@ def load_settings(
     engine = values.get("engine", "auto")
     if engine not in ("auto", *ENGINES):
         raise SystemExit(f"--engine must be auto, {', '.join(ENGINES)}; got {engine!r}")
+    model_threads = values.get("model_threads", "auto")
+    if model_threads not in MODEL_THREADS:
+        raise SystemExit(
+            f"--model-threads must be {', '.join(MODEL_THREADS)}; got {model_threads!r}"
+        )
     gauge = values.get("memory_gauge", "process")
     if gauge not in GAUGES:
         raise SystemExit(f"--memory-gauge must be {' or '.join(GAUGES)}; got {gauge!r}")

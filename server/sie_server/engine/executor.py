@@ -9,8 +9,10 @@
   once a full one is pending, so partial batches keep collecting arrivals until the model frees up. At most two
   batches are in flight (one running, one ready).
 * The model thread (``model_thread.ModelThread``, one per model) runs forward passes, plus any
-  ``call`` (load, warm-up, unload), strictly one at a time, and splits a batch that runs out of
-  memory; ``_complete`` resolves the batch's futures back on the event loop.
+  ``call`` (warm-up, unload), strictly one at a time on its compute lane (shared by every model
+  on the CPU, one per model on a GPU), and splits a batch that runs out of memory; ``call_aside``
+  runs a load beside the lane; ``_complete`` resolves the batch's futures back on the event
+  loop.
 * Every item's future is resolved exactly once: by its batch's result or error, by
   ``DeadlineExceeded`` the moment it expires while queued (a timer per item), or by
   ``ShuttingDown`` on close. Work whose caller cancelled leaves the queue and frees its admission
@@ -36,7 +38,13 @@ from typing import Any, TypeVar
 from sie_server.domain import BatchRunner, WorkGroup
 from sie_server.engine.admission import Admission, AdmissionLimits
 from sie_server.engine.batching import Batch, BatchLimits, PendingQueue
-from sie_server.engine.model_thread import BatchJob, ItemFailed, ModelThread, is_out_of_memory
+from sie_server.engine.model_thread import (
+    BatchJob,
+    ComputeLane,
+    ItemFailed,
+    ModelThread,
+    is_out_of_memory,
+)
 from sie_server.engine.work import WorkItem
 from sie_server.errors import (
     DeadlineExceeded,
@@ -122,7 +130,9 @@ class BatchExecutor:
         *,
         run_context: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
         on_batch: Callable[[BatchStats], None] | None = None,
+        lane: ComputeLane | None = None,
     ) -> None:
+        """``lane``: the compute lane shared with other models (None: one of its own)."""
         self.name = name
         self.config = config
         self._prep_pool = prep_pool
@@ -153,7 +163,11 @@ class BatchExecutor:
         self._bulk_served = -math.inf
         self._broken: InternalError | None = None
         self._thread = ModelThread(
-            name, self._complete, run_context, trim_interval_s=config.malloc_trim_interval_s
+            name,
+            self._complete,
+            run_context,
+            trim_interval_s=config.malloc_trim_interval_s,
+            lane=lane,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -220,13 +234,22 @@ class BatchExecutor:
 
     # ---- the model thread's own calls ----------------------------------------------------------
     def call(self, fn: Callable[[], T]) -> asyncio.Future[T]:
-        """Run ``fn`` on the model thread (load, warm-up, unload), in order with batches."""
+        """Run ``fn`` on the model thread (warm-up, unload), in order with batches."""
+        return self._call(fn, aside=False)
+
+    def call_aside(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """Run ``fn`` (a load) on a thread of its own, beside the lane's batches."""
+        return self._call(fn, aside=True)
+
+    def _call(self, fn: Callable[[], T], *, aside: bool) -> asyncio.Future[T]:
         assert self._loop is not None, "start() first"
         future: asyncio.Future[T] = self._loop.create_future()
         if self._closing:
             future.set_exception(ShuttingDown("server is shutting down", model=self.name))
-            return future
-        self._thread.call(fn, future)
+        elif aside:
+            self._thread.call_aside(fn, future)
+        else:
+            self._thread.call(fn, future)
         return future
 
     # ---- admission ---------------------------------------------------------------------------

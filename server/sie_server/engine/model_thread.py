@@ -1,8 +1,20 @@
-"""The model thread: one per model (``sie-model-<name>``), running its jobs strictly one at a time.
+"""The model thread: each model's jobs, run strictly one at a time on a compute lane.
 
-Two kinds of job: a batch's forward pass (``run_batch``) and a plain ``call`` (load, warm-up,
-unload). Results go back to the event loop with ``call_soon_threadsafe``; nothing here touches
-an asyncio object from the thread.
+Two kinds of job: a batch's forward pass (``run_batch``) and a plain ``call`` (warm-up, unload,
+a LoRA adapter's load), in order on the lane; a model's load runs beside it (``call_aside``), on
+a thread of its own that ends with the load, so that loading one model never holds up another's
+batches. Results go back to the event loop with ``call_soon_threadsafe``; nothing here touches an
+asyncio object from a thread.
+
+A ``ComputeLane`` is one OS thread with a queue of jobs. On a GPU each model gets its own lane
+(``sie-model-<name>``), so that one model's Python work overlaps another's kernels. On the CPU
+every model shares one lane (``sie-compute``): torch's OpenMP runtime (libgomp) gives each thread
+that runs a parallel region a team of worker threads that lives as long as that thread, and once
+the process holds more such threads than cores, every team's workers sleep at each barrier
+instead of spinning. With a second model's thread alive, a forward pass on 2 cores got about 12%
+less CPU time (0.89 + 0.82 cores against 0.99 + 0.99, and 370-540 sleeps a second against a
+few; docs/performance.md, "One compute thread on the CPU"). Two models' passes at once on the
+same cores would only split them anyway.
 
 Out of memory: a batch that runs out of memory is split in halves and retried, after freeing its
 inputs, the exception's frames and CUDA's cache; an item that runs out of memory alone gets
@@ -13,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import queue
@@ -74,6 +87,46 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
 
 
+class ComputeLane:
+    """One OS thread running jobs one at a time, in the order they were put."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._start_lock = threading.Lock()
+
+    def start(self) -> None:
+        """Start the thread (once; later calls do nothing)."""
+        with self._start_lock:
+            if not self._thread.is_alive() and self._thread.ident is None:
+                self._thread.start()
+
+    def put(self, job: Callable[[], None]) -> None:
+        self._jobs.put(job)
+
+    async def stop(self, timeout_s: float) -> None:
+        """End the thread after the jobs already put (waiting at most ``timeout_s`` for them)."""
+        self._jobs.put(None)
+        if self._thread.is_alive():
+            await asyncio.to_thread(self._thread.join, timeout_s)
+
+    async def passed(self, timeout_s: float) -> None:
+        """Wait until the jobs already put have run (at most ``timeout_s``)."""
+        if not self._thread.is_alive():
+            return
+        reached = threading.Event()
+        self._jobs.put(reached.set)
+        await asyncio.to_thread(reached.wait, timeout_s)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+            except Exception:  # a job settles its own futures; this is a broken loop or a bug
+                log.exception("%s: a job failed outside its own handling", self.name)
+
+
 class ModelThread:
     def __init__(
         self,
@@ -81,44 +134,52 @@ class ModelThread:
         on_batch_done: BatchDone,
         run_context: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
         trim_interval_s: float = 0.0,
+        lane: ComputeLane | None = None,
     ) -> None:
         """``trim_interval_s``: after a batch, at most this often, hand the heap's free pages
-        back to the system (``allocator.trim``; 0 = never)."""
+        back to the system (``allocator.trim``; 0 = never). ``lane``: the lane shared with other
+        models (None: a lane of its own, ``sie-model-<name>``, stopped with this model)."""
         self.name = name
         self._trim_interval_s = trim_interval_s
         self._last_trim = time.monotonic()
         self._on_batch_done = on_batch_done
         self._run_context = run_context
-        self._jobs: queue.SimpleQueue[BatchJob | _CallJob | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=f"sie-model-{name}", daemon=True)
+        self._own_lane = lane is None
+        self._lane = ComputeLane(f"sie-model-{name}") if lane is None else lane
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._thread.start()
+        self._lane.start()
 
     def call(self, fn: Callable[[], T], future: asyncio.Future[T]) -> None:
-        """Run ``fn`` after the jobs already queued; its result or exception settles ``future``."""
-        self._jobs.put(_CallJob(fn, future))
+        """Run ``fn`` on the lane after the jobs already queued; its result or exception
+        settles ``future``."""
+        self._lane.put(functools.partial(self._run_call, _CallJob(fn, future)))
+
+    def call_aside(self, fn: Callable[[], T], future: asyncio.Future[T]) -> None:
+        """Run ``fn`` now on a thread of its own (``sie-load-<name>``) that ends with it: for a
+        load, which may take minutes and must not hold up the lane's other models."""
+        threading.Thread(
+            target=self._run_call,
+            args=(_CallJob(fn, future),),
+            name=f"sie-load-{self.name}",
+            daemon=True,
+        ).start()
 
     def run_batch(self, job: BatchJob) -> None:
         """Run the batch after the jobs already queued; ``on_batch_done`` gets its outcome."""
-        self._jobs.put(job)
+        self._lane.put(functools.partial(self._run_batch, job))
 
     async def stop(self, timeout_s: float) -> None:
-        """Stop after the jobs already queued (waiting at most ``timeout_s`` for them)."""
-        self._jobs.put(None)
-        if self._thread.is_alive():
-            await asyncio.to_thread(self._thread.join, timeout_s)
+        """Stop after this model's jobs already queued (waiting at most ``timeout_s`` for them);
+        a shared lane goes on serving the other models."""
+        if self._own_lane:
+            await self._lane.stop(timeout_s)
+        else:
+            await self._lane.passed(timeout_s)
 
-    # ---- on the thread ---------------------------------------------------------------------------
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            if isinstance(job, _CallJob):
-                self._run_call(job)
-            else:
-                self._run_batch(job)
-
+    # ---- on the lane -----------------------------------------------------------------------------
     def _run_call(self, job: _CallJob) -> None:
         assert self._loop is not None
         try:

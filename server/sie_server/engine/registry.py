@@ -53,7 +53,7 @@ from sie_server.domain import Job, LoadTarget
 from sie_server.engine.executor import BatchExecutor, BatchStats, ExecutorConfig
 from sie_server.engine.loras import LoraResidency
 from sie_server.engine.memory import process_gauge, weight_files_bytes, weights_gauge
-from sie_server.engine.model_thread import free_device_memory
+from sie_server.engine.model_thread import ComputeLane, free_device_memory
 from sie_server.engine.pipeline import Outcome, run_job
 from sie_server.engine.warmup import check_profiles, warm_up
 from sie_server.errors import (
@@ -157,6 +157,9 @@ class EngineConfig:
     evict_drain_s: float = 30.0
     #: LoRA adapters kept resident per model (least recently used evicted past it).
     max_loras_per_model: int = 4
+    #: Every model's forward passes on one compute thread (the CPU), or one thread per model
+    #: (a GPU); model_thread.py says why.
+    shared_compute_thread: bool = False
 
 
 class ModelRegistry:
@@ -172,6 +175,7 @@ class ModelRegistry:
         )
         self._image_pool = ThreadPoolExecutor(config.image_workers, thread_name_prefix="sie-image")
         self._prep_pool = ThreadPoolExecutor(1, thread_name_prefix="sie-prep")
+        self._lane = ComputeLane("sie-compute") if config.shared_compute_thread else None
         self._closed = False
         self._room = asyncio.Lock()
         self._gauge = (
@@ -429,6 +433,7 @@ class ModelRegistry:
             self._prep_pool,
             run_context=_inference_mode,
             on_batch=lambda stats: self._record_batch(spec.name, stats),
+            lane=self._lane,
         )
         executor.start()
         try:
@@ -442,7 +447,7 @@ class ModelRegistry:
             )
             need = entry.memory_bytes or weight_files_bytes(target.source)
             await self._make_room(entry, need)
-            await executor.call(lambda: adapter.load(target))
+            await executor.call_aside(lambda: adapter.load(target))
             loras = (
                 await LoraResidency.open(
                     adapter,
@@ -560,6 +565,8 @@ class ModelRegistry:
                 await entry.executor.close()
                 if entry.adapter is not None:
                     entry.adapter.unload()
+        if self._lane is not None:
+            await self._lane.stop(timeout_s=30.0)
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
         self._image_pool.shutdown(wait=False, cancel_futures=True)
         self._prep_pool.shutdown(wait=False, cancel_futures=True)

@@ -146,6 +146,8 @@ def build_registry(settings: Settings) -> ModelRegistry:
         memory_gauge=settings.memory_gauge,
         max_response_bytes=settings.max_message_bytes,
         engine=settings.engine,
+        shared_compute_thread=settings.model_threads == "shared"
+        or (settings.model_threads == "auto" and placement.device == "cpu"),
     )
     registry = ModelRegistry(catalog, config)
     registry.check_catalog()

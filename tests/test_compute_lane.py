@@ -1,0 +1,129 @@
+"""Which thread runs the forward passes (``--model-threads``, engine/model_thread.py): on the CPU
+every model's passes run on one compute thread, so that torch's OpenMP runtime keeps a single
+team of workers; with ``per-model`` (a GPU's default) each model has its own thread; a model's
+load runs beside the compute thread and never holds up another model's batches."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from sie_server.config import Settings, load_settings
+from sie_server.domain import InputItem
+from sie_server.engine.model_thread import ComputeLane
+from sie_server.engine.registry import ModelRegistry, ModelState
+from sie_server.grpc_api.server import build_registry
+from sie_server.tasks.encode import EncodeCall, EncodeSettings
+
+from tests.fakes import FakeAdapter, expected_vector
+from tests.server_utils import HANG_GUARD_S, eventually, fake_entry, write_catalog_entry
+
+FIRST, SECOND, SLOW = "fake/first", "fake/second", "fake/slow-load"
+DOCS = EncodeSettings(output_types=("dense",))
+
+
+@asynccontextmanager
+async def registry_of(tmp_path: Path, model_threads: str) -> AsyncIterator[ModelRegistry]:
+    catalog = tmp_path / "catalog"
+    for name in (FIRST, SECOND):
+        write_catalog_entry(catalog, fake_entry(name))
+    write_catalog_entry(catalog, fake_entry(SLOW, load_options={"load_waits": True}))
+    settings = Settings(models_dir=(catalog,), device="cpu", model_threads=model_threads)
+    registry = build_registry(settings)
+    try:
+        yield registry
+    finally:
+        FakeAdapter.load_gate.set()
+        await registry.close()
+
+
+async def encode(registry: ModelRegistry, model: str, text: str) -> list[float]:
+    call = EncodeCall(items=[InputItem(text=text)], settings=DOCS)
+    outcome = await asyncio.wait_for(registry.encode(model, call), HANG_GUARD_S)
+    dense = outcome.result[0].dense
+    assert dense is not None
+    return [float(x) for x in dense]
+
+
+def pass_threads(registry: ModelRegistry, model: str) -> set[str]:
+    adapter = registry.entry(model).adapter
+    assert isinstance(adapter, FakeAdapter)
+    return {p.thread for p in adapter.passes}
+
+
+@pytest.mark.parametrize(
+    ("model_threads", "first_thread", "second_thread"),
+    [
+        ("auto", "sie-compute", "sie-compute"),
+        ("shared", "sie-compute", "sie-compute"),
+        ("per-model", f"sie-model-{FIRST}", f"sie-model-{SECOND}"),
+    ],
+)
+async def test_forward_passes_run_on_the_configured_thread(
+    tmp_path: Path, model_threads: str, first_thread: str, second_thread: str
+) -> None:
+    async with registry_of(tmp_path, model_threads) as registry:
+        assert registry.config.shared_compute_thread is (model_threads != "per-model")
+        for model in (FIRST, SECOND):
+            await asyncio.wait_for(registry.load(model), HANG_GUARD_S)
+        assert await encode(registry, FIRST, "one two") == list(expected_vector("one two"))
+        assert await encode(registry, SECOND, "three") == list(expected_vector("three"))
+        assert pass_threads(registry, FIRST) == {first_thread}
+        assert pass_threads(registry, SECOND) == {second_thread}
+
+
+@pytest.mark.parametrize("model_threads", ["shared", "per-model"])
+async def test_a_load_never_holds_up_another_models_batches(
+    tmp_path: Path, model_threads: str
+) -> None:
+    async with registry_of(tmp_path, model_threads) as registry:
+        await asyncio.wait_for(registry.load(FIRST), HANG_GUARD_S)
+        FakeAdapter.load_gate.clear()
+        loading = registry.start_load(SLOW)
+        await eventually(
+            lambda: any(t.name == f"sie-load-{SLOW}" for t in threading.enumerate()),
+            "the slow load runs on a thread of its own",
+        )
+        # The load is parked on its gate: the first model still serves.
+        assert await encode(registry, FIRST, "served meanwhile") == list(
+            expected_vector("served meanwhile")
+        )
+        assert registry.entry(SLOW).state is ModelState.LOADING
+        FakeAdapter.load_gate.set()
+        await asyncio.wait_for(loading, HANG_GUARD_S)
+        assert registry.entry(SLOW).state is ModelState.LOADED
+        assert await encode(registry, SLOW, "after") == list(expected_vector("after"))
+        await eventually(
+            lambda: not any(t.name == f"sie-load-{SLOW}" for t in threading.enumerate()),
+            "the load's thread ends with the load",
+        )
+
+
+async def test_a_job_that_raises_leaves_the_lane_running(caplog: pytest.LogCaptureFixture) -> None:
+    lane = ComputeLane("sie-test-lane")
+    lane.start()
+    ran: list[str] = []
+
+    def broken() -> None:
+        raise RuntimeError("a bug outside the job's own handling")
+
+    lane.put(broken)
+    lane.put(lambda: ran.append(threading.current_thread().name))
+    with caplog.at_level(logging.ERROR, logger="sie_server.engine.model_thread"):
+        await lane.passed(HANG_GUARD_S)
+        await lane.stop(HANG_GUARD_S)
+    assert ran == ["sie-test-lane"]
+    assert "a job failed outside its own handling" in caplog.text
+
+
+def test_model_threads_is_validated_and_defaults_to_auto() -> None:
+    assert load_settings([], {}).model_threads == "auto"
+    assert load_settings(["--model-threads", "per-model"], {}).model_threads == "per-model"
+    assert load_settings([], {"SIE_MODEL_THREADS": "shared"}).model_threads == "shared"
+    with pytest.raises(SystemExit, match="--model-threads must be auto, shared, per-model"):
+        load_settings(["--model-threads", "two"], {})
