@@ -11,14 +11,11 @@ A ``ComputeLane`` is one OS thread with a queue of jobs. On a GPU each model get
 every model shares one lane (``sie-compute``): torch's OpenMP runtime (libgomp) gives each thread
 that runs a parallel region a team of worker threads that lives as long as that thread, and once
 the process holds more such threads than cores, every team's workers sleep at each barrier
-instead of spinning. With a second model's thread alive, a forward pass on 2 cores got about 12%
-less CPU time (0.89 + 0.82 cores against 0.99 + 0.99, and 370-540 sleeps a second against a
-few; docs/performance.md, "One compute thread on the CPU"). Two models' passes at once on the
-same cores would only split them anyway.
-
-Out of memory: a batch that runs out of memory is split in halves and retried, after freeing its
-inputs, the exception's frames and CUDA's cache; an item that runs out of memory alone gets
-``ItemFailed`` in its slot and its batch mates keep their results.
+instead of spinning (openmp.py keeps the helper pools out of it too). With a second model
+loaded, a thread per model left the server at 1.69-1.80 of 2 cores against 1.95-1.98 with one
+lane, and served 10-12% fewer pairs and texts a second (``bench/bench_threads.py``,
+docs/performance.md, "One compute thread on the CPU"). Two models' passes at once on the same
+cores would only split them anyway.
 """
 
 from __future__ import annotations

@@ -54,6 +54,7 @@ from sie_server.engine.executor import BatchExecutor, BatchStats, ExecutorConfig
 from sie_server.engine.loras import LoraResidency
 from sie_server.engine.memory import process_gauge, weight_files_bytes, weights_gauge
 from sie_server.engine.model_thread import ComputeLane, free_device_memory
+from sie_server.engine.openmp import serial_openmp
 from sie_server.engine.pipeline import Outcome, run_job
 from sie_server.engine.warmup import check_profiles, warm_up
 from sie_server.errors import (
@@ -170,11 +171,16 @@ class ModelRegistry:
         self.config = config
         self.metrics = metrics or Metrics()
         self._entries = {name: ModelEntry(spec) for name, spec in catalog.items()}
+        # Helper threads run torch's operators serially (openmp.py says why).
         self._tokenizer_pool = ThreadPoolExecutor(
-            config.tokenizer_workers, thread_name_prefix="sie-tokenize"
+            config.tokenizer_workers, thread_name_prefix="sie-tokenize", initializer=serial_openmp
         )
-        self._image_pool = ThreadPoolExecutor(config.image_workers, thread_name_prefix="sie-image")
-        self._prep_pool = ThreadPoolExecutor(1, thread_name_prefix="sie-prep")
+        self._image_pool = ThreadPoolExecutor(
+            config.image_workers, thread_name_prefix="sie-image", initializer=serial_openmp
+        )
+        self._prep_pool = ThreadPoolExecutor(
+            1, thread_name_prefix="sie-prep", initializer=serial_openmp
+        )
         self._lane = ComputeLane("sie-compute") if config.shared_compute_thread else None
         self._closed = False
         self._room = asyncio.Lock()
