@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 from sie_sdk import Item
+from sie_sdk.client._throttle import MIN_REFUSALS
 from sie_sdk.client.errors import ProvisioningError, ServerError, SIEError, error_class
 from sie_sdk.tensors import to_tensor
 from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc
@@ -317,3 +318,52 @@ async def test_retried_reasons_cost_exactly_their_calls(
     finally:
         await client.close()
     assert backend.calls[model] == calls
+
+
+# ---- client-side throttling --------------------------------------------------------------------
+
+THROTTLED_CALLS = 60
+
+
+async def test_a_refusing_model_is_spared_attempts_by_the_clients_throttle(
+    sdk: Sdk, server: ServerHandle
+) -> None:
+    """Against the real server, over both transports: once the held model has refused at least
+    ``MIN_REFUSALS`` of this client's attempts, the client holds most of its attempts back
+    itself (client/_throttle.py). Each call here makes one attempt (no retry budget), so every
+    call is either refused by the server or held by the client, and both end the same way."""
+    adapter = held_adapter(server)
+    refused = answered(server, HELD, "QUEUE_FULL")
+    errors: list[ServerError] = []
+    adapter.hold()
+    try:
+        fillers = await fill_queue(server, f"throttle-{sdk.case.id}-")
+        for _ in range(THROTTLED_CALLS):
+            with pytest.raises(ServerError) as caught:
+                await asyncio.wait_for(
+                    sdk(
+                        "encode",
+                        HELD,
+                        [Item(text=words("x")), Item(text=words("y"))],
+                        provision_timeout_s=0,
+                    ),
+                    HANG_GUARD_S,
+                )
+            errors.append(caught.value)
+    finally:
+        adapter.release()
+    for filler in fillers:
+        assert len((await asyncio.wait_for(filler, HANG_GUARD_S)).items) == 1
+    held = [e for e in errors if "client-side throttling" in e.message]
+    await counted(
+        lambda: answered(server, HELD, "QUEUE_FULL") - refused + len(held) == THROTTLED_CALLS,
+        "every call refused by the server or held by the client",
+    )
+    assert all((e.code, e.status_code, e.model) == ("QUEUE_FULL", 503, HELD) for e in errors)
+    assert all(e.retry_after is not None and e.retry_after > 0 for e in errors)
+    sent = THROTTLED_CALLS - len(held)
+    # Nothing is held before 20 refusals; past them, a call is held with a chance of about
+    # (attempts - 2 x accepted) / (attempts + 1), which is over 0.95 here.
+    assert sent >= MIN_REFUSALS
+    assert not any("client-side throttling" in e.message for e in errors[:MIN_REFUSALS])
+    assert len(held) >= (THROTTLED_CALLS - MIN_REFUSALS) // 2, (sent, len(held))
