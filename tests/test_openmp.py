@@ -10,9 +10,11 @@ import json
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from sie_server.engine import openmp
 from sie_server.engine.openmp import torch_openmp
 
 pytestmark = pytest.mark.skipif(
@@ -71,3 +73,17 @@ def test_a_helper_thread_runs_torch_serially_and_makes_no_team() -> None:
     # the other threads keep their count.
     assert (serial["count"], serial["new_threads"]) == (1, 1)
     assert serial["main_after"] == main
+
+
+def test_a_failure_to_find_the_runtime_never_breaks_a_pool(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pool whose initializer raises refuses every task: serial_openmp only logs."""
+
+    def broken() -> None:
+        raise OSError("no such runtime")
+
+    monkeypatch.setattr(openmp, "torch_openmp", broken)
+    with ThreadPoolExecutor(1, initializer=openmp.serial_openmp) as pool:
+        assert pool.submit(lambda: 41 + 1).result(timeout=30) == 42
+    assert "could not keep a helper thread out of torch's OpenMP teams" in caplog.text

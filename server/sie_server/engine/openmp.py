@@ -51,14 +51,16 @@ def torch_openmp() -> ctypes.CDLL | None:
 
 def serial_openmp() -> None:
     """Thread initializer: parallel regions on this thread get one thread (no team). The other
-    threads keep theirs: OpenMP's thread count is a per-thread setting."""
-    import torch
+    threads keep theirs: OpenMP's thread count is a per-thread setting. Never raises: a pool
+    whose initializer fails refuses all its work, and this is only an optimisation."""
+    try:
+        import torch
 
-    # torch sets this thread's count from its global one on first use; do that first, so it
-    # cannot undo what follows.
-    torch.get_num_threads()
-    runtime = torch_openmp()
-    if runtime is None:
-        log.debug("no OpenMP runtime of torch's found; helper threads keep its thread count")
-        return
-    runtime.omp_set_num_threads(1)
+        # torch sets this thread's count from its global one on first use; do that first, so it
+        # cannot undo what follows.
+        torch.get_num_threads()
+        runtime = torch_openmp()
+        if runtime is not None:
+            runtime.omp_set_num_threads(1)
+    except Exception:
+        log.warning("could not keep a helper thread out of torch's OpenMP teams", exc_info=True)
