@@ -82,7 +82,7 @@ class FakeAdapter(Encoder[TokenizedText]):
     output_types: ClassVar[frozenset[str]] = frozenset({"dense"})
     #: Loads started, by model name, over the process's life.
     loads: ClassVar[Counter[str]] = Counter()
-    #: What a model with ``load_waits`` waits for in its load.
+    #: What a model with ``load_waits`` waits for in its load (open unless a test closes it).
     load_gate: ClassVar[threading.Event] = threading.Event()
     encode_options = TEMPLATE_KEYS
 
@@ -185,3 +185,6 @@ class FakeAdapter(Encoder[TokenizedText]):
             self._passes.append(
                 ForwardPass(inputs.texts, outcome, threading.current_thread().name)
             )
+
+
+FakeAdapter.load_gate.set()

@@ -65,7 +65,8 @@ async def test_a_cancelled_load_on_the_shared_thread_leaves_it_serving(tmp_path:
         assert registry.entry(MODEL).state is ModelState.AVAILABLE
         assert registry.entry(MODEL).executor is None
         await eventually(lambda: not threads(f"sie-load-{MODEL}"), "the load's thread ends")
-        assert not threads(f"sie-model-{MODEL}") and not threads(f"sie-model-{OTHER}")
+        assert not threads(f"sie-model-{MODEL}")
+        assert not threads(f"sie-model-{OTHER}")
         assert len(threads("sie-compute")) == 1
         other = registry.entry(OTHER).executor
         assert other is not None

@@ -152,6 +152,21 @@ async def fill_queue(server: ServerHandle, tag: str) -> list[asyncio.Task[Any]]:
     return tasks
 
 
+async def refused_call(sdk: Sdk, provision_timeout_s: float) -> ServerError:
+    """Two items on the held model (no room in its full queue): the ServerError it ends in."""
+    with pytest.raises(ServerError) as caught:
+        await asyncio.wait_for(
+            sdk(
+                "encode",
+                HELD,
+                [Item(text=words("x")), Item(text=words("y"))],
+                provision_timeout_s=provision_timeout_s,
+            ),
+            HANG_GUARD_S,
+        )
+    return caught.value
+
+
 async def test_a_full_queue_is_retried_until_it_drains(sdk: Sdk, server: ServerHandle) -> None:
     adapter = held_adapter(server)
     texts = [words("x"), words("y")]
@@ -182,19 +197,9 @@ async def test_provision_timeout_bounds_the_wait_for_a_full_queue(
     adapter.hold()
     try:
         fillers = await fill_queue(server, f"bound-{sdk.case.id}-")
-        with pytest.raises(ServerError) as caught:
-            await asyncio.wait_for(
-                sdk(
-                    "encode",
-                    HELD,
-                    [Item(text=words("x")), Item(text=words("y"))],
-                    provision_timeout_s=0.5,
-                ),
-                HANG_GUARD_S,
-            )
+        error = await refused_call(sdk, provision_timeout_s=0.5)
     finally:
         adapter.release()
-    error = caught.value
     assert (error.code, error.status_code, error.model) == ("QUEUE_FULL", 503, HELD)
     await counted(
         lambda: answered(server, HELD, "QUEUE_FULL") - refused >= 2, "retried within the budget"
@@ -339,17 +344,7 @@ async def test_a_refusing_model_is_spared_attempts_by_the_clients_throttle(
     try:
         fillers = await fill_queue(server, f"throttle-{sdk.case.id}-")
         for _ in range(THROTTLED_CALLS):
-            with pytest.raises(ServerError) as caught:
-                await asyncio.wait_for(
-                    sdk(
-                        "encode",
-                        HELD,
-                        [Item(text=words("x")), Item(text=words("y"))],
-                        provision_timeout_s=0,
-                    ),
-                    HANG_GUARD_S,
-                )
-            errors.append(caught.value)
+            errors.append(await refused_call(sdk, provision_timeout_s=0))
     finally:
         adapter.release()
     for filler in fillers:
