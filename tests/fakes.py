@@ -182,9 +182,7 @@ class FakeAdapter(Encoder[TokenizedText]):
 
     def _record(self, inputs: FakeInputs, outcome: str) -> None:
         with self._lock:
-            self._passes.append(
-                ForwardPass(inputs.texts, outcome, threading.current_thread().name)
-            )
+            self._passes.append(ForwardPass(inputs.texts, outcome, threading.current_thread().name))
 
 
 FakeAdapter.load_gate.set()
