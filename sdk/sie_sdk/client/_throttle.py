@@ -4,7 +4,7 @@
 Under overload most calls are refused with QUEUE_FULL, and a refusal is not free: the server
 reads the request, checks admission and answers on the cores the model needs (docs/reliability.md,
 "Overload": on one CPU core, throttled clients took goodput under 4x overload from 0.82-0.83 of
-the peak to a median of 0.96).
+the peak to 0.87-1.05, median 0.94 over seven runs).
 Each client therefore counts, per model and over the last ``WINDOW_S`` seconds, the attempts it
 made (``requests``) and those the server accepted (``accepts``: any answer but QUEUE_FULL), and
 holds back a new attempt with probability ``(requests - ratio * accepts) / (requests + 1)``. A

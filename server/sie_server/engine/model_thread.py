@@ -96,7 +96,7 @@ class ComputeLane:
     def start(self) -> None:
         """Start the thread (once; later calls do nothing)."""
         with self._start_lock:
-            if not self._thread.is_alive() and self._thread.ident is None:
+            if self._thread.ident is None:  # never started
                 self._thread.start()
 
     def put(self, job: Callable[[], None]) -> None:
