@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -64,3 +65,12 @@ def run_encode(
     tokens = model.prepare_encode([InputItem(text=t) for t in texts], settings)
     with torch.inference_mode():
         return model.run_encode(model.collate_encode(tokens, settings), settings)
+
+
+def put_in_hub_cache(cache: Path, repo_id: str, files: Path) -> None:
+    """Lay out ``files`` as huggingface_hub stores a downloaded snapshot of ``repo_id``."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    revision = "0" * 40
+    shutil.copytree(files, repo / "snapshots" / revision)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)

@@ -1,7 +1,7 @@
 """Which thread runs the forward passes (``--model-threads``, engine/model_thread.py): on the CPU
 every model's passes run on one compute thread, so that torch's OpenMP runtime keeps a single
 team of workers; with ``per-model`` (a GPU's default) each model has its own thread; a model's
-load runs beside the compute thread and never holds up another model's batches."""
+load, and a LoRA adapter's fetch, run beside the compute thread and never hold up batches."""
 
 from __future__ import annotations
 
@@ -12,16 +12,22 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
+from sie_server.adapters import lora
 from sie_server.config import Settings, load_settings
 from sie_server.domain import InputItem
 from sie_server.engine.model_thread import ComputeLane
 from sie_server.engine.registry import ModelRegistry, ModelState
+from sie_server.errors import LoraLoading
 from sie_server.grpc_api.server import build_registry
 from sie_server.tasks.encode import EncodeCall, EncodeSettings
 
 from tests.fakes import FakeAdapter, expected_vector
 from tests.server_utils import HANG_GUARD_S, eventually, fake_entry, write_catalog_entry
+from tests.tiny_models import dense
+from tests.tiny_models.entries import DENSE_OUTPUTS, entry
+from tests.tiny_models.lora import build_lora, cosines, reference_lora
 
 FIRST, SECOND, SLOW = "fake/first", "fake/second", "fake/slow-load"
 DOCS = EncodeSettings(output_types=("dense",))
@@ -42,8 +48,10 @@ async def registry_of(tmp_path: Path, model_threads: str) -> AsyncIterator[Model
         await registry.close()
 
 
-async def encode(registry: ModelRegistry, model: str, text: str) -> list[float]:
-    call = EncodeCall(items=[InputItem(text=text)], settings=DOCS)
+async def encode(
+    registry: ModelRegistry, model: str, text: str, settings: EncodeSettings = DOCS
+) -> list[float]:
+    call = EncodeCall(items=[InputItem(text=text)], settings=settings)
     outcome = await asyncio.wait_for(registry.encode(model, call), HANG_GUARD_S)
     dense = outcome.result[0].dense
     assert dense is not None
@@ -102,6 +110,54 @@ async def test_a_load_never_holds_up_another_models_batches(
             lambda: not any(t.name == f"sie-load-{SLOW}" for t in threading.enumerate()),
             "the load's thread ends with the load",
         )
+
+
+async def test_a_lora_fetch_never_holds_up_batches_on_the_shared_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = dense.build_tiny_dense(tmp_path / "dense")
+    adapter_dir = str(build_lora(tmp_path / "lora", base, seed=5))
+    catalog = tmp_path / "catalog"
+    write_catalog_entry(catalog, fake_entry(FIRST))
+    write_catalog_entry(
+        catalog, entry("tiny/lora", "dense", base, DENSE_OUTPUTS, lora={"allowed": [adapter_dir]})
+    )
+    gate, fetched_on = threading.Event(), []
+    real_fetch = lora.fetch_adapter
+
+    def parked_fetch(lora_id: str) -> lora.FetchedLora:  # a slow download
+        fetched_on.append(threading.current_thread().name)
+        assert gate.wait(HANG_GUARD_S)
+        return real_fetch(lora_id)
+
+    monkeypatch.setattr(lora, "fetch_adapter", parked_fetch)
+    registry = build_registry(Settings(models_dir=(catalog,), device="cpu", model_threads="shared"))
+    tuned = EncodeSettings(output_types=("dense",), options={"lora_id": adapter_dir})
+    try:
+        for model in (FIRST, "tiny/lora"):
+            await asyncio.wait_for(registry.load(model), HANG_GUARD_S)
+        with pytest.raises(LoraLoading):
+            await encode(registry, "tiny/lora", "tuned", tuned)
+        await eventually(lambda: bool(fetched_on), "the adapter's fetch starts")
+        # The fetch is parked: the other model and this model's base both still serve.
+        assert await encode(registry, FIRST, "meanwhile") == list(expected_vector("meanwhile"))
+        plain = await encode(registry, "tiny/lora", "meanwhile")
+        assert cosines(np.array([plain]), dense.reference_st(base, ["meanwhile"])).min() >= 0.9999
+        gate.set()
+        while True:
+            try:
+                got = await encode(registry, "tiny/lora", "tuned", tuned)
+                break
+            except LoraLoading:
+                await asyncio.sleep(0.01)
+        assert (
+            cosines(np.array([got]), reference_lora(base, Path(adapter_dir), ["tuned"])).min()
+            >= 0.9999
+        )
+        assert fetched_on == ["sie-load-tiny/lora"]
+    finally:
+        gate.set()
+        await registry.close()
 
 
 async def test_a_job_that_raises_leaves_the_lane_running(caplog: pytest.LogCaptureFixture) -> None:

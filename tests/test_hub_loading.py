@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.harness import put_in_hub_cache
 from tests.tiny_models import bge_m3, dense
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,15 +32,6 @@ adapter = load_adapter(spec)
 out = run_encode(adapter, ["Hello, world!"], EncodeSettings(output_types=tuple(raw["outputs"])))
 print(json.dumps({"source": spec.weights_source(), "dense": out[0].dense.tolist()}))
 """
-
-
-def put_in_hub_cache(cache: Path, repo_id: str, files: Path) -> None:
-    """Lay out ``files`` as huggingface_hub stores a downloaded snapshot of ``repo_id``."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    revision = "0" * 40
-    shutil.copytree(files, repo / "snapshots" / revision)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(revision)
 
 
 def load_offline(cache: Path, entry: dict[str, object]) -> subprocess.CompletedProcess[str]:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from sie_server.adapters.dense import DenseEncoderAdapter
-from sie_server.adapters.lora import check_allowed, lora_id_of
+from sie_server.adapters.lora import check_allowed, fetch_adapter, lora_id_of
 from sie_server.catalog import CatalogError
 from sie_server.catalog.spec import LoraSpec, parse_spec
 from sie_server.config import Settings, load_settings
@@ -19,7 +19,7 @@ from sie_server.errors import InvalidInput, LoraLoading
 from sie_server.grpc_api.server import build_registry
 from sie_server.tasks.encode import EncodeSettings
 
-from tests.harness import load_adapter, make_spec, run_encode
+from tests.harness import load_adapter, make_spec, put_in_hub_cache, run_encode
 from tests.server_utils import fake_entry, write_catalog_entry
 from tests.tiny_models import dense
 from tests.tiny_models.lora import build_lora, cosines, mean_pooled, reference_lora
@@ -45,6 +45,11 @@ def adapter(base: Path) -> DenseEncoderAdapter:
     loaded = load_adapter(make_spec("tiny/dense", "dense", base, {"dense": dense.HIDDEN}))
     assert isinstance(loaded, DenseEncoderAdapter)
     return loaded
+
+
+def load_lora(adapter: DenseEncoderAdapter, lora_id: str) -> None:
+    """Both steps of a load on this thread (the server fetches beside the model thread)."""
+    adapter.attach_lora(lora_id, adapter.fetch_lora(lora_id))
 
 
 def encode(adapter: DenseEncoderAdapter, lora: Path | None) -> np.ndarray:
@@ -73,7 +78,7 @@ def test_each_adapter_equals_peft_and_the_base_model_stays_exact(
     assert np.allclose(mean_pooled_plain(base), plain, atol=1e-5)  # the reference pools like ST
     before = base_weights(adapter)
     for lora in loras.values():
-        adapter.load_lora(str(lora))
+        load_lora(adapter, str(lora))
     for name in ("a", "b", "a"):  # switching back and forth
         got = encode(adapter, loras[name])
         assert cosines(got, reference_lora(base, loras[name], TEXTS)).min() >= 0.9999
@@ -86,7 +91,7 @@ def test_each_adapter_equals_peft_and_the_base_model_stays_exact(
         adapter.unload_lora(str(lora))
     assert not any("lora" in name for name, _ in adapter.model.named_modules())
     assert np.allclose(encode(adapter, None), plain, atol=1e-5)
-    adapter.load_lora(str(loras["b"]))  # loads again after the last one left
+    load_lora(adapter, str(loras["b"]))  # loads again after the last one left
     assert (
         cosines(encode(adapter, loras["b"]), reference_lora(base, loras["b"], TEXTS)).min()
         >= 0.9999
@@ -104,7 +109,7 @@ def test_an_adapter_not_loaded_is_retryable_in_the_run_hook(
 ) -> None:
     with pytest.raises(LoraLoading, match="is not loaded"):
         encode(adapter, loras["a"])
-    adapter.load_lora(str(loras["b"]))
+    load_lora(adapter, str(loras["b"]))
     adapter.unload_lora(str(loras["b"]))
     with pytest.raises(LoraLoading, match="is not loaded"):
         encode(adapter, loras["b"])
@@ -121,16 +126,49 @@ def test_a_broken_adapter_fails_its_load_and_leaves_the_model_as_it_was(
     del weights[next(iter(weights))]
     save_file(weights, broken / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="has no weights for 1 of the LoRA tensors"):
-        adapter.load_lora(str(broken))
+        load_lora(adapter, str(broken))
     with pytest.raises(ValueError, match=r"adapter_config\.json"):
-        adapter.load_lora(str(tmp_path / "missing"))
+        load_lora(adapter, str(tmp_path / "missing"))
     assert not any("lora" in name for name, _ in adapter.model.named_modules())
     assert np.allclose(encode(adapter, None), dense.reference_st(base, TEXTS), atol=1e-5)
-    adapter.load_lora(str(loras["a"]))
+    load_lora(adapter, str(loras["a"]))
     with pytest.raises(ValueError, match="has no weights"):
-        adapter.load_lora(str(broken))  # beside a loaded one: only the broken one goes
+        load_lora(adapter, str(broken))  # beside a loaded one: only the broken one goes
     got = encode(adapter, loras["a"])
     assert cosines(got, reference_lora(base, loras["a"], TEXTS)).min() >= 0.9999
+
+
+def test_a_hub_id_is_fetched_through_the_hf_cache_offline(
+    adapter: DenseEncoderAdapter,
+    base: Path,
+    loras: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    put_in_hub_cache(cache, "org/tenant-a", loras["a"])
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    fetched = fetch_adapter("org/tenant-a")
+    assert Path(fetched.folder).is_relative_to(cache / "models--org--tenant-a" / "snapshots")
+    assert fetched.config.inference_mode is True
+    adapter.attach_lora("org/tenant-a", fetched)
+    got = np.stack(
+        [
+            out.dense  # type: ignore[misc]
+            for out in run_encode(
+                adapter, TEXTS, EncodeSettings(("dense",), options={"lora_id": "org/tenant-a"})
+            )
+        ]
+    )
+    assert cosines(got, reference_lora(base, loras["a"], TEXTS)).min() >= 0.9999
+    # Not in the cache, offline: the hub's own error, before the model is touched.
+    with pytest.raises(FileNotFoundError, match="cached snapshot folder"):
+        fetch_adapter("org/absent")
+    with pytest.raises(ValueError, match=r"has no adapter_config\.json"):
+        fetch_adapter(str(base))  # a model's folder, not an adapter's
 
 
 def spec_with(lora: Any = None, profiles: Any = None) -> Any:

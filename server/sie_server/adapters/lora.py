@@ -4,11 +4,15 @@ A request names an adapter with ``options.lora_id`` (a hub id, read through the 
 ``HF_HUB_OFFLINE`` honoured, or a local folder), directly or through a profile. The option is one
 of the encode settings' options, so it is part of the batch key: items of different adapters never
 share a forward pass. The engine (``engine/registry.py``) decides which adapters are resident and
-when they load; this module does the work on the model thread:
+when they load; this module does the work:
 
-* ``LoraSupport``: the mixin a family inherits (the dense family does). ``load_lora`` and
-  ``unload_lora`` run as model-thread calls; the family's run hook wraps its forward pass in
-  ``lora_active(settings.options)``, which selects the batch's adapter (or none) right before it.
+* ``LoraSupport``: the mixin a family inherits (the dense family does). A load has two steps:
+  ``fetch_lora`` finds the adapter's files and reads its config (``fetch_adapter``: a hub id is
+  downloaded into the HF cache), on any thread, touching no model, so that a download never holds
+  up the batches of the thread the model computes on (on a CPU one thread serves every model);
+  ``attach_lora`` then puts its weights into the model, on the model thread. ``unload_lora`` runs
+  there too; the family's run hook wraps its forward pass in ``lora_active(settings.options)``,
+  which selects the batch's adapter (or none) right before it.
 * ``PeftAdapters``: peft's multi-adapter model around the family's own transformers model. The
   first adapter wraps it in a ``PeftModel``, which injects LoRA layers into its modules in place,
   so the family keeps calling its model as before; later adapters join with ``load_adapter``. A
@@ -27,6 +31,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sie_server.adapters.base import ModelAdapter
@@ -86,6 +92,44 @@ def not_loaded(lora_id: str, model: str) -> LoraLoading:
     )
 
 
+#: The files of a saved peft adapter (``save_pretrained``; older adapters ship a ``.bin``).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedLora:
+    """An adapter ready to attach: its local folder and its LoRA config (inference mode)."""
+
+    folder: str
+    config: Any
+
+
+def fetch_adapter(lora_id: str) -> FetchedLora:
+    """The adapter's files on this machine and its config (any thread; no model is touched).
+
+    A folder is used as it is; any other id is a hub repo, downloaded into the HF cache (only the
+    adapter's files; ``HF_HUB_OFFLINE`` honoured). Raises ``ValueError`` naming what is missing
+    or wrong."""
+    from peft import PeftConfig, PeftType
+
+    folder = Path(lora_id).expanduser()
+    if not folder.is_dir():
+        if lora_id.startswith(("/", ".", "~")):
+            raise ValueError(
+                f"{lora_id} is not a folder (a local adapter needs adapter_config.json)"
+            )
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(lora_id, allow_patterns=list(ADAPTER_FILES)))
+    if not (folder / ADAPTER_FILES[0]).is_file():
+        raise ValueError(f"{lora_id} has no adapter_config.json (is it a peft adapter?)")
+    config = PeftConfig.from_pretrained(str(folder))
+    if config.peft_type != PeftType.LORA:
+        raise ValueError(f"{lora_id} is a {config.peft_type.value} adapter, not LoRA")
+    config.inference_mode = True
+    return FetchedLora(str(folder), config)
+
+
 class PeftAdapters:
     """The LoRA adapters loaded into one transformers model. Model thread only."""
 
@@ -99,24 +143,22 @@ class PeftAdapters:
         self.names: dict[str, str] = {}
         self._made = 0
 
-    def load(self, lora_id: str) -> None:
-        """Load ``lora_id`` next to the others (a no-op when it is loaded). On failure nothing of
-        it stays in the model; the exception says why."""
+    def load(self, lora_id: str, fetched: FetchedLora) -> None:
+        """Attach ``lora_id`` (its ``fetch_adapter`` result) next to the others (a no-op when it
+        is loaded). On failure nothing of it stays in the model; the exception says why."""
         if lora_id in self.names:
             return
-        from peft import PeftConfig, PeftModel, PeftType
+        from peft import PeftModel
 
-        config = PeftConfig.from_pretrained(lora_id)
-        if config.peft_type != PeftType.LORA:
-            raise ValueError(f"{lora_id} is a {config.peft_type.value} adapter, not LoRA")
-        config.inference_mode = True
         self._made += 1
         name = f"lora{self._made}"
         try:
             if self.peft is None:
-                self.peft = PeftModel(self.model, config, adapter_name=name)
+                self.peft = PeftModel(self.model, fetched.config, adapter_name=name)
             device = next(self.model.parameters()).device
-            result = self.peft.load_adapter(lora_id, adapter_name=name, torch_device=str(device))
+            result = self.peft.load_adapter(
+                fetched.folder, adapter_name=name, torch_device=str(device)
+            )
             if result.missing_keys:
                 raise ValueError(
                     f"{lora_id} has no weights for {len(result.missing_keys)} of the LoRA "
@@ -179,16 +221,25 @@ class LoraSupport(ModelAdapter):
             return "its forward pass runs no torch transformers model"
         return None
 
-    def load_lora(self, lora_id: str) -> None:
-        """Load an adapter (model thread)."""
+    def check_lora(self) -> None:
+        """Raise ``InvalidInput`` when this loaded model cannot take adapters."""
         reason = self.lora_unavailable()
         if reason is not None:
             raise InvalidInput(
                 f"model {self.spec.name} cannot take LoRA adapters: {reason}", model=self.spec.name
             )
+
+    def fetch_lora(self, lora_id: str) -> FetchedLora:
+        """An adapter's files and config (any thread: the model is not touched)."""
+        self.check_lora()
+        return fetch_adapter(lora_id)
+
+    def attach_lora(self, lora_id: str, fetched: FetchedLora) -> None:
+        """Put a fetched adapter into the model (model thread)."""
+        self.check_lora()
         if self._loras is None:
             self._loras = PeftAdapters(getattr(self, "model", None), self.spec.name)
-        self._loras.load(lora_id)
+        self._loras.load(lora_id, fetched)
 
     def unload_lora(self, lora_id: str) -> None:
         """Delete an adapter (model thread)."""

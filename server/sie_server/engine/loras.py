@@ -1,11 +1,13 @@
 """Which LoRA adapters of a loaded model are resident, and when they load and go (event loop).
 
-The work itself (peft's load, delete, select) runs on the model thread through the family's
-``LoraSupport`` hooks (``adapters/lora.py``); this module decides when:
+The work itself (peft's load, delete, select) runs through the family's ``LoraSupport`` hooks
+(``adapters/lora.py``); this module decides when:
 
 * A request names an adapter (``options.lora_id``). ``pinned`` lets it through only when the
   adapter is resident; otherwise it answers ``LoraLoading`` (retryable) at once and starts the
-  load, once, as a model-thread call. A failed load answers ``LoraLoadFailed`` naming the adapter
+  load, once: the adapter's files are fetched beside the model thread (a download never holds up
+  batches, of this model or, on a shared compute thread, of any other), then attached as a
+  model-thread call. A failed load answers ``LoraLoadFailed`` naming the adapter
   and the reason until ``load_retry_s`` has passed; the next request then loads it again.
 * A request pins its adapter until it completes, so a batch queued on the model thread never
   loses it. Past ``max_resident`` adapters the least recently used unpinned one is deleted on the
@@ -87,7 +89,7 @@ class LoraResidency:
         lora_id = lora_id_of(spec.profile(None).options, spec.name)
         if lora_id is not None:
             try:
-                await executor.call(functools.partial(adapter.load_lora, lora_id))
+                await load_on(executor, adapter, lora_id)
             except Exception as exc:
                 raise ModelLoadFailed(
                     f"{spec.name}: the default profile's LoRA adapter {lora_id!r} failed to load: "
@@ -151,7 +153,7 @@ class LoraResidency:
     async def _load(self, lora_id: str, slot: LoraSlot) -> None:
         started = time.perf_counter()
         try:
-            await self.executor.call(functools.partial(self.adapter.load_lora, lora_id))
+            await load_on(self.executor, self.adapter, lora_id)
         except Exception as exc:
             log.warning("loading LoRA adapter %r of %s failed: %s", lora_id, self.model, exc)
             slot.phase, slot.failed_at = LoraPhase.FAILED, time.monotonic()
@@ -191,3 +193,9 @@ class LoraResidency:
         if error is not None:
             log.warning("evicting LoRA adapter %r of %s failed: %s", lora_id, self.model, error)
         self.on_change()
+
+
+async def load_on(executor: BatchExecutor, adapter: LoraSupport, lora_id: str) -> None:
+    """Fetch ``lora_id`` beside the model thread, then attach it on the model thread."""
+    fetched = await executor.call_aside(functools.partial(adapter.fetch_lora, lora_id))
+    await executor.call(functools.partial(adapter.attach_lora, lora_id, fetched))
