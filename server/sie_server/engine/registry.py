@@ -50,10 +50,11 @@ from sie_server.adapters.registry import adapter_class
 from sie_server.catalog import Catalog, CatalogError, ModelSpec
 from sie_server.device import Placement
 from sie_server.domain import Job, LoadTarget
+from sie_server.engine import heap
 from sie_server.engine.executor import BatchExecutor, BatchStats, ExecutorConfig
 from sie_server.engine.loras import LoraResidency
 from sie_server.engine.memory import process_gauge, weight_files_bytes, weights_gauge
-from sie_server.engine.model_thread import ComputeLane, free_device_memory
+from sie_server.engine.model_thread import ComputeLane
 from sie_server.engine.openmp import serial_openmp
 from sie_server.engine.pipeline import Outcome, run_job
 from sie_server.engine.warmup import check_profiles, warm_up
@@ -471,11 +472,13 @@ class ModelRegistry:
             # Shutdown (or a caller) cancelled the load: stop the model thread once its current
             # job ends, free what loaded, and leave the model loadable again, not LOADING.
             await executor.close(timeout_s=0.0)
+            heap.release()
             entry.state, entry.error = ModelState.AVAILABLE, "the load was cancelled"
             raise
         except Exception as exc:
             log.exception("loading %s failed", spec.name)
             await executor.close()
+            heap.release()
             entry.state, entry.error, entry.failed_at = (
                 ModelState.FAILED,
                 f"{type(exc).__name__}: {exc}",
@@ -487,6 +490,7 @@ class ModelRegistry:
         entry.memory_bytes = adapter.memory_bytes()
         entry.state, entry.load_attempts = ModelState.LOADED, 0
         entry.last_used = time.monotonic()
+        heap.settle()
         log.info(
             "loaded %s on %s in %.1fs", spec.name, target.device, time.perf_counter() - started
         )
@@ -542,7 +546,8 @@ class ModelRegistry:
         await executor.close()
         entry.adapter = entry.executor = None
         entry.state = ModelState.AVAILABLE
-        await asyncio.to_thread(free_device_memory)
+        del adapter, executor  # this frame's references too, or the collection cannot free it
+        await asyncio.to_thread(heap.reclaim)
         self.metrics.inc("sie_model_evictions_total", model=name)
 
     def _executor_config(self, spec: ModelSpec) -> ExecutorConfig:
@@ -576,6 +581,7 @@ class ModelRegistry:
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
         self._image_pool.shutdown(wait=False, cancel_futures=True)
         self._prep_pool.shutdown(wait=False, cancel_futures=True)
+        heap.release()
 
 
 def _failure(name: str, entry: ModelEntry) -> str:
