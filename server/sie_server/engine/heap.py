@@ -9,7 +9,8 @@ so (docs/reliability.md).
 
 * ``settle()`` after a model loads: ``gc.freeze()`` moves every object the collector tracks into
   its permanent generation, which collections skip. Objects there are still freed by reference
-  counting; only cyclic garbage present at that moment waits for the next ``reclaim``.
+  counting; only cyclic garbage present at that moment waits for the next ``reclaim`` or
+  ``release``.
 * ``reclaim()`` when a model is evicted: ``gc.unfreeze()``, then ``free_device_memory`` (a full
   collection finds the evicted model's cycles, and CUDA's cache is emptied), then ``settle``.
 * ``release()`` when a load fails (what it built may have been settled by another model's load
@@ -25,7 +26,7 @@ from sie_server.engine.model_thread import free_device_memory
 
 
 def settle() -> None:
-    """Exempt what is alive now from the cyclic collector (until ``reclaim``)."""
+    """Exempt what is alive now from the cyclic collector (until ``reclaim`` or ``release``)."""
     gc.freeze()
 
 
