@@ -16,6 +16,10 @@ loaded, a thread per model left the server at 1.69-1.80 of 2 cores against 1.95-
 lane, and served 10-12% fewer pairs and texts a second (``bench/bench_threads.py``,
 docs/performance.md, "One compute thread on the CPU"). Two models' passes at once on the same
 cores would only split them anyway.
+
+Out of memory: a batch that runs out of memory is split in halves and retried, after freeing its
+inputs, the exception's frames and CUDA's cache; an item that runs out of memory alone gets
+``ItemFailed`` in its slot and its batch mates keep their results.
 """
 
 from __future__ import annotations
