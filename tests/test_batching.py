@@ -8,6 +8,7 @@ from collections.abc import Hashable
 from typing import Any, cast
 
 import pytest
+from sie_server.config import load_settings
 from sie_server.engine.batching import Batch, BatchLimits, PendingQueue, _best_window
 from sie_server.engine.executor import ExecutorConfig
 from sie_server.engine.work import WorkItem
@@ -291,6 +292,92 @@ def test_steady_load_at_depth_32_starves_no_item(seed: int) -> None:
         for it in batch.items:
             arrived, older = arrived_at.pop(id(it))
             assert takes - arrived <= older + 1
+
+
+# ---- a passed-over item rides soon (max_skips) ------------------------------------------------
+
+
+def test_a_passed_over_item_rides_in_the_next_batch_whatever_its_padding() -> None:
+    """Costs 10 10 10 50 20 (the first 10 oldest), cap 10%: the first batch is the three 10s
+    and passes over the 50 and the 20. Two more 50s arrive. The next anchor is the 50, whose
+    window [50 50 50] leaves the 20 out again; with ``max_skips=1`` the 20 has been passed over
+    once and rides along, though [20 50 50 50] pads 30 of 200 (15%)."""
+    for max_skips, second in ((None, [50, 50, 50]), (1, [50, 20, 50, 50])):
+        limits = BatchLimits(10_000, 8, 0.10, max_skips)
+        queue = PendingQueue()
+        fill(queue, [10, 10, 10, 50, 20])
+        first = queue.take_batch(limits)
+        assert first is not None
+        assert [it.cost for it in first.items] == [10, 10, 10]
+        assert sorted(it.skips for it in queue) == [1, 1]
+        fill(queue, [50, 50])
+        batch = queue.take_batch(limits)
+        assert batch is not None
+        assert [it.cost for it in sorted(batch.items, key=lambda it: it.seq)] == second
+
+
+def test_only_the_last_pending_item_of_a_request_is_forced() -> None:
+    """A request with two items left cannot end sooner by one riding early: neither is forced
+    (its items wait for lengths like theirs, as without the rule), until one is left."""
+    limits = BatchLimits(10_000, 8, 0.10, 0)
+    queue = PendingQueue()
+    fill(queue, [50, 50, 50])  # three one-item requests, the oldest
+    for it in request_items([10, 12], request=999):
+        queue.push(it)
+    batch = queue.take_batch(limits)
+    assert batch is not None
+    assert [it.cost for it in batch.items] == [50, 50, 50]
+    assert sorted(it.cost for it in queue) == [10, 12]
+
+
+def test_forced_items_still_respect_the_token_budget_and_item_cap() -> None:
+    """Every item overdue (max_skips=0): the oldest that fit the budget ride, the rest wait."""
+    limits = BatchLimits(max_batch_tokens=200, max_batch_items=3, max_padding=0.0, max_skips=0)
+    queue = PendingQueue()
+    fill(queue, [10, 90, 40, 60, 20])
+    batch = queue.take_batch(limits)
+    assert batch is not None
+    assert len(batch.items) <= 3
+    assert batch.padded_tokens <= 200
+    costs = [it.cost for it in sorted(batch.items, key=lambda it: it.seq)]
+    assert costs == [10, 40, 20], "the 90 would need 270 tokens; the 40 and 20 fit, oldest first"
+
+
+@pytest.mark.parametrize("max_skips", [0, 1, 2])
+def test_steady_load_passes_no_item_over_more_than_max_skips_times(max_skips: int) -> None:
+    """The steady stream of mixed lengths at depth 32 (one item a request), with a budget that
+    holds every forced item: no item is passed over more than ``max_skips`` times, and a batch
+    pads past the cap only when it holds an item that was due. Without the rule the same stream
+    passes items over many more times."""
+    worst: dict[int | None, int] = {}
+    for rule in (max_skips, None):
+        limits = BatchLimits(100_000, 64, 0.10, rule)
+        rng = random.Random(11)
+        queue = PendingQueue()
+        worst[rule] = 0
+        for _ in range(200):
+            while len(queue) < 32:
+                queue.push(item(mixed_costs(rng, 1)[0]))
+            before = list(queue)
+            due = {id(it) for it in before if rule is not None and it.skips >= rule}
+            batch = queue.take_batch(limits)
+            assert batch is not None
+            check_batch(batch, before, limits)
+            worst[rule] = max(worst[rule], *(it.skips for it in batch.items))
+            if batch.padded_tokens - batch.tokens > 0.10 * batch.padded_tokens:
+                assert due & {id(it) for it in batch.items}
+        if rule is not None:
+            assert worst[rule] <= rule
+    assert worst[None] > max_skips + 1
+
+
+def test_the_skip_rule_is_off_by_default_and_set_by_its_flag() -> None:
+    assert ExecutorConfig().limits.max_skips is None
+    settings = load_settings(["--max-batch-skips", "0"], {})
+    config = ExecutorConfig(max_batch_skips=settings.max_batch_skips)
+    assert config.limits.max_skips == 0
+    assert config.bulk_limits.max_skips == 0
+    assert load_settings([], {"SIE_MAX_BATCH_SKIPS": "2"}).max_batch_skips == 2
 
 
 # ---- queue bookkeeping ----------------------------------------------------------------------------

@@ -53,6 +53,8 @@ class Settings:
     max_batch_tokens: int = 0
     max_batch_items: int = 64
     max_batch_padding: float = 0.10
+    #: Batches a request's last pending item may be passed over for (-1: never forced).
+    max_batch_skips: int = -1
     batch_wait_ms: float = 0.0
     max_pending_tokens: int = 262144
     max_pending_items: int = 8192
@@ -191,6 +193,13 @@ _OPTIONS: tuple[Option, ...] = (
         "max-batch-padding",
         float,
         "largest share of a batch's padded tokens that may be padding (1 = no cap)",
+    ),
+    (
+        "max-batch-skips",
+        int,
+        "batches a request's last pending item may be passed over for (lengths unlike its own) "
+        "before it rides in the next one whatever its padding: a shorter tail for more padding; "
+        "0 = arrival order within the token budget, -1 = never forced",
     ),
     (
         "batch-wait-ms",

@@ -12,6 +12,12 @@
   padding cap (padding at most ``max_padding`` of the padded tokens), and among the windows
   holding the oldest item it takes the most items, then the least padding. Items left out wait
   for a batch of lengths like theirs.
+* But not for long: a request's last pending item that has been passed over ``max_skips`` times
+  (by batches of its own group and kind) rides in the next one, padding cap or not, as far as
+  the token budget and the item cap allow (the oldest such items first). Without this, a text
+  whose length is far from its neighbours' waits through several batches of later arrivals,
+  and the tail of closed-loop traffic grows to two or three batch times. Only the last item of
+  a request counts: the others cannot end their request sooner by riding early.
 * Bulk work (streamed requests) yields to interactive work: an interactive item anchors before
   any bulk item, and its batch holds interactive items only (bulk items would lengthen its forward
   pass). A bulk batch may get tighter limits (``bulk_limits``: the executor sets them while
@@ -20,7 +26,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -33,6 +39,9 @@ class BatchLimits:
     max_batch_items: int
     #: Largest share of a batch's padded tokens that may be padding (1.0: no cap).
     max_padding: float = 1.0
+    #: Batches a request's last pending item may be passed over for before it rides in the
+    #: next one whatever its padding (None: never forced).
+    max_skips: int | None = None
 
 
 @dataclass(slots=True)
@@ -136,13 +145,27 @@ class PendingQueue:
         if anchor.bulk and bulk_limits is not None:
             limits = bulk_limits
         ordered = sorted((i for i in group if i.bulk == anchor.bulk), key=lambda item: item.cost)
-        lo, hi = _best_window([item.cost for item in ordered], ordered.index(anchor), limits)
+        costs = [item.cost for item in ordered]
+        lo, hi = _best_window(costs, ordered.index(anchor), limits, self._overdue(ordered, limits))
         chosen = ordered[lo : hi + 1]
         taken = {id(item) for item in chosen}
         for item in chosen:
             self._served[item.request] = self._served.get(item.request, 0) + 1
+        for item in ordered[:lo] + ordered[hi + 1 :]:
+            item.skips += 1
         self._set_group(anchor.key, [item for item in group if id(item) not in taken])
         return Batch(items=chosen)
+
+    def _overdue(self, ordered: list[WorkItem], limits: BatchLimits) -> list[int]:
+        """Indexes in ``ordered`` of the items that must ride next (``max_skips``), oldest first."""
+        if limits.max_skips is None:
+            return []
+        overdue = [
+            index
+            for index, item in enumerate(ordered)
+            if item.skips >= limits.max_skips and self._pending_of[item.request] == 1
+        ]
+        return sorted(overdue, key=lambda index: ordered[index].seq)
 
     def _set_group(self, key: Hashable, items: list[WorkItem]) -> None:
         before = self._groups.get(key, [])
@@ -172,23 +195,44 @@ class PendingQueue:
         return (item.bulk, self._served.get(item.request, 0), item.seq)
 
 
-def _best_window(costs: list[int], must: int, limits: BatchLimits) -> tuple[int, int]:
+def _best_window(
+    costs: list[int], must: int, limits: BatchLimits, overdue: Sequence[int] = ()
+) -> tuple[int, int]:
     """The window [lo, hi] of sorted ``costs`` holding index ``must`` with the most items under
     the limits (padded cost = costs[hi] * count), then the least padding. A window of one is
-    always allowed. The scan is bounded by the item cap: O(max_batch_items^2) at worst."""
+    always allowed. ``overdue`` (indexes, most urgent first) are held too, each as far as the
+    token budget and the item cap allow, padding cap or not; a window wider than those may pad
+    as much as they force, or the cap, whichever is more. The scan is bounded by the item cap:
+    O(max_batch_items^2) at worst."""
     prefix = [0, *accumulate(costs)]
-    best = (must, must)
-    best_rank = (1, 0)
-    for hi in range(must, min(len(costs), must + limits.max_batch_items)):
+
+    def padding(lo: int, hi: int) -> int:
+        return costs[hi] * (hi - lo + 1) - (prefix[hi + 1] - prefix[lo])
+
+    first, last = must, must
+    for index in overdue:
+        lo, hi = min(first, index), max(last, index)
+        count = hi - lo + 1
+        if count <= limits.max_batch_items and costs[hi] * count <= limits.max_batch_tokens:
+            first, last = lo, hi
+    forced_count, forced_padding = last - first + 1, padding(first, last)
+    forced_padded = costs[last] * forced_count
+
+    def allowed(pad: int, padded: int) -> bool:  # the cap, or the forced window's share
+        return pad <= limits.max_padding * padded or pad * forced_padded <= forced_padding * padded
+
+    best = (first, last)
+    best_rank = (forced_count, -forced_padding)
+    for hi in range(last, min(len(costs), first + limits.max_batch_items)):
         by_tokens = max(1, limits.max_batch_tokens // max(costs[hi], 1))
         width = min(by_tokens, limits.max_batch_items)
         # Fewer, longer items pad less: the first lo under the padding cap is the widest.
-        for lo in range(max(0, hi - width + 1), must + 1):
+        for lo in range(max(0, hi - width + 1), first + 1):
             count = hi - lo + 1
             padded = costs[hi] * count
-            padding = padded - (prefix[hi + 1] - prefix[lo])
-            if count == 1 or padding <= limits.max_padding * padded:
-                rank = (count, -padding)
+            pad = padding(lo, hi)
+            if count == 1 or allowed(pad, padded):
+                rank = (count, -pad)
                 if rank > best_rank:
                     best, best_rank = (lo, hi), rank
                 break

@@ -66,6 +66,9 @@ class ExecutorConfig:
     max_batch_items: int = 64
     #: Largest share of a batch's padded tokens that may be padding (1.0: no cap).
     max_batch_padding: float = 0.10
+    #: Batches a request's last pending item may be passed over for before it rides in the
+    #: next one whatever its padding (-1: never forced; see ``BatchLimits.max_skips``).
+    max_batch_skips: int = -1
     #: Admission bound: tokens admitted and not yet resolved, per model.
     max_pending_tokens: int = 262144
     max_pending_items: int = 8192
@@ -100,7 +103,9 @@ class ExecutorConfig:
 
     @property
     def limits(self) -> BatchLimits:
-        return BatchLimits(self.max_batch_tokens, self.max_batch_items, self.max_batch_padding)
+        return BatchLimits(
+            self.max_batch_tokens, self.max_batch_items, self.max_batch_padding, self._max_skips
+        )
 
     @property
     def bulk_limits(self) -> BatchLimits:
@@ -108,7 +113,12 @@ class ExecutorConfig:
             self.max_batch_tokens,
             min(self.bulk_batch_items, self.max_batch_items),
             self.max_batch_padding,
+            self._max_skips,
         )
+
+    @property
+    def _max_skips(self) -> int | None:
+        return None if self.max_batch_skips < 0 else self.max_batch_skips
 
 
 @dataclass(frozen=True, slots=True)

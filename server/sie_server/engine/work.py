@@ -48,6 +48,8 @@ class WorkItem:
     trace: object | None = None
     #: Bulk work (a streamed request): interactive items go first and never wait in its batches.
     bulk: bool = False
+    #: Batches of its group and kind that were taken without it (``BatchLimits.max_skips``).
+    skips: int = 0
 
     @property
     def dead(self) -> bool:
