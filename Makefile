@@ -67,7 +67,7 @@ lint: $(DEV_STAMP)
 
 types: $(DEV_STAMP)
 	$(PY) -m mypy
-	$(PY) -m mypy --strict bench/encode_bench.py bench/bench_*.py scripts/run_services.py
+	$(PY) -m mypy --strict bench/encode_bench.py bench/bench_*.py bench/sim_batching.py scripts/run_services.py
 
 # The scoreboard (bench/README.md): writes bench/results/<time>.{md,png,json}.
 #   make bench QUICK=1          smoke run, about 3 minutes, no peers

@@ -25,7 +25,6 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from bench_padding import corpus, token_counts
 from sie_server.engine.batching import Batch, BatchLimits, PendingQueue
 from sie_server.engine.work import WorkItem
 
@@ -124,6 +123,8 @@ def main() -> None:
     parser.add_argument("--ms-per-token", type=float, default=0.18)
     parser.add_argument("--turnaround-ms", type=float, default=2.0)
     args = parser.parse_args()
+    from bench_padding import corpus, token_counts  # the tokenizer, only when run
+
     texts = corpus()
     tokens = token_counts(texts)
     by_kind = {kind: [tokens[t] for t in group] for kind, group in texts.items()}
