@@ -87,6 +87,21 @@ def test_malformed_msgpack_is_a_wire_error(body: bytes) -> None:
 
 
 @pytest.mark.parametrize(
+    ("shape", "data", "says"),
+    [
+        ([-2, -2], b"\x00" * 16, "negative"),  # the product alone matches 16 bytes
+        ([2**62, 4], b"", "does not match"),  # 2**64 elements: int64 would wrap to 0
+    ],
+)
+def test_a_shape_that_only_multiplies_right_is_refused_by_name(
+    shape: list[int], data: bytes, says: str
+) -> None:
+    body = pack_msgpack({b"nd": True, b"type": "<f4", b"kind": b"", b"shape": shape, b"data": data})
+    with pytest.raises(WireError, match=says):
+        unpack_msgpack(body)
+
+
+@pytest.mark.parametrize(
     ("accept", "json_wanted"),
     [
         (None, False),

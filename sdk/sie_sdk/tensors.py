@@ -6,6 +6,7 @@ packed eight to a byte (``numpy.packbits``), so its last dimension counts bytes.
 
 from __future__ import annotations
 
+import math
 from typing import TypeAlias
 
 import numpy as np
@@ -54,7 +55,7 @@ def from_tensor(tensor: common_pb2.Tensor) -> npt.NDArray[np.generic]:
     except KeyError:
         raise TensorError(f"unknown tensor dtype {tensor.dtype}") from None
     shape = tuple(int(d) for d in tensor.shape)
-    expected = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    expected = math.prod(shape) * dt.itemsize
     if len(tensor.data) != expected:
         raise TensorError(
             f"tensor of shape {shape} and {dt} needs {expected} bytes, got {len(tensor.data)}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from typing import Any
 
 import msgpack
@@ -40,7 +41,7 @@ def packed_tensor(tensor: common_pb2.Tensor) -> dict[bytes, Any]:
     except KeyError:
         raise TensorError(f"unknown tensor dtype {tensor.dtype}") from None
     shape = [int(d) for d in tensor.shape]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize
     if len(tensor.data) != expected:
         raise TensorError(f"tensor of shape {shape} needs {expected} bytes, has {len(tensor.data)}")
     return _nd_map(dtype.str, shape, tensor.data)
@@ -84,7 +85,9 @@ def _unpack_hook(value: dict[Any, Any]) -> Any:
         raise WireError(f"bad msgpack-numpy array: {exc}") from None
     if dtype.kind in "OV":
         raise WireError("structured or object arrays are not accepted")
-    if len(data) != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+    if any(d < 0 for d in shape):
+        raise WireError(f"array of shape {shape}: a dimension is negative")
+    if len(data) != math.prod(shape) * dtype.itemsize:
         raise WireError(f"array of shape {shape} and {dtype} does not match its {len(data)} bytes")
     return np.frombuffer(data, dtype=dtype).reshape(shape)
 
