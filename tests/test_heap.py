@@ -1,7 +1,8 @@
 """The loaded models out of the cyclic collector's way (engine/heap.py): a load freezes the heap,
 so full collections skip the models; an eviction hands the heap back and collects, so a model
 caught in a reference cycle is still freed; a failed load and a closed registry hand it back.
-A refused call leaves no more cyclic garbage than an answered one (grpc_api/errors.py)."""
+A refused call (an error, or no API key) leaves no more cyclic garbage than an answered one
+(grpc_api/errors.py, ``end_call``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import asyncio
 import contextlib
 import gc
 import weakref
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -84,29 +85,56 @@ async def test_a_load_settles_and_an_eviction_frees_the_model_even_in_a_cycle(
     assert gc.get_freeze_count() == 0
 
 
+async def garbage_per_call(call: Callable[[], Awaitable[object]]) -> float:
+    """Objects the cyclic collector frees per call (answered or refused)."""
+    for _ in range(10):  # warm: first calls create lasting state
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await call()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(100):
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await call()
+        return gc.collect() / 100
+    finally:
+        gc.enable()
+
+
+def encode(
+    stub: encode_pb2_grpc.EncodeServiceStub, model: str, metadata: tuple[tuple[str, str], ...] = ()
+) -> Callable[[], Awaitable[object]]:
+    request = encode_pb2.EncodeRequest(model=model, items=[common_pb2.Item(text="hi")])
+    return lambda: stub.Encode(request, metadata=metadata)
+
+
 async def test_a_refusal_leaves_no_more_cyclic_garbage_than_an_answer(tmp_path: Path) -> None:
     """A refused call's error and grpc's abort once left ~48 objects in reference cycles each
-    (only the cyclic collector freed them, and under overload refusals are most calls)."""
+    (only the cyclic collector freed them, and under overload refusals are most calls). A
+    request that does not parse is refused by the interceptor the same way."""
     catalog = tmp_path / "catalog"
     write_catalog_entry(catalog, fake_entry(MODEL))
     async with serving([catalog], preload=[MODEL]) as handle:
         stub = encode_pb2_grpc.EncodeServiceStub(handle.channel)
+        answered = await garbage_per_call(encode(stub, MODEL))
+        refused = await garbage_per_call(encode(stub, "nope/missing"))
+        raw = handle.channel.unary_unary("/sie.v1.EncodeService/Encode")
+        malformed = await garbage_per_call(lambda: raw(b"\xff\xff\xff"))
+    assert refused <= answered + 2, (refused, answered)
+    assert malformed <= answered + 2, (malformed, answered)
 
-        async def garbage_per_call(model: str) -> float:
-            request = encode_pb2.EncodeRequest(model=model, items=[common_pb2.Item(text="hi")])
-            for _ in range(10):  # warm: first calls create lasting state
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    await stub.Encode(request)
-            gc.collect()
-            gc.disable()
-            try:
-                for _ in range(100):
-                    with contextlib.suppress(grpc.aio.AioRpcError):
-                        await stub.Encode(request)
-                return gc.collect() / 100
-            finally:
-                gc.enable()
 
-        answered = await garbage_per_call(MODEL)
-        refused = await garbage_per_call("nope/missing")
+async def test_an_unauthenticated_call_leaves_no_more_cyclic_garbage_than_an_answer(
+    tmp_path: Path,
+) -> None:
+    """The API-key interceptor's refusal (a flood of calls without a key) ends the call the
+    same way: about 50 objects in cycles per call while it aborted."""
+    catalog = tmp_path / "catalog"
+    write_catalog_entry(catalog, fake_entry(MODEL))
+    async with serving([catalog], preload=[MODEL], api_keys=("heap-key",)) as handle:
+        stub = encode_pb2_grpc.EncodeServiceStub(handle.channel)
+        answered = await garbage_per_call(
+            encode(stub, MODEL, (("authorization", "Bearer heap-key"),))
+        )
+        refused = await garbage_per_call(encode(stub, MODEL))
     assert refused <= answered + 2, (refused, answered)

@@ -19,7 +19,7 @@ import grpc
 from sie_sdk.api_keys import AUTHORIZATION, ApiKeys
 
 from sie_server.errors import Unauthenticated
-from sie_server.grpc_api.errors import status_for
+from sie_server.grpc_api.errors import end_call
 
 Context = grpc.aio.ServicerContext[Any, Any]
 #: grpc's stubs type method handlers for the blocking server; the aio ones hold coroutines.
@@ -47,9 +47,8 @@ def _authorization(details: grpc.HandlerCallDetails) -> str | None:
     return None
 
 
-async def _refuse(context: Context, message: str) -> None:
-    code, text, trailers = status_for(Unauthenticated(message))
-    await context.abort(code, text, trailing_metadata=trailers)
+def _refuse(context: Context, message: str) -> None:
+    end_call(context, Unauthenticated(message))
 
 
 def _ignore(data: bytes) -> None:
@@ -60,11 +59,12 @@ def _refusal(handler: Handler, message: str) -> Handler:
     """A handler of ``handler``'s kind (unary or streaming, each way) that only refuses."""
 
     async def unary_response(request: Any, context: Context) -> Any:
-        await _refuse(context, message)
+        _refuse(context, message)
 
     async def stream_response(request: Any, context: Context) -> AsyncIterator[Any]:
-        await _refuse(context, message)
-        yield  # pragma: no cover - abort raises first; the yield makes it a stream handler
+        _refuse(context, message)
+        return
+        yield  # pragma: no cover - never sent; the yield makes it a stream handler
 
     serializer = handler.response_serializer
     if handler.unary_unary is not None:

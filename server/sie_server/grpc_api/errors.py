@@ -49,6 +49,19 @@ def status_for(
     return code, error.message, tuple(trailers)
 
 
+def end_call(context: grpc.aio.ServicerContext[Any, Any], error: SIEServerError) -> None:
+    """Set ``error``'s status on the call; the handler then returns (a unary one ``None``, a
+    streaming one without another message) and grpc sends the status.
+
+    Not ``context.abort``: its ``AbortError``, caught inside grpc, leaves a reference cycle of
+    frames and call state behind every call it ends, which only the cyclic collector frees; a
+    refusal is most calls under overload or a flood of unauthenticated ones."""
+    code, message, trailers = status_for(error)
+    context.set_code(code)
+    context.set_details(message)
+    context.set_trailing_metadata(trailers)
+
+
 def _pack(message: Any) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
@@ -105,16 +118,12 @@ def translate_errors(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
             record("ok")
             return response
         record(error.reason)
-        code, message, trailers = status_for(error)
-        # The error's traceback holds this frame, which holds the error: a reference cycle
-        # that only the cyclic collector would free (one per refusal, under overload).
-        del error
-        # The status without ``context.abort``: its AbortError, caught inside grpc, leaves a
-        # cycle of frames and call state behind each refusal. A unary handler that set a
-        # non-OK code sends no response message.
-        context.set_code(code)
-        context.set_details(message)
-        context.set_trailing_metadata(trailers)
+        try:
+            end_call(context, error)
+        finally:
+            # The error's traceback holds this frame, which holds the error: a reference cycle
+            # that only the cyclic collector would free (one per refusal, under overload).
+            del error
         return None  # type: ignore[return-value]
 
     return wrapper

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 
 from sie_server.errors import InvalidInput
-from sie_server.grpc_api.errors import status_for
+from sie_server.grpc_api.errors import end_call, status_for
 
 Context = grpc.aio.ServicerContext[Any, Any]
 #: grpc's stubs type method handlers for the blocking server; the aio ones hold coroutines.
@@ -28,9 +28,9 @@ class _Malformed:
     message: str
 
 
-async def _refuse(context: Context, malformed: _Malformed) -> None:
-    code, message, trailers = status_for(InvalidInput(malformed.message))
-    await context.abort(code, message, trailing_metadata=trailers)
+def _refuse(context: Context, malformed: _Malformed) -> None:
+    """End a unary or server-streaming call (its handler then returns)."""
+    end_call(context, InvalidInput(malformed.message))
 
 
 class RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -56,7 +56,7 @@ class RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
             async def unary_behavior(request: Any, context: Context) -> Any:
                 if isinstance(request, _Malformed):
-                    await _refuse(context, request)
+                    return _refuse(context, request)
                 return await unary(request, context)
 
             return grpc.unary_unary_rpc_method_handler(
@@ -69,7 +69,8 @@ class RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
             async def stream_behavior(request: Any, context: Context) -> AsyncIterator[Any]:
                 if isinstance(request, _Malformed):
-                    await _refuse(context, request)
+                    _refuse(context, request)
+                    return
                 async for message in stream(request, context):
                     yield message
 
@@ -89,7 +90,10 @@ class RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 async def checked() -> AsyncIterator[Any]:
                     async for request in requests:
                         if isinstance(request, _Malformed):
-                            await _refuse(context, request)
+                            # Raised into the servicer's loop over its requests: abort, so
+                            # that the servicer stops (a rare path; its cycle is one a stream).
+                            code, message, trailers = status_for(InvalidInput(request.message))
+                            await context.abort(code, message, trailing_metadata=trailers)
                         yield request
 
                 async for message in bidi(checked(), context):

@@ -45,7 +45,7 @@ import sie_server
 from sie_server.device import gpu_type_of
 from sie_server.engine.registry import ModelRegistry, ModelState
 from sie_server.errors import SIEServerError
-from sie_server.grpc_api.errors import status_for
+from sie_server.grpc_api.errors import end_call
 
 log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -132,10 +132,10 @@ class StatusServicer(status_pb2_grpc.StatusServiceServicer):
                 snapshot = await self.source.snapshot()
             except Exception as exc:  # never UNKNOWN: the one error mapping, as unary calls get
                 log.exception("building a status snapshot failed")
-                code, message, trailers = status_for(
-                    SIEServerError(f"status snapshot failed: {type(exc).__name__}: {exc}")
+                end_call(
+                    context, SIEServerError(f"status snapshot failed: {type(exc).__name__}: {exc}")
                 )
-                await context.abort(code, message, trailing_metadata=trailers)
+                return
             yield snapshot
             if self._draining.is_set():
                 return
