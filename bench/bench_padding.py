@@ -2,12 +2,12 @@
 by side in one run.
 
     .venv/bin/python bench/bench_padding.py [--flag max-batch-padding] [--values 0.15,0.10]
-        [--kinds mixed,medium,short] [--rounds 2] [--seconds 12] [--out FILE]
+        [--kinds mixed,medium,short] [--rounds 2] [--seconds 12] [--clients 32] [--out FILE]
 
 For each kind of text and each round, one server (``python -m sie_server``, the embedded MiniLM,
 fp32) per value of the flag (set as ``SIE_<FLAG>``; ``-`` leaves it unset, the default), started
 in turn (the order alternates between rounds so that a drift of the machine favours no value),
-each measured by 32 closed-loop gRPC clients sending one text a call
+each measured by 32 (``--clients``) closed-loop gRPC clients sending one text a call
 (``bench_grid.run_cell``: texts/s, tokens/s, p50/p99, and from the server's counters the padding
 and the mean batch). The result is JSON (bench/results/padding-<time>.json, or ``--out``) and a
 line per measurement; only ratios within one run mean anything.
@@ -56,19 +56,20 @@ async def measure(
     texts: Mapping[str, Sequence[str]],
     tokens: Mapping[str, int],
     seconds: float,
+    clients: int,
 ) -> ServiceRow:
     caller = GrpcCaller(server.address)
     target = Target("our gRPC", caller, server.cpu_s, None, lambda: read_counters(server.address))
     try:
         return await run_cell(
-            target, (CLIENTS, 1, kind), texts, tokens, WARM_S, seconds, 2.5 * seconds
+            target, (clients, 1, kind), texts, tokens, WARM_S, seconds, 2.5 * seconds
         )
     finally:
         await caller.close()
 
 
 def run(flag: str, value: str, kind: str, texts: Mapping[str, Sequence[str]],
-        tokens: Mapping[str, int], seconds: float) -> ServiceRow:  # fmt: skip
+        tokens: Mapping[str, int], seconds: float, clients: int) -> ServiceRow:  # fmt: skip
     """One server with ``--<flag> value`` (``-``: the default), one cell, the server stopped
     after."""
     variable = "SIE_" + flag.upper().replace("-", "_")
@@ -83,7 +84,7 @@ def run(flag: str, value: str, kind: str, texts: Mapping[str, Sequence[str]],
             os.environ[variable] = saved
     try:
         server.wait_ready()
-        return asyncio.run(measure(server, kind, texts, tokens, seconds))
+        return asyncio.run(measure(server, kind, texts, tokens, seconds, clients))
     finally:
         server.terminate()
         server.wait_exit()
@@ -98,6 +99,7 @@ def main() -> None:
     parser.add_argument("--kinds", default="mixed,medium,short", help="kinds of text")
     parser.add_argument("--rounds", type=int, default=2, help="rounds, alternating the order")
     parser.add_argument("--seconds", type=float, default=12.0, help="window of each cell")
+    parser.add_argument("--clients", type=int, default=CLIENTS, help="closed-loop clients")
     parser.add_argument("--out", type=Path, default=None, help="result JSON path")
     args = parser.parse_args()
     values, kinds = args.values.split(","), args.kinds.split(",")
@@ -108,7 +110,7 @@ def main() -> None:
     for kind in kinds:
         for round_ in range(args.rounds):
             for value in values if round_ % 2 == 0 else values[::-1]:
-                row = run(args.flag, value, kind, texts, tokens, args.seconds)
+                row = run(args.flag, value, kind, texts, tokens, args.seconds, args.clients)
                 rows.append({"value": value, "round": round_ + 1, **dataclasses.asdict(row)})
                 padding = row.padding if row.padding is not None else float("nan")
                 batch = row.mean_batch if row.mean_batch is not None else float("nan")
@@ -119,7 +121,7 @@ def main() -> None:
     result = {
         "started_at": started.isoformat(timespec="seconds"),
         "flag": args.flag,
-        "clients": CLIENTS,
+        "clients": args.clients,
         "seconds": args.seconds,
         "rows": rows,
     }

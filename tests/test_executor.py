@@ -600,6 +600,32 @@ async def test_an_idle_model_waits_briefly_for_the_last_batchs_callers(
     assert [s.items for s in stats] == sizes
 
 
+@pytest.mark.parametrize(("wait_ms", "sizes"), [(0.0, [4, 4, 4]), (300.0, [4, 8])])
+async def test_two_groups_taking_turns_merge_when_the_model_waits_for_callers(
+    prep_pool: ThreadPoolExecutor, wait_ms: float, sizes: list[int]
+) -> None:
+    # Closed-loop clients settle into two groups that take turns: B's calls arrive while A's
+    # batch runs, so when it ends B is pending as A's callers come back. Waiting only while
+    # fewer items are pending than the last batch held would never wait here (4 >= 4), and the
+    # groups would stay split; counting what arrived since the batch ended waits for A's
+    # callers and runs the eight together. Window: min(300 ms, 0.4 s / 4) = 100 ms; A's callers
+    # come back 20 ms after their answers.
+    adapter = fake(delay_s=0.4)
+    stats: list[BatchStats] = []
+    async with running(prep_pool, stats.append, batch_wait_ms=wait_ms) as executor:
+        group_a = [words(f"a{i}", 3) for i in range(4)]
+        first = submit(executor, adapter, group_a)
+        await eventually(lambda: adapter.passes_started == 1, "A's batch runs")
+        group_b = [words(f"b{i}", 3) for i in range(4)]
+        turn_b = submit(executor, adapter, group_b)
+        assert_correct(group_a, await outcomes(first))
+        await asyncio.sleep(0.02)
+        again = [words(f"c{i}", 3) for i in range(4)]
+        turn_a = submit(executor, adapter, again)
+        assert_correct([*group_b, *again], await outcomes([*turn_b, *turn_a]))
+    assert [s.items for s in stats] == sizes
+
+
 async def test_cancelled_and_expired_work_leaves_the_queue_at_once(
     prep_pool: ThreadPoolExecutor,
 ) -> None:

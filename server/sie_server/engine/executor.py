@@ -163,6 +163,8 @@ class BatchExecutor:
         self._last_items = 0
         self._last_done = 0.0
         self._last_run_s = 0.0
+        #: Items admitted since the last batch ended (its callers' next calls among them).
+        self._arrived = 0
         self._closing = False
         self._requests = 0
         #: When the last interactive (not bulk) request was admitted, and when the last batch
@@ -307,6 +309,7 @@ class BatchExecutor:
         self._check_open()
         count = sum(len(g.payloads) for g in groups)
         self._admission.admit(sum(sum(g.costs) for g in groups), count)
+        self._arrived += count
         admitted: list[list[WorkItem]] = []
         self._requests += 1
         if not bulk:
@@ -406,10 +409,13 @@ class BatchExecutor:
 
     def _arrival_wait(self) -> float:
         """Seconds to hold an idle model for the last batch's callers (see ``batch_wait_ms``);
-        0 with the model busy, a full batch pending, or as many items pending as last time."""
+        0 with the model busy, a full batch pending, or as many items arrived since the last
+        batch ended as it held (its callers are back). Items that were pending before it ended
+        do not count: closed-loop clients in two groups that take turns (one group's batch
+        runs while the other's calls come back) merge into one batch instead of staying split."""
         if self._in_flight or self._last_items <= 1 or self.config.batch_wait_ms <= 0:
             return 0.0
-        if len(self._pending) >= self._last_items:
+        if self._arrived >= self._last_items:
             return 0.0
         if self._pending.has_full_batch(self.config.limits):
             return 0.0
@@ -464,6 +470,7 @@ class BatchExecutor:
             time.monotonic(),
             ms / 1000.0,
         )
+        self._arrived = 0
         if all(item.bulk for item in items):
             self._bulk_served = self._last_done
         else:
