@@ -161,10 +161,14 @@ def test_keys_never_mix_and_the_oldest_key_goes_first() -> None:
     assert {b.items[0].key for b in batches} == {"a", "b", "c"}
 
 
-def test_random_load_keeps_every_invariant() -> None:
+@pytest.mark.parametrize(("cap", "max_skips"), [(1.0, None), (0.1, None), (0.1, 0), (0.1, 1)])
+def test_random_load_keeps_every_invariant(cap: float, max_skips: int | None) -> None:
+    """Two keys, random lengths and arrivals, with and without the cap and the skip rule: every
+    batch holds the oldest item, one key, the budget and the item cap, and is contiguous in
+    length order."""
     rng = random.Random(2024)
     queue = PendingQueue()
-    limits = BatchLimits(max_batch_tokens=2048, max_batch_items=32)
+    limits = BatchLimits(2048, 32, max_padding=cap, max_skips=max_skips)
     taken = 0
     for _ in range(300):
         for _ in range(rng.randint(0, 12)):
