@@ -27,6 +27,11 @@ Notes on the baselines:
   libraries sort as they do for users (CrossEncoder by length, GLiNER not at all), and the plain
   bge-m3 loop sorts by length as FlagEmbedding does.
 
+The libraries run again once the server has stopped, and each ratio's denominator is the mean
+of the two best batches: on these hosts two phases minutes apart differ by up to 15-30%, and
+bracketing the server phase this way keeps a drift of the host from reading as the server's
+cost (both figures are kept: ``best`` and ``best_after``).
+
 Each workload first gets one untimed call (it loads the model) and a check that the server
 computes what the library computes (score difference, equal entities, dense cosine), then
 closed-loop gRPC cells at each concurrency of the profile (``bench_closed.closed_loop``: the
@@ -844,7 +849,9 @@ def run_tasks(
     failures: list[str] = []
     library: list[LibraryRow] = []
     rows: list[TaskRow] = []
+    library_after: list[LibraryRow] = []
     best: dict[str, LibraryRow] = {}
+    after: dict[str, LibraryRow] = {}  # the libraries again, once the server has stopped
     exit_code: int | None = None
     with tempfile.TemporaryDirectory(prefix="sie-bench-tasks-") as tmp:
         root = Path(tmp)
@@ -885,12 +892,19 @@ def run_tasks(
                         failures.append(f"{w.name}: our server failed: {exc}"[:500])
                         print(f"  {failures[-1]}\n{server.tail()}", flush=True)
                         continue
-                    for row in got:
-                        row.ratio = row.items_per_s / best[w.name].items_per_s
                     rows += got
             finally:
                 server.terminate()
                 exit_code = server.wait_exit()
+        for w in chosen:
+            print(f"tasks: {w.name} in process again ({w.library})", flush=True)
+            again = w.run_library(profile)
+            gc.collect()
+            after[w.name] = max(again, key=lambda r: r.items_per_s)
+            library_after += again
+        for row in rows:
+            denominator = (best[row.workload].items_per_s + after[row.workload].items_per_s) / 2
+            row.ratio = row.items_per_s / denominator
     return {
         "profile": profile.name,
         "workloads": {
@@ -900,11 +914,13 @@ def run_tasks(
                 "library": w.library,
                 "items_per_call": w.items_per_call,
                 "best": asdict(best[w.name]),
+                "best_after": asdict(after[w.name]),
                 **w.info,
             }
             for w in chosen
         },
         "library": [asdict(r) for r in library],
+        "library_after": [asdict(r) for r in library_after],
         "rows": [asdict(r) for r in rows],
         "failures": failures,
         "exit_code": exit_code,
