@@ -567,8 +567,8 @@ def load_simulation() -> Any:
 def test_in_a_closed_loop_the_skip_rule_trades_padding_for_the_tail() -> None:
     """32 simulated closed-loop clients, texts of 60-120 tokens (like the medium corpus): the
     policy alone splits each round of calls into length bands, so some calls wait through
-    several batches (p99 near twice p50); passed over at most once they cannot, and the
-    batches pad more for it."""
+    several batches (p99 near twice p50); never passed over (``max_skips=0``) they cannot,
+    and the batches pad more for it."""
     sim = load_simulation()
     lengths = list(range(60, 121))
     model = sim.Model(ms_per_batch=4.0, ms_per_token=0.18, turnaround_ms=2.0)
