@@ -15,6 +15,7 @@ from sie_server.config import load_settings
 from sie_server.engine.batching import Batch, BatchLimits, PendingQueue, _best_window
 from sie_server.engine.executor import ExecutorConfig
 from sie_server.engine.work import WorkItem
+from sie_server.grpc_api.server import build_registry
 
 # The policy never touches an item's runner or future, so the tests leave them out.
 _NO_RUNNER = cast(Any, None)
@@ -379,12 +380,14 @@ def test_steady_load_passes_no_item_over_more_than_max_skips_times(max_skips: in
 
 
 def test_the_skip_rule_is_off_by_default_and_set_by_its_flag() -> None:
+    """From the flag (or its variable) through the server's config to both batch limits."""
     assert ExecutorConfig().limits.max_skips is None
-    settings = load_settings(["--max-batch-skips", "0"], {})
-    config = ExecutorConfig(max_batch_skips=settings.max_batch_skips)
+    assert build_registry(load_settings([], {})).config.executor.limits.max_skips is None
+    config = build_registry(load_settings(["--max-batch-skips", "0"], {})).config.executor
     assert config.limits.max_skips == 0
     assert config.bulk_limits.max_skips == 0
-    assert load_settings([], {"SIE_MAX_BATCH_SKIPS": "2"}).max_batch_skips == 2
+    from_env = build_registry(load_settings([], {"SIE_MAX_BATCH_SKIPS": "2"})).config.executor
+    assert from_env.limits.max_skips == 2
 
 
 # ---- queue bookkeeping ----------------------------------------------------------------------------

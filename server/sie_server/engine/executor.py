@@ -67,8 +67,8 @@ class ExecutorConfig:
     #: Largest share of a batch's padded tokens that may be padding (1.0: no cap).
     max_batch_padding: float = 0.10
     #: Batches a request's last pending item may be passed over for before it rides in the
-    #: next one whatever its padding (-1: never forced; see ``BatchLimits.max_skips``).
-    max_batch_skips: int = -1
+    #: next one whatever its padding (None: never forced; see ``BatchLimits.max_skips``).
+    max_batch_skips: int | None = None
     #: Admission bound: tokens admitted and not yet resolved, per model.
     max_pending_tokens: int = 262144
     max_pending_items: int = 8192
@@ -104,7 +104,10 @@ class ExecutorConfig:
     @property
     def limits(self) -> BatchLimits:
         return BatchLimits(
-            self.max_batch_tokens, self.max_batch_items, self.max_batch_padding, self._max_skips
+            self.max_batch_tokens,
+            self.max_batch_items,
+            self.max_batch_padding,
+            self.max_batch_skips,
         )
 
     @property
@@ -113,12 +116,8 @@ class ExecutorConfig:
             self.max_batch_tokens,
             min(self.bulk_batch_items, self.max_batch_items),
             self.max_batch_padding,
-            self._max_skips,
+            self.max_batch_skips,
         )
-
-    @property
-    def _max_skips(self) -> int | None:
-        return None if self.max_batch_skips < 0 else self.max_batch_skips
 
 
 @dataclass(frozen=True, slots=True)

@@ -126,7 +126,7 @@ def build_registry(settings: Settings) -> ModelRegistry:
             max_batch_tokens=settings.max_batch_tokens or default_batch_tokens(placement),
             max_batch_items=settings.max_batch_items,
             max_batch_padding=settings.max_batch_padding,
-            max_batch_skips=settings.max_batch_skips,
+            max_batch_skips=None if settings.max_batch_skips < 0 else settings.max_batch_skips,
             batch_wait_ms=settings.batch_wait_ms,
             max_pending_tokens=settings.max_pending_tokens,
             max_pending_items=settings.max_pending_items,
