@@ -1,6 +1,6 @@
 """In-process texts/s of all-MiniLM-L6-v2 through the dense adapter (collate, forward, pooling on
 pre-tokenized medium texts): torch (SDPA attention, the default), torch with eager attention,
-torch.compile and the ONNX Runtime engine, at batch sizes 1/8/32, rounds interleaved with the
+torch.compile and the ONNX Runtime engines (float32 and int8), at batch sizes 1/8/32, rounds interleaved with the
 order rotated; ratios to torch SDPA, one run.
 
     .venv/bin/python bench/bench_engines.py [rounds]
@@ -53,6 +53,7 @@ def main(rounds: int) -> None:
         "torch_eager": adapter(path, "torch", "eager"),
         "torch_compile": adapter(path, "torch", "compile"),
         "onnx": adapter(path, "onnx"),
+        "onnx_int8": adapter(path, "onnx-int8"),
     }
     texts = json.loads(CORPUS.read_text())["medium"][:96]
     payloads = systems["onnx"].prepare_encode([InputItem(text=t) for t in texts], SETTINGS)

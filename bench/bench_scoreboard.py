@@ -6,7 +6,8 @@
 Order: machine facts; in-process baselines (sentence-transformers at batch 1..64 per kind,
 plain AutoModel) and the GEMM probe, turned into a texts/s bound; our server (gRPC) with our
 bridge in front of it (msgpack, JSON), each over its grid of closed-loop cells; our server and
-bridge stopped (each must exit 0); the other workloads (score, extract, bge-m3 multi-output
+bridge stopped (each must exit 0); the same server with each faster engine option (``--engine
+onnx``, ``onnx-int8``), its vectors compared with the torch server's; the other workloads (score, extract, bge-m3 multi-output
 encode, each against its own library in process; ``--tasks-only`` runs this phase alone); then
 each peer in turn in its own venv, alone on the machine.
 Writes ``bench/results/<timestamp>.{md,png,json}``; exits 1 when a call failed or a service did
@@ -21,6 +22,7 @@ import argparse
 import asyncio
 import dataclasses
 import datetime as dt
+import json
 import os
 import subprocess
 import time
@@ -118,6 +120,7 @@ def ours(ctx: dict[str, Any], profile: BoardProfile) -> list[ServiceRow]:
         ctx["payload_bytes_over_4dim"] = asyncio.run(
             payload_sizes(server, url, ctx["corpus"]["medium"][0])
         )
+        ctx["quality_reference"] = asyncio.run(quality_vectors(server.address, ctx["corpus"]))
         for make, klass in ((grpc_target, "grpc"), (http_target("msgpack"), "msgpack"),
                             (http_target("json"), "json")):  # fmt: skip
             rows += asyncio.run(run_target(make, klass, ctx, profile))
@@ -126,29 +129,100 @@ def ours(ctx: dict[str, Any], profile: BoardProfile) -> list[ServiceRow]:
             ctx["exit_codes"]["sie-bridge"] = front.stop()
         server.terminate()
         ctx["exit_codes"]["sie-server"] = server.wait_exit()
-    return rows + onnx_engine(ctx, profile)
+    return rows + engine_options(ctx, profile)
 
 
-def onnx_engine(ctx: dict[str, Any], profile: BoardProfile) -> list[ServiceRow]:
-    """The fastest engine option: the same server with ``--engine onnx`` (ONNX Runtime)."""
-    print("starting our server with --engine onnx", flush=True)
-    os.environ["SIE_ENGINE"] = "onnx"
+#: The fastest engine options: ``--engine`` value, row name, exit-code name.
+ENGINE_OPTIONS = (
+    ("onnx", "our gRPC, ONNX engine", "sie-server-onnx"),
+    ("onnx-int8", "our gRPC, ONNX int8 engine", "sie-server-onnx-int8"),
+)
+#: Hand-written query/passage pairs: the int8 engine's retrieval check.
+PAIRS = ROOT / "bench/data/retrieval-pairs.json"
+#: Medium texts whose vectors each engine's server returns, compared with the torch server's.
+QUALITY_TEXTS = 64
+
+
+def engine_options(ctx: dict[str, Any], profile: BoardProfile) -> list[ServiceRow]:
+    rows: list[ServiceRow] = []
+    for engine, system, exit_name in ENGINE_OPTIONS:
+        rows += engine_option(ctx, profile, engine, system, exit_name)
+    return rows
+
+
+def engine_option(
+    ctx: dict[str, Any], profile: BoardProfile, engine: str, system: str, exit_name: str
+) -> list[ServiceRow]:
+    """The same server with ``--engine <engine>``: its cells, and its vectors against the torch
+    server's (``ctx["quality"]``)."""
+    print(f"starting our server with --engine {engine}", flush=True)
+    os.environ["SIE_ENGINE"] = engine
     try:
         server = ServerProcess("float32")
     finally:
         del os.environ["SIE_ENGINE"]
     try:
         server.wait_ready()
+        vectors = asyncio.run(quality_vectors(server.address, ctx["corpus"]))
+        ctx["quality"][engine] = agreement(vectors, ctx["quality_reference"])
 
         def make() -> tuple[Target, Any]:
             c = GrpcCaller(server.address)
             counters = lambda: read_counters(server.address)  # noqa: E731
-            return Target("our gRPC, ONNX engine", c, server.cpu_s, None, counters), c.close
+            return Target(system, c, server.cpu_s, None, counters), c.close
 
         return asyncio.run(run_target(make, "onnx", ctx, profile))
     finally:
         server.terminate()
-        ctx["exit_codes"]["sie-server-onnx"] = server.wait_exit()
+        ctx["exit_codes"][exit_name] = server.wait_exit()
+
+
+async def quality_vectors(address: str, corpus: dict[str, list[str]]) -> dict[str, Any]:
+    """Unit vectors of the first medium texts, and of the pairs' queries and passages."""
+    import numpy as np
+    from sie_sdk.tensors import from_tensor
+    from sie_sdk.v1 import common_pb2, encode_pb2
+
+    pairs = json.loads(PAIRS.read_text())["pairs"]
+    g = GrpcCaller(address)
+
+    async def encode(texts: Sequence[str], query: bool) -> Any:
+        request = encode_pb2.EncodeRequest(
+            model=MODEL,
+            items=[common_pb2.Item(text=t) for t in texts],
+            params=encode_pb2.EncodeParams(is_query=query),
+        )
+        reply = await g.stub.Encode(request, timeout=60)
+        got = np.stack([from_tensor(item.dense.values) for item in reply.items])
+        return got / np.linalg.norm(got, axis=1, keepdims=True)
+
+    try:
+        return {
+            "medium": await encode(corpus["medium"][:QUALITY_TEXTS], False),
+            "queries": await encode([q for q, _ in pairs], True),
+            "passages": await encode([p for _, p in pairs], False),
+        }
+    finally:
+        await g.close()
+
+
+def agreement(got: dict[str, Any], want: dict[str, Any]) -> dict[str, float]:
+    """Cosine to the torch server's vectors (least, mean), and the share of the pairs' queries
+    whose own passage ranks first, for both."""
+    import numpy as np
+
+    cosine = (got["medium"] * want["medium"]).sum(1)
+
+    def recall(v: dict[str, Any]) -> float:
+        best = (v["queries"] @ v["passages"].T).argmax(1)
+        return float((best == np.arange(len(best))).mean())
+
+    return {
+        "cosine_min": float(cosine.min()),
+        "cosine_mean": float(cosine.mean()),
+        "recall_at_1": recall(got),
+        "recall_at_1_torch": recall(want),
+    }
 
 
 def run_peer(peer: Peer, ctx: dict[str, Any], profile: BoardProfile) -> list[ServiceRow]:
@@ -238,6 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             row.gemm_share = row.texts_per_s / results["gemm_bound_texts_per_s"][row.kind]
         results["rows"] = [dataclasses.asdict(r) for r in rows]
         results["payload_bytes_over_4dim"] = ctx.get("payload_bytes_over_4dim", {})
+        results["engine_quality"] = ctx["quality"]
         results["peer_start_s"] = ctx["peer_start_s"]
 
     git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT,
@@ -261,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for x in results["targets"]:
         met = {True: "met", False: "MISSED", None: "-"}[x["met"]]
         print(f"  {x['target']:<58} {x['measured']:>14} {x['goal']:>24}  {met}")
-    ours_names = ("sie-server", "sie-bridge", "sie-server-onnx", "sie-server-tasks")
+    ours_names = ("sie-server", "sie-bridge", "sie-server-tasks", *(e[2] for e in ENGINE_OPTIONS))
     ours_codes = (exit_codes[n] for n in ours_names if n in exit_codes)
     errors = sum(r.errors for r in rows) + sum(r["errors"] for r in tasks["rows"])
     errors += len(tasks["failures"])
@@ -320,6 +395,7 @@ def encode_phases(
         "notes": notes,
         "exit_codes": {},
         "peer_start_s": {},
+        "quality": {},
         "weights": weights,
     }
     results.update(

@@ -67,7 +67,7 @@ class TokenizedText:
 
 
 #: The engines a model may run its forward pass with (a family lists those it supports).
-ENGINES = ("torch", "onnx")
+ENGINES = ("torch", "onnx", "onnx-int8")
 
 
 @dataclass(frozen=True, slots=True)

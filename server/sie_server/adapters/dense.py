@@ -16,9 +16,10 @@ prompt. The prompt is prepended to the text, as sentence-transformers does, and 
 ``extra``: with ``include_prompt: false`` those leading tokens are left out of the pooling, per
 item, so items with and without a prompt may share a batch.
 
-Engines: ``torch`` (default) or ``onnx`` (``LoadTarget.engine``): with onnx the transformer is
-exported once and run by ONNX Runtime (``onnx_engine``), the torch backbone is dropped after the
-export, and pooling, heads and normalization run in the same torch code as with torch.
+Engines: ``torch`` (default), ``onnx`` or ``onnx-int8`` (``LoadTarget.engine``): with either onnx
+engine the transformer is exported once (int8: and quantized) and run by ONNX Runtime
+(``onnx_engine``), the torch backbone is dropped after the export, and pooling, heads and
+normalization run in the same torch code as with torch.
 
 LoRA: ``options.lora_id`` selects a peft adapter on the transformer per batch (``adapters/lora.py``;
 torch engine only).
@@ -66,7 +67,7 @@ class DenseEncoderAdapter(LoraSupport, HFTextEncoder):
     output_types = frozenset({"dense"})
     encode_options = TEMPLATE_KEYS | LORA_KEYS
     #: The forward-pass engines this family runs (``LoadTarget.engine``).
-    engines: ClassVar[frozenset[str]] = frozenset({"torch", "onnx"})
+    engines: ClassVar[frozenset[str]] = frozenset({"torch", *onnx_engine.ONNX_ENGINES})
     #: The ONNX Runtime transformer when the engine is onnx (the torch model is then None).
     onnx: OnnxEncoder | None = None
     pipeline: STPipeline = STPipeline(TransformerModule(), PoolingModule(folder=""))
@@ -83,10 +84,10 @@ class DenseEncoderAdapter(LoraSupport, HFTextEncoder):
     def load(self, target: LoadTarget) -> None:
         name = self.spec.name
         self.pipeline = read_pipeline(target.source, name).with_options(self.load_options, name)
-        if target.engine == "onnx":
+        if target.engine in onnx_engine.ONNX_ENGINES:
             onnx_engine.require(target, name)  # before any weights load
         super().load(target)
-        if target.engine == "onnx":
+        if target.engine in onnx_engine.ONNX_ENGINES:
             self.onnx = OnnxEncoder.open(self.model, target, name)
             self.model = None
 
