@@ -388,6 +388,8 @@ def test_the_skip_rule_is_off_by_default_and_set_by_its_flag() -> None:
     assert config.bulk_limits.max_skips == 0
     from_env = build_registry(load_settings([], {"SIE_MAX_BATCH_SKIPS": "2"})).config.executor
     assert from_env.limits.max_skips == 2
+    with pytest.raises(SystemExit, match="--max-batch-skips must be -1"):
+        load_settings(["--max-batch-skips", "-2"], {})
 
 
 # ---- queue bookkeeping ----------------------------------------------------------------------------

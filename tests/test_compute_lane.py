@@ -168,8 +168,8 @@ async def test_a_job_that_raises_leaves_the_lane_running(caplog: pytest.LogCaptu
     def broken() -> None:
         raise RuntimeError("a bug outside the job's own handling")
 
-    lane.put(broken)
-    lane.put(lambda: ran.append(threading.current_thread().name))
+    lane.put(broken, "broken")
+    lane.put(lambda: ran.append(threading.current_thread().name), "after")
     with caplog.at_level(logging.ERROR, logger="sie_server.engine.model_thread"):
         await lane.passed(HANG_GUARD_S)
         await lane.stop(HANG_GUARD_S)

@@ -97,6 +97,8 @@ class Settings:
     # Lifecycle.
     drain_delay_s: float = 1.0
     grace_period_s: float = 30.0
+    #: Health reports NOT_SERVING while one compute job has run longer than this (0: never).
+    stuck_compute_s: float = 300.0
     status_interval_ms: int = 200
     log_level: str = "INFO"
     # Security (docs/security.md).
@@ -281,6 +283,12 @@ _OPTIONS: tuple[Option, ...] = (
     ),
     ("drain-delay-s", float, "on SIGTERM: seconds NOT_SERVING before refusing new calls"),
     ("grace-period-s", float, "on SIGTERM: seconds in-flight calls get to finish"),
+    (
+        "stuck-compute-s",
+        float,
+        "health reports NOT_SERVING while one forward pass (or warm-up, LoRA attach) has run "
+        "longer than this, and SERVING again when it returns; the job is logged (0 = never)",
+    ),
     ("status-interval-ms", int, "default interval of the status stream"),
     ("log-level", str, "DEBUG, INFO, WARNING, ERROR"),
     (
@@ -354,6 +362,15 @@ def load_settings(
     if settings.max_batch_tokens < 0:
         raise SystemExit(
             f"--max-batch-tokens must be 0 (by device) or positive; got {settings.max_batch_tokens}"
+        )
+    if settings.max_batch_skips < -1:
+        raise SystemExit(
+            "--max-batch-skips must be -1 (never forced), 0 or positive; got "
+            f"{settings.max_batch_skips}"
+        )
+    if settings.stuck_compute_s < 0:
+        raise SystemExit(
+            f"--stuck-compute-s must be 0 (never) or positive; got {settings.stuck_compute_s}"
         )
     if settings.max_loras_per_model < 1:
         raise SystemExit(

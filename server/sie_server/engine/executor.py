@@ -243,6 +243,11 @@ class BatchExecutor:
     def batches_in_flight(self) -> int:
         return self._in_flight
 
+    @property
+    def lane(self) -> ComputeLane:
+        """The compute lane this model's batches and calls run on."""
+        return self._thread.lane
+
     # ---- the model thread's own calls ----------------------------------------------------------
     def call(self, fn: Callable[[], T]) -> asyncio.Future[T]:
         """Run ``fn`` on the model thread (warm-up, unload), in order with batches."""

@@ -93,7 +93,10 @@ class ComputeLane:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        #: The running job: when it started (``time.monotonic()``) and what it is; None when the
+        #: lane waits for work. Read from the event loop (``grpc_api.compute_watch``).
+        self.busy: tuple[float, str] | None = None
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], None], str] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._start_lock = threading.Lock()
 
@@ -103,8 +106,9 @@ class ComputeLane:
             if self._thread.ident is None:  # never started
                 self._thread.start()
 
-    def put(self, job: Callable[[], None]) -> None:
-        self._jobs.put(job)
+    def put(self, job: Callable[[], None], what: str) -> None:
+        """Run ``job`` after the jobs already put; ``what`` names it while it runs (``busy``)."""
+        self._jobs.put((job, what))
 
     async def stop(self, timeout_s: float) -> None:
         """End the thread after the jobs already put (waiting at most ``timeout_s`` for them)."""
@@ -117,15 +121,19 @@ class ComputeLane:
         if not self._thread.is_alive():
             return
         reached = threading.Event()
-        self._jobs.put(reached.set)
+        self._jobs.put((reached.set, "a marker"))
         await asyncio.to_thread(reached.wait, timeout_s)
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        while (item := self._jobs.get()) is not None:
+            job, what = item
+            self.busy = (time.monotonic(), what)
             try:
                 job()
             except Exception:  # a job settles its own futures; this is a broken loop or a bug
                 log.exception("%s: a job failed outside its own handling", self.name)
+            finally:
+                self.busy = None
 
 
 class ModelThread:
@@ -149,6 +157,11 @@ class ModelThread:
         self._lane = ComputeLane(f"sie-model-{name}") if lane is None else lane
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    @property
+    def lane(self) -> ComputeLane:
+        """The lane this model's jobs run on (shared with other models, or its own)."""
+        return self._lane
+
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._lane.start()
@@ -156,7 +169,8 @@ class ModelThread:
     def call(self, fn: Callable[[], T], future: asyncio.Future[T]) -> None:
         """Run ``fn`` on the lane after the jobs already queued; its result or exception
         settles ``future``."""
-        self._lane.put(functools.partial(self._run_call, _CallJob(fn, future)))
+        what = f"{self.name}: {_call_name(fn)}"
+        self._lane.put(functools.partial(self._run_call, _CallJob(fn, future)), what)
 
     def call_aside(self, fn: Callable[[], T], future: asyncio.Future[T]) -> None:
         """Run ``fn`` now on a thread of its own (``sie-load-<name>``) that ends with it: for a
@@ -170,7 +184,8 @@ class ModelThread:
 
     def run_batch(self, job: BatchJob) -> None:
         """Run the batch after the jobs already queued; ``on_batch_done`` gets its outcome."""
-        self._lane.put(functools.partial(self._run_batch, job))
+        what = f"{self.name}: a batch of {len(job.batch.items)} items"
+        self._lane.put(functools.partial(self._run_batch, job), what)
 
     async def stop(self, timeout_s: float) -> None:
         """Stop after this model's jobs already queued (waiting at most ``timeout_s`` for them);
@@ -233,6 +248,12 @@ class ModelThread:
         return self._forward(runner, runner.collate(left), left) + self._forward(
             runner, runner.collate(right), right
         )
+
+
+def _call_name(fn: Callable[..., Any]) -> str:
+    """A call's function name (``unload``, ``warm_up``, ``attach_lora``), through a partial."""
+    name = str(getattr(getattr(fn, "func", fn), "__name__", ""))
+    return name if name.isidentifier() else "a call"
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

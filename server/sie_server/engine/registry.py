@@ -194,6 +194,19 @@ class ModelRegistry:
         )
 
     # ---- lookups ---------------------------------------------------------------------------
+    def busy_lanes(self) -> list[tuple[str, str, float]]:
+        """Each compute lane running a job: (lane, what it runs, since when, monotonic)."""
+        lanes = {} if self._lane is None else {id(self._lane): self._lane}
+        for entry in self._entries.values():
+            if entry.executor is not None:
+                lanes.setdefault(id(entry.executor.lane), entry.executor.lane)
+        return [
+            (lane.name, what, since)
+            for lane in lanes.values()
+            if (busy := lane.busy) is not None
+            for since, what in (busy,)
+        ]
+
     def entries(self) -> Iterator[ModelEntry]:
         return iter(self._entries.values())
 
@@ -467,7 +480,7 @@ class ModelRegistry:
                 else None
             )
             if self.config.warmup:
-                await executor.call(lambda: warm_up(adapter, spec))
+                await executor.call(functools.partial(warm_up, adapter, spec))
         except asyncio.CancelledError:
             # Shutdown (or a caller) cancelled the load: stop the model thread once its current
             # job ends, free what loaded, and leave the model loadable again, not LOADING.

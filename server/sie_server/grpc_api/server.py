@@ -4,8 +4,9 @@ With API keys configured every call but health and reflection needs one (``grpc_
 with ``--tls-cert``/``--tls-key`` the port serves TLS (mTLS with ``--tls-client-ca``), reloading
 the certificate when its files change (``grpc_api.tls``). See docs/security.md.
 
-Lifecycle of a ``RunningServer``: ``set_serving(True)`` once preloading is done; ``drain``
-reports NOT_SERVING and ends every open status stream; ``stop(grace)`` refuses new calls, lets
+Lifecycle of a ``RunningServer``: ``set_serving(True)`` once preloading is done (health is SERVING
+while no compute lane is stuck, ``grpc_api.compute_watch``); ``drain`` reports NOT_SERVING and
+ends every open status stream; ``stop(grace)`` refuses new calls, lets
 in-flight ones finish within ``grace``, then closes the metrics port (when one was asked for)
 and the engine, and flushes the traces (``--tracing``, docs/observability.md).
 """
@@ -13,6 +14,7 @@ and the engine, and flushes the traces (``--tracing``, docs/observability.md).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ from sie_server.engine.executor import ExecutorConfig
 from sie_server.engine.registry import EngineConfig, ModelRegistry
 from sie_server.errors import SIEServerError
 from sie_server.grpc_api.auth import RequireApiKey
+from sie_server.grpc_api.compute_watch import watch_compute
 from sie_server.grpc_api.encode_service import EncodeServicer
 from sie_server.grpc_api.extract_service import ExtractServicer
 from sie_server.grpc_api.interceptors import RejectMalformed
@@ -78,6 +81,12 @@ class RunningServer:
     status: StatusServicer
     #: The Prometheus endpoint, when ``--metrics-port`` was given.
     metrics_http: MetricsHTTPServer | None = None
+    #: What ``set_serving`` asked for, and whether a compute lane is stuck (compute_watch):
+    #: health is SERVING only when the first holds and the second does not.
+    serving: bool = False
+    compute_stuck: bool = False
+    #: The compute watch (``--stuck-compute-s``), cancelled by ``stop``.
+    watch: asyncio.Task[None] | None = None
 
     @property
     def metrics_port(self) -> int | None:
@@ -85,9 +94,17 @@ class RunningServer:
         return self.metrics_http.port if self.metrics_http is not None else None
 
     async def set_serving(self, serving: bool) -> None:
+        self.serving = serving
+        await self._report()
+
+    async def set_compute_stuck(self, stuck: bool) -> None:
+        self.compute_stuck = stuck
+        await self._report()
+
+    async def _report(self) -> None:
         status = (
             health_pb2.HealthCheckResponse.SERVING
-            if serving
+            if self.serving and not self.compute_stuck
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         for name in ("", *SERVICE_NAMES):
@@ -101,6 +118,10 @@ class RunningServer:
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new calls, let in-flight ones finish within ``grace_s``, stop the engine."""
+        if self.watch is not None:
+            self.watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.watch
         await self.drain()
         await self.server.stop(grace_s)
         if self.metrics_http is not None:
@@ -223,6 +244,11 @@ async def create_server(settings: Settings, registry: ModelRegistry) -> RunningS
     await server.start()
     running = RunningServer(server, port, registry, health_servicer, status, metrics_http)
     await running.set_serving(False)
+    if settings.stuck_compute_s > 0:
+        running.watch = asyncio.create_task(
+            watch_compute(registry, settings.stuck_compute_s, running.set_compute_stuck),
+            name="sie-compute-watch",
+        )
     return running
 
 
