@@ -16,6 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc
 from sie_server.config import load_settings
+from sie_server.grpc_api.compute_watch import watch_compute
 
 from tests.fakes import FakeAdapter
 from tests.server_utils import (
@@ -129,3 +130,28 @@ async def test_zero_turns_the_watch_off(tmp_path: Path) -> None:
     assert load_settings([], {}).stuck_compute_s == 300.0
     with pytest.raises(SystemExit, match="--stuck-compute-s must be 0"):
         load_settings(["--stuck-compute-s", "-1"], {})
+
+
+async def test_a_failing_poll_is_logged_and_the_watch_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The watch is the server's alarm: a poll that raises must not end it."""
+    polls: list[int] = []
+    reports: list[bool] = []
+
+    class Registry:
+        def busy_lanes(self) -> list[tuple[str, str, float]]:
+            polls.append(1)
+            if len(polls) == 1:
+                raise RuntimeError("a bad poll")
+            return [("sie-compute", "m: a batch of 2 items", time.monotonic() - 10.0)]
+
+    async def set_stuck(stuck: bool) -> None:
+        reports.append(stuck)
+
+    watch = asyncio.create_task(watch_compute(Registry(), 0.04, set_stuck))  # type: ignore[arg-type]
+    try:
+        await eventually(lambda: reports == [True], "the second poll reports the stuck lane")
+    finally:
+        watch.cancel()
+    assert any("a poll failed" in r.getMessage() for r in caplog.records)

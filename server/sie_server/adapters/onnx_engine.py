@@ -17,9 +17,9 @@ device or dtype is refused (``ModelLoadFailed``), never silently run elsewhere.
 
 ``onnx-int8``: the float32 graph above (exported first when it is not cached), with ORT's dynamic
 quantization (``quantize_dynamic``): every MatMul's weights in int8 per output channel, its
-activations quantized per batch at run time. It trades accuracy for speed (about 1.6-1.9x the
-float32 graph on an AVX2 host, vectors within cosine 0.98-0.99 of torch for all-MiniLM-L6-v2:
-docs/performance.md), so it is a separate engine a deployment chooses, never a silent fallback;
+activations quantized per batch at run time. It trades accuracy for speed (for all-MiniLM-L6-v2
+on an AVX2 host about 1.7-2x torch and 1.4-1.5x the float32 graph, vectors within cosine
+0.97-0.98 of torch's, 0.99 on average: docs/performance.md), so it is a separate engine a deployment chooses, never a silent fallback;
 the quantized graph is kept only when the mean-pooled probe states stay within
 ``INT8_MIN_COSINE`` of torch's.
 
@@ -108,7 +108,7 @@ class OnnxEncoder:
     path: Path
     #: The graph's files on disk (about the weights ORT holds).
     weight_bytes: int
-    #: Exports done in this process (a cache hit never exports).
+    #: Exports and quantizations done in this process (a cache hit does neither).
     exports: ClassVar[int] = 0
 
     def __init__(self, session: Any, path: Path) -> None:

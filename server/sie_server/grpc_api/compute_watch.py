@@ -31,20 +31,33 @@ async def watch_compute(
     stuck: dict[str, str] = {}  # lane -> the job found stuck on it
     while True:
         await asyncio.sleep(poll_s)
-        now = time.monotonic()
-        found = {lane: what for lane, what, since in registry.busy_lanes() if now - since > limit_s}
-        for lane, what in stuck.items():
-            if found.get(lane) != what:
-                log.warning("compute lane %s free again (%s returned)", lane, what)
-        for lane, what in found.items():
-            if stuck.get(lane) != what:
-                log.error(
-                    "compute lane %s stuck: %s has run for more than %.0f s; health reports "
-                    "NOT_SERVING until it returns",
-                    lane,
-                    what,
-                    limit_s,
-                )
-        if bool(found) != bool(stuck):
-            await set_stuck(bool(found))
-        stuck = found
+        try:
+            stuck = await _look(registry, limit_s, stuck, set_stuck)
+        except Exception:  # the watch must outlive a bad poll: it is the server's alarm
+            log.exception("compute watch: a poll failed")
+
+
+async def _look(
+    registry: ModelRegistry,
+    limit_s: float,
+    stuck: dict[str, str],
+    set_stuck: Callable[[bool], Awaitable[None]],
+) -> dict[str, str]:
+    """One poll: log what became stuck or free, report a change, return what is stuck now."""
+    now = time.monotonic()
+    found = {lane: what for lane, what, since in registry.busy_lanes() if now - since > limit_s}
+    for lane, what in stuck.items():
+        if found.get(lane) != what:
+            log.warning("compute lane %s free again (%s returned)", lane, what)
+    for lane, what in found.items():
+        if stuck.get(lane) != what:
+            log.error(
+                "compute lane %s stuck: %s has run for more than %.0f s; health reports "
+                "NOT_SERVING until it returns",
+                lane,
+                what,
+                limit_s,
+            )
+    if bool(found) != bool(stuck):
+        await set_stuck(bool(found))
+    return found
