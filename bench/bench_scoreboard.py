@@ -8,8 +8,9 @@ plain AutoModel) and the GEMM probe, turned into a texts/s bound; our server (gR
 bridge in front of it (msgpack, JSON), each over its grid of closed-loop cells; our server and
 bridge stopped (each must exit 0); the same server with each faster engine option (``--engine
 onnx``, ``onnx-int8``), its vectors compared with the torch server's; the in-process baselines
-again (every ratio divides by the mean of the best batch before and after our servers); the other workloads (score, extract, bge-m3 multi-output
-encode, each against its own library in process; ``--tasks-only`` runs this phase alone); then
+again (every ratio divides by the mean of the best batch before and after our servers); the
+other workloads (score, extract, bge-m3 multi-output encode, each against its own library in
+process; ``--tasks-only`` runs this phase alone); then
 each peer in turn in its own venv, alone on the machine.
 Writes ``bench/results/<timestamp>.{md,png,json}``; exits 1 when a call failed or a service did
 not stop cleanly. Modules: bench_machine (facts, GEMM), bench_inproc, bench_closed (the client
