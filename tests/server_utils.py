@@ -18,6 +18,8 @@ import yaml
 from sie_server.config import Settings
 from sie_server.grpc_api.server import RunningServer, build_registry, create_server
 
+from tests.fakes import FakeAdapter
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -66,6 +68,25 @@ def fake_entry(name: str, **fields: Any) -> dict[str, Any]:
         "outputs": {"dense": {"dims": 2}},
         **fields,
     }
+
+
+@asynccontextmanager
+async def fake_model_server(
+    tmp_path: Path, model: str, entry: dict[str, Any] | None = None, **overrides: Any
+) -> AsyncIterator[ServerHandle]:
+    """A started server with one fake model preloaded (``entry``: fields added to its catalog
+    entry), configured by ``overrides``."""
+    catalog = tmp_path / "catalog"
+    write_catalog_entry(catalog, fake_entry(model, **(entry or {})))
+    async with serving([catalog], preload=[model], **overrides) as handle:
+        yield handle
+
+
+def fake_adapter(handle: ServerHandle, model: str) -> FakeAdapter:
+    """The loaded fake adapter of ``model`` (to hold and release its passes)."""
+    adapter = handle.running.registry.entry(model).adapter
+    assert isinstance(adapter, FakeAdapter)
+    return adapter
 
 
 def free_port() -> int:

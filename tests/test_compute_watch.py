@@ -7,8 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +22,8 @@ from tests.server_utils import (
     HANG_GUARD_S,
     ServerHandle,
     eventually,
-    fake_entry,
-    serving,
-    write_catalog_entry,
+    fake_adapter,
+    fake_model_server,
 )
 
 MODEL = "fake/watched"
@@ -33,18 +31,12 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-@asynccontextmanager
-async def fake_server(tmp_path: Path, **overrides: Any) -> AsyncIterator[ServerHandle]:
-    catalog = tmp_path / "catalog"
-    write_catalog_entry(catalog, fake_entry(MODEL, load_options={"delay_s": 0.02}))
-    async with serving([catalog], preload=[MODEL], **overrides) as handle:
-        yield handle
+def fake_server(tmp_path: Path, **overrides: Any) -> AbstractAsyncContextManager[ServerHandle]:
+    return fake_model_server(tmp_path, MODEL, {"load_options": {"delay_s": 0.02}}, **overrides)
 
 
 def adapter_of(handle: ServerHandle) -> FakeAdapter:
-    adapter = handle.running.registry.entry(MODEL).adapter
-    assert isinstance(adapter, FakeAdapter)
-    return adapter
+    return fake_adapter(handle, MODEL)
 
 
 async def health(handle: ServerHandle, service: str = "") -> int:

@@ -6,8 +6,8 @@ meanwhile."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,9 @@ from tests.fakes import FakeAdapter, expected_vector
 from tests.server_utils import (
     ServerHandle,
     eventually,
+    fake_adapter,
     fake_entry,
+    fake_model_server,
     serving,
     write_catalog_entry,
 )
@@ -30,18 +32,12 @@ MODEL = "fake/stream"
 MAX_LENGTH = 64
 
 
-@asynccontextmanager
-async def fake_server(tmp_path: Path, **overrides: Any) -> AsyncIterator[ServerHandle]:
-    catalog = tmp_path / "catalog"
-    write_catalog_entry(catalog, fake_entry(MODEL))
-    async with serving([catalog], preload=[MODEL], **overrides) as handle:
-        yield handle
+def fake_server(tmp_path: Path, **overrides: Any) -> AbstractAsyncContextManager[ServerHandle]:
+    return fake_model_server(tmp_path, MODEL, **overrides)
 
 
 def adapter_of(handle: ServerHandle) -> FakeAdapter:
-    adapter = handle.running.registry.entry(MODEL).adapter
-    assert isinstance(adapter, FakeAdapter)
-    return adapter
+    return fake_adapter(handle, MODEL)
 
 
 def queued_items(handle: ServerHandle) -> int:

@@ -292,7 +292,9 @@ def test_engine_flag_and_env() -> None:
         load_settings(["--engine", "fast"], environ={})
 
 
-@pytest.mark.parametrize(("catalog", "flag"), [("onnx", "auto"), ("torch", "onnx")])
+@pytest.mark.parametrize(
+    ("catalog", "flag"), [("onnx", "auto"), ("torch", "onnx"), ("onnx-int8", "auto")]
+)
 async def test_registry_loads_the_chosen_engine(plain: Path, catalog: str, flag: str) -> None:
     needs_ort()
     spec = parse_spec(

@@ -200,12 +200,13 @@ class ModelRegistry:
         for entry in self._entries.values():
             if entry.executor is not None:
                 lanes.setdefault(id(entry.executor.lane), entry.executor.lane)
-        return [
-            (lane.name, what, since)
-            for lane in lanes.values()
-            if (busy := lane.busy) is not None
-            for since, what in (busy,)
-        ]
+        busy = []
+        for lane in lanes.values():
+            job = lane.busy  # read once: the lane's thread may clear it meanwhile
+            if job is not None:
+                since, what = job
+                busy.append((lane.name, what, since))
+        return busy
 
     def entries(self) -> Iterator[ModelEntry]:
         return iter(self._entries.values())
