@@ -138,3 +138,16 @@ async def test_an_unauthenticated_call_leaves_no_more_cyclic_garbage_than_an_ans
         )
         refused = await garbage_per_call(encode(stub, MODEL))
     assert refused <= answered + 2, (refused, answered)
+
+
+def test_a_reclaim_runs_only_for_what_a_later_settle_may_have_frozen() -> None:
+    before = heap.epoch()
+    ref = weakref.ref(Cycle())
+    assert not heap.reclaim_if_settled_since(before)  # nothing settled since: no collection
+    assert heap.epoch() == before
+    heap.settle()
+    gc.collect()
+    assert ref() is not None
+    assert heap.reclaim_if_settled_since(before)
+    assert ref() is None
+    assert heap.epoch() == before + 2  # the settle, and the one that ends the reclaim

@@ -7,7 +7,9 @@ reload; refusals name what is wrong."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,10 +19,12 @@ import numpy as np
 import pytest
 import pytest_asyncio
 import safetensors.torch
+import torch
 from google.protobuf.struct_pb2 import Struct
 from sie_sdk import Item, SIEClient
 from sie_sdk.tensors import from_tensor
 from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc, score_pb2, score_pb2_grpc
+from sie_server.engine import heap
 from sie_server.engine.model_thread import BatchJob, ModelThread
 
 from tests.bridge_utils import JSON_HEADERS, bridged
@@ -324,3 +328,44 @@ async def test_one_resident_adapter_evicts_and_reloads(built: Built, tmp_path: P
             # The memory budget counts the resident adapter, and only it (the evicted one's
             # bytes are released: both adapters have the same shapes).
             assert model.memory_bytes == base_bytes + built.lora_bytes[name]
+
+
+def lora_module(handle: ServerHandle, lora_id: str | None) -> torch.nn.Module:
+    """One of ``lora_id``'s LoRA layers inside the served model."""
+    adapter: Any = handle.running.registry.entry(MODEL).adapter
+    name = adapter._loras.names[lora_id]
+    return next(m for n, m in adapter._loras.peft.named_modules() if n.endswith(f"lora_A.{name}"))
+
+
+async def test_an_adapter_frozen_by_a_model_load_is_collected_when_evicted(
+    built: Built, tmp_path: Path
+) -> None:
+    """A model's load freezes the heap (engine/heap.py): an adapter resident then, caught in a
+    reference cycle, once stayed in memory after its eviction until a model was evicted. An
+    adapter that arrived after the last settle is left to the collector, with no full
+    collection."""
+    folder = tmp_path / "catalog"
+    ids = [str(p) for p in built.loras.values()]
+    write_catalog_entry(
+        folder, entry(MODEL, "dense", built.base, DENSE_OUTPUTS, lora={"allowed": ids})
+    )
+    async with serving([folder], preload=[MODEL], max_loras_per_model=1) as handle:
+        await encode_retrying(handle.channel, MODEL, built.lora_id("a"))
+        settled = heap.epoch()
+        await encode_retrying(handle.channel, MODEL, built.lora_id("b"))  # evicts a
+        await asyncio.sleep(0.1)
+        assert heap.epoch() == settled  # a arrived after the settle: no reclaim
+
+        module = lora_module(handle, built.lora_id("b"))
+        module.cycle = [module]  # only the cyclic collector can free it now
+        loop, freed = asyncio.get_running_loop(), asyncio.Event()
+        gone = weakref.ref(module, lambda _: loop.call_soon_threadsafe(freed.set))
+        del module
+        heap.settle()  # as another model's load does: b's layers are frozen
+        gc.collect()
+        assert gone() is not None
+        await encode_retrying(handle.channel, MODEL, built.lora_id("a"))  # evicts b
+        await asyncio.wait_for(freed.wait(), HANG_GUARD_S)  # collected off the event loop
+        assert gc.get_freeze_count() > 0  # settled again after the collection
+        got, _ = await encode_retrying(handle.channel, MODEL, built.lora_id("a"))
+        assert close_to(got, built.want["a"])

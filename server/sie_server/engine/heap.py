@@ -16,29 +16,61 @@ so (docs/reliability.md).
 * ``release()`` when a load fails (what it built may have been settled by another model's load
   meanwhile) and when the registry closes: ``gc.unfreeze()`` alone, so the collector finds
   what is garbage in its own time; the next load settles again.
+* ``epoch()`` counts the settles. Something smaller than a model that goes (a LoRA adapter)
+  records the epoch when it arrives, and ``reclaim_if_settled_since(epoch)`` when it goes: only
+  if a model's load settled the heap meanwhile can its cycles be frozen, and only then does its
+  eviction pay for a full collection.
+
+The calls may come from the event loop and from worker threads; one lock orders them, so a
+freeze never lands in the middle of another thread's collection.
 """
 
 from __future__ import annotations
 
 import gc
+import threading
 
 from sie_server.engine.model_thread import free_device_memory
+
+_lock = threading.Lock()
+_settles = 0
 
 
 def settle() -> None:
     """Exempt what is alive now from the cyclic collector (until ``reclaim`` or ``release``)."""
-    gc.freeze()
+    global _settles
+    with _lock:
+        gc.freeze()
+        _settles += 1
 
 
 def release() -> None:
     """Hand the settled objects back to the cyclic collector."""
-    gc.unfreeze()
+    with _lock:
+        gc.unfreeze()
+
+
+def epoch() -> int:
+    """How many times the heap was settled so far."""
+    return _settles
 
 
 def reclaim() -> None:
     """Collect everything, the settled objects included (a model went), and settle again."""
-    gc.unfreeze()
-    try:
-        free_device_memory()
-    finally:
-        settle()
+    global _settles
+    with _lock:
+        gc.unfreeze()
+        try:
+            free_device_memory()
+        finally:
+            gc.freeze()
+            _settles += 1
+
+
+def reclaim_if_settled_since(since: int) -> bool:
+    """``reclaim`` when the heap was settled after epoch ``since`` (what arrived then may be
+    frozen); whether it ran."""
+    if epoch() <= since:
+        return False
+    reclaim()
+    return True

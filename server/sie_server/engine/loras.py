@@ -13,6 +13,9 @@ The work itself (peft's load, delete, select) runs through the family's ``LoraSu
   loses it. Past ``max_resident`` adapters the least recently used unpinned one is deleted on the
   model thread, after the batches already queued there.
 * The default profile's adapter loads with the model (``open``), so the warm-up runs through it.
+* An evicted adapter that arrived before a model's load settled the heap (``engine/heap.py``)
+  may have objects in reference cycles that the collector now skips: its eviction reclaims the
+  heap once it is deleted. Other evictions leave it to the collector.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from sie_server.adapters.lora import LoraSupport, lora_id_of
+from sie_server.engine import heap
 from sie_server.engine.executor import BatchExecutor
 from sie_server.errors import InvalidInput, LoraLoadFailed, LoraLoading, ModelLoadFailed
 
@@ -50,6 +54,8 @@ class LoraSlot:
     pins: int = 0
     error: str = ""
     failed_at: float = 0.0
+    #: ``heap.epoch()`` when it loaded: a later settle may have frozen its objects.
+    settle_epoch: int = 0
 
 
 @dataclass(slots=True)
@@ -96,7 +102,9 @@ class LoraResidency:
                     f"{type(exc).__name__}: {exc}",
                     model=spec.name,
                 ) from exc
-            residency.slots[lora_id] = LoraSlot(LoraPhase.LOADED, time.monotonic())
+            residency.slots[lora_id] = LoraSlot(
+                LoraPhase.LOADED, time.monotonic(), settle_epoch=heap.epoch()
+            )
         return residency
 
     def cancel(self) -> None:
@@ -160,6 +168,7 @@ class LoraResidency:
             slot.error = f"{type(exc).__name__}: {exc}"
             return
         slot.phase, slot.last_used = LoraPhase.LOADED, time.monotonic()
+        slot.settle_epoch = heap.epoch()
         self.on_change()
         log.info(
             "loaded LoRA adapter %r of %s in %.1fs",
@@ -180,19 +189,32 @@ class LoraResidency:
         loaded = [(k, s) for k, s in self.slots.items() if s.phase is LoraPhase.LOADED]
         excess = len(loaded) - self.max_resident
         idle = sorted((item for item in loaded if item[1].pins == 0), key=lambda i: i[1].last_used)
-        for lora_id, _ in idle[: max(0, excess)]:
+        for lora_id, slot in idle[: max(0, excess)]:
             del self.slots[lora_id]
             log.info("evicting LoRA adapter %r of %s (least recently used)", lora_id, self.model)
             done = self.executor.call(functools.partial(self.adapter.unload_lora, lora_id))
-            done.add_done_callback(functools.partial(self._unloaded, lora_id))
+            done.add_done_callback(functools.partial(self._unloaded, lora_id, slot.settle_epoch))
 
-    def _unloaded(self, lora_id: str, done: asyncio.Future[None]) -> None:
+    def _unloaded(self, lora_id: str, settle_epoch: int, done: asyncio.Future[None]) -> None:
         """Report the memory freed, or log an eviction that failed (the model thread keeps
-        serving the others)."""
+        serving the others); reclaim the heap when it was settled since the adapter loaded."""
         error = None if done.cancelled() else done.exception()
         if error is not None:
             log.warning("evicting LoRA adapter %r of %s failed: %s", lora_id, self.model, error)
+        elif heap.epoch() > settle_epoch:
+            task = asyncio.get_running_loop().create_task(
+                self._reclaim(lora_id, settle_epoch), name=f"sie-lora-reclaim-{self.model}"
+            )
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
         self.on_change()
+
+    async def _reclaim(self, lora_id: str, settle_epoch: int) -> None:
+        """A full collection off the event loop, for an evicted adapter that may be frozen."""
+        try:
+            await asyncio.to_thread(heap.reclaim_if_settled_since, settle_epoch)
+        except Exception:  # the adapter is gone either way; its memory waits for the next one
+            log.exception("collecting evicted LoRA adapter %r of %s failed", lora_id, self.model)
 
 
 async def load_on(executor: BatchExecutor, adapter: LoraSupport, lora_id: str) -> None:
