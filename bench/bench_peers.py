@@ -64,7 +64,17 @@ class Peer:
 
 
 def _python312() -> str | None:
-    return shutil.which("python3.12")
+    """A Python 3.12 that runs: pyenv's shim on PATH fails unless 3.12 is the selected version,
+    so the interpreters pyenv installed are tried too."""
+    pyenv_root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    found = shutil.which("python3.12")
+    candidates = [found] if found else []
+    candidates += sorted(str(p) for p in pyenv_root.glob("versions/3.12*/bin/python3.12"))
+    for candidate in candidates:
+        probe = subprocess.run([candidate, "-c", "pass"], capture_output=True, check=False)
+        if probe.returncode == 0:
+            return candidate
+    return None
 
 
 def _infinity(bin_dir: Path, weights: Path) -> Service:
