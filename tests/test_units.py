@@ -72,6 +72,23 @@ def test_batch_token_budget_defaults_by_device_and_a_flag_overrides_it() -> None
         load_settings(["--max-batch-tokens", "-1"], environ={})
 
 
+def test_a_catalog_entrys_arrival_window_overrides_the_flag_for_its_model_only() -> None:
+    from sie_server.grpc_api.server import build_registry
+
+    waiting = parse_spec({**BASE, "batch_wait_ms": 100}, source_file=Path("m.yaml"))
+    assert waiting.batch_wait_ms == 100.0
+    off = parse_spec({**BASE, "name": "off", "batch_wait_ms": 0}, source_file=Path("o.yaml"))
+    plain = parse_spec({**BASE, "name": "plain"}, source_file=Path("p.yaml"))
+    assert plain.batch_wait_ms is None
+    registry = build_registry(load_settings(["--device", "cpu", "--batch-wait-ms", "5"], {}))
+    windows = [registry._executor_config(s).batch_wait_ms for s in (waiting, off, plain)]
+    assert windows == [100.0, 0.0, 5.0]
+    with pytest.raises(SystemExit, match=r"--batch-wait-ms must be from 0 \(off\) to 1000"):
+        load_settings(["--batch-wait-ms", "-1"], environ={})
+    with pytest.raises(SystemExit, match="--batch-wait-ms must be from 0"):
+        load_settings(["--batch-wait-ms", "2000"], environ={})
+
+
 def test_bad_env_value_is_a_clear_error() -> None:
     with pytest.raises(SystemExit, match="SIE_PORT='x' is not a valid int"):
         load_settings([], environ={"SIE_PORT": "x"})
@@ -118,6 +135,10 @@ BASE = {
         ({"default_profile": "zzz"}, "default_profile"),
         ({"hf_id": None}, "one of 'hf_id', 'weights_path' or 'weights_package'"),
         ({"max_batch_tokens": -1}, "max_batch_tokens"),
+        ({"batch_wait_ms": -1}, "'batch_wait_ms' must be a number of milliseconds from 0 to"),
+        ({"batch_wait_ms": 5000}, "'batch_wait_ms' must be a number"),
+        ({"batch_wait_ms": "100"}, "'batch_wait_ms' must be a number"),
+        ({"batch_wait_ms": True}, "'batch_wait_ms' must be a number"),
     ],
 )
 def test_bad_catalog_entries_name_the_field(change: dict[str, object], message: str) -> None:

@@ -18,7 +18,7 @@ from sie_sdk.settings import Option, boolean, read_options
 from sie_sdk.settings import build_parser as settings_parser
 
 from sie_server.catalog import BUILTIN_CATALOG_DIR
-from sie_server.domain import ENGINES
+from sie_server.domain import ENGINES, MAX_BATCH_WAIT_MS
 from sie_server.engine.memory import GAUGES
 from sie_server.tasks.common import RequestLimits
 
@@ -367,6 +367,11 @@ def load_settings(
         raise SystemExit(
             "--max-batch-skips must be -1 (never forced), 0 or positive; got "
             f"{settings.max_batch_skips}"
+        )
+    if not 0 <= settings.batch_wait_ms <= MAX_BATCH_WAIT_MS:
+        raise SystemExit(
+            f"--batch-wait-ms must be from 0 (off) to {MAX_BATCH_WAIT_MS}; got "
+            f"{settings.batch_wait_ms}"
         )
     if settings.stuck_compute_s < 0:
         raise SystemExit(

@@ -68,6 +68,9 @@ class TokenizedText:
 
 #: The engines a model may run its forward pass with (a family lists those it supports).
 ENGINES = ("torch", "onnx", "onnx-int8")
+#: The longest arrival window a batch may wait for (``--batch-wait-ms``, a catalog entry's
+#: ``batch_wait_ms``): a second; the window is also at most a quarter of the last forward pass.
+MAX_BATCH_WAIT_MS = 1000
 
 
 @dataclass(frozen=True, slots=True)

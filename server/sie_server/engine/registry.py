@@ -570,6 +570,9 @@ class ModelRegistry:
             base,
             max_batch_tokens=spec.max_batch_tokens or base.max_batch_tokens,
             max_batch_items=spec.max_batch_items or base.max_batch_items,
+            batch_wait_ms=(
+                base.batch_wait_ms if spec.batch_wait_ms is None else spec.batch_wait_ms
+            ),
         )
 
     def _record_batch(self, model: str, stats: BatchStats) -> None:
