@@ -139,6 +139,13 @@ BASE = {
         ({"batch_wait_ms": 5000}, "'batch_wait_ms' must be a number"),
         ({"batch_wait_ms": "100"}, "'batch_wait_ms' must be a number"),
         ({"batch_wait_ms": True}, "'batch_wait_ms' must be a number"),
+        ({"batch_wait_msec": 5}, "unknown key 'batch_wait_msec'; did you mean 'batch_wait_ms'"),
+        ({"xyzzy": 1}, r"unknown key 'xyzzy' \(known: name, hf_id"),
+        (
+            {"outputs": {"dense": {"dims": 4}}, "profiles": {"p": {"output_type": ["dense"]}}},
+            "unknown key 'profiles.p.output_type'; did you mean 'output_types'",
+        ),
+        ({"profiles": {"p": ["dense"]}}, "profiles.p must be a mapping"),
     ],
 )
 def test_bad_catalog_entries_name_the_field(change: dict[str, object], message: str) -> None:

@@ -28,6 +28,9 @@ lora:                              # optional; LoRA adapters requests may name (
   allow_any: false                 # true: any adapter a request names (default false)
 ```
 
+A key the format does not know, in an entry or a profile, is refused with the closest known one
+(a misspelt key is never silently ignored).
+
 Names never contain ``:``: ``<name>:<profile>`` is how a request selects a profile through the
 model name. ``outputs.dense.truncatable: true`` marks a Matryoshka model, whose dense vectors may
 be cut to their first N dims (and renormalized) with the encode ``dimensions`` parameter.
@@ -48,6 +51,7 @@ Tasks follow from the outputs unless listed: embedding outputs (dense, sparse, m
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -61,6 +65,13 @@ OUTPUT_TYPES = ("dense", "sparse", "multivector")
 #: Every output a catalog entry may declare: vectors, a reranker's score, extraction results.
 ALL_OUTPUTS = (*OUTPUT_TYPES, "score", "json")
 TASKS = ("encode", "score", "extract")
+#: The keys a catalog entry may have (a misspelt one is an error, never silently ignored).
+ENTRY_KEYS = (
+    "name", "hf_id", "weights_path", "weights_package", "adapter", "inputs",
+    "max_sequence_length", "outputs", "tasks", "load_options", "engine", "profiles",
+    "default_profile", "max_batch_tokens", "max_batch_items", "batch_wait_ms", "lora",
+)  # fmt: skip
+PROFILE_KEYS = ("output_types", "options")
 SIMILARITIES = ("cosine", "dot", "maxsim", "l2", "hamming")
 
 
@@ -169,6 +180,7 @@ def parse_spec(raw: Mapping[str, Any], source_file: Path | None = None) -> Model
         raise fail("'name' must be a non-empty string")
     if ":" in name:
         raise fail(f"'name' {name!r} must not contain ':' (it selects a profile: <name>:<profile>)")
+    _no_unknown_keys(raw, ENTRY_KEYS, "", fail)
     adapter = raw.get("adapter")
     if not isinstance(adapter, str) or not adapter:
         raise fail("'adapter' must be a non-empty string")
@@ -215,6 +227,9 @@ def parse_spec(raw: Mapping[str, Any], source_file: Path | None = None) -> Model
     profiles: dict[str, ProfileSpec] = {}
     for pname, prof in profiles_raw.items():
         prof = prof or {}
+        if not isinstance(prof, Mapping):
+            raise fail(f"profiles.{pname} must be a mapping with 'output_types' and/or 'options'")
+        _no_unknown_keys(prof, PROFILE_KEYS, f"profiles.{pname}.", fail)
         types = tuple(prof.get("output_types") or (next(iter(outputs)),))
         unknown = [t for t in types if t not in outputs]
         if unknown:
@@ -284,6 +299,17 @@ def parse_spec(raw: Mapping[str, Any], source_file: Path | None = None) -> Model
         lora=_lora(raw.get("lora"), fail),
         source_file=source_file,
     )
+
+
+def _no_unknown_keys(
+    raw: Mapping[str, Any], known: tuple[str, ...], where: str, fail: Callable[[str], CatalogError]
+) -> None:
+    """Refuse a key that is not in ``known``, naming the closest known one."""
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(known)})"
+            raise fail(f"unknown key {where + str(key)!r}{hint}")
 
 
 def _lora(raw: Any, fail: Callable[[str], CatalogError]) -> LoraSpec | None:
