@@ -38,14 +38,10 @@ from bench_tasks import (
     quiet_transformers,
     task_cell,
 )
+from encode_bench import load_corpus
 from sie_server.catalog import BUILTIN_CATALOG_DIR
 
 PLAIN, WINDOW = "bench/bge-m3-random", "bench/bge-m3-random-window"
-
-
-def corpus() -> dict[str, list[str]]:
-    data = json.loads((ROOT / "bench" / "data" / "bench-texts.json").read_text())
-    return {kind: list(texts) for kind, texts in data.items()}
 
 
 def profile(seconds: float, clients: tuple[int, ...]) -> TaskProfile:
@@ -104,7 +100,7 @@ def main() -> int:
     args = parser.parse_args()
     args.clients = tuple(int(c) for c in args.clients.split(","))
     quiet_transformers()
-    texts = corpus()
+    texts = load_corpus(ROOT / "bench" / "data" / "bench-texts.json")  # as the scoreboard
     with tempfile.TemporaryDirectory(prefix="sie-bench-window-") as tmp:
         root = Path(tmp)
         catalog = root / "catalog"

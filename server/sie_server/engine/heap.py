@@ -38,10 +38,15 @@ _settles = 0
 
 def settle() -> None:
     """Exempt what is alive now from the cyclic collector (until ``reclaim`` or ``release``)."""
-    global _settles
     with _lock:
-        gc.freeze()
-        _settles += 1
+        _freeze()
+
+
+def _freeze() -> None:
+    """``gc.freeze()`` and count it (the lock held)."""
+    global _settles
+    gc.freeze()
+    _settles += 1
 
 
 def release() -> None:
@@ -57,14 +62,12 @@ def epoch() -> int:
 
 def reclaim() -> None:
     """Collect everything, the settled objects included (a model went), and settle again."""
-    global _settles
     with _lock:
         gc.unfreeze()
         try:
             free_device_memory()
         finally:
-            gc.freeze()
-            _settles += 1
+            _freeze()
 
 
 def reclaim_if_settled_since(since: int) -> bool:
