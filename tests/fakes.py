@@ -76,6 +76,9 @@ class ForwardPass:
     outcome: str
     #: The thread that ran it.
     thread: str = ""
+    #: When it started and ended (``time.monotonic()``).
+    started: float = 0.0
+    ended: float = 0.0
 
 
 class FakeAdapter(Encoder[TokenizedText]):
@@ -97,6 +100,8 @@ class FakeAdapter(Encoder[TokenizedText]):
         #: What ``memory_bytes`` reports once loaded (``memory_mb``; 0 by default).
         self.weight_bytes = int(float(opts.get("memory_mb", 0)) * 2**20)
         self.load_waits = bool(opts.get("load_waits", False))
+        #: Whether its passes may run side by side (``concurrent``; no by default).
+        self.concurrent = bool(opts.get("concurrent", False))
         self.loaded = False
         self._lock = threading.Lock()
         self._passes: list[ForwardPass] = []
@@ -136,6 +141,9 @@ class FakeAdapter(Encoder[TokenizedText]):
     def unload(self) -> None:
         self.loaded = False
 
+    def concurrent_passes(self) -> bool:
+        return self.concurrent
+
     def memory_bytes(self) -> int:
         return self.weight_bytes if self.loaded else 0
 
@@ -160,6 +168,7 @@ class FakeAdapter(Encoder[TokenizedText]):
 
     def run_encode(self, inputs: Any, settings: EncodeSettings) -> list[EncodeOutput]:
         assert isinstance(inputs, FakeInputs)
+        started = time.monotonic()
         with self._lock:
             self._started += 1
         if not self._gate.wait(GATE_TIMEOUT_S):
@@ -169,20 +178,21 @@ class FakeAdapter(Encoder[TokenizedText]):
         if self.fail_word is not None and any(
             self.fail_word in text.split() for text in inputs.texts
         ):
-            self._record(inputs, "error")
+            self._record(inputs, "error", started)
             raise RuntimeError(f"fake model refuses {self.fail_word!r}")
         if self.oom_above is not None and len(inputs.ids) > self.oom_above:
-            self._record(inputs, "oom")
+            self._record(inputs, "oom", started)
             raise OutOfMemoryError(f"fake model: {len(inputs.ids)} items > {self.oom_above}")
-        self._record(inputs, "ok")
+        self._record(inputs, "ok", started)
         return [
             EncodeOutput(dense=np.array([len(ids), sum(ids)], dtype=np.float32))
             for ids in inputs.ids
         ]
 
-    def _record(self, inputs: FakeInputs, outcome: str) -> None:
+    def _record(self, inputs: FakeInputs, outcome: str, started: float) -> None:
+        thread, ended = threading.current_thread().name, time.monotonic()
         with self._lock:
-            self._passes.append(ForwardPass(inputs.texts, outcome, threading.current_thread().name))
+            self._passes.append(ForwardPass(inputs.texts, outcome, thread, started, ended))
 
 
 FakeAdapter.load_gate.set()

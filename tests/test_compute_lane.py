@@ -17,7 +17,7 @@ import pytest
 from sie_server.adapters import lora
 from sie_server.config import Settings, load_settings
 from sie_server.domain import InputItem
-from sie_server.engine.model_thread import ComputeLane
+from sie_server.engine.compute_lane import ComputeLane
 from sie_server.engine.registry import ModelRegistry, ModelState
 from sie_server.errors import LoraLoading
 from sie_server.grpc_api.server import build_registry
@@ -170,7 +170,7 @@ async def test_a_job_that_raises_leaves_the_lane_running(caplog: pytest.LogCaptu
 
     lane.put(broken, "broken")
     lane.put(lambda: ran.append(threading.current_thread().name), "after")
-    with caplog.at_level(logging.ERROR, logger="sie_server.engine.model_thread"):
+    with caplog.at_level(logging.ERROR, logger="sie_server.engine.compute_lane"):
         await lane.passed(HANG_GUARD_S)
         await lane.stop(HANG_GUARD_S)
     assert ran == ["sie-test-lane"]

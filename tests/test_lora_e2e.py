@@ -200,9 +200,9 @@ async def test_mixed_concurrent_traffic_never_mixes_adapters(
     batches: list[tuple[set[Any], int]] = []  # (the items' batch keys, how many items)
     run_batch = ModelThread.run_batch
 
-    def recording(self: ModelThread, job: BatchJob) -> None:
+    def recording(self: ModelThread, job: BatchJob, **how: Any) -> None:
         batches.append(({item.key for item in job.batch.items}, len(job.batch.items)))
-        run_batch(self, job)
+        run_batch(self, job, **how)
 
     monkeypatch.setattr(ModelThread, "run_batch", recording)
     stub = encode_pb2_grpc.EncodeServiceStub(server.channel)

@@ -48,6 +48,9 @@ class Settings:
     #: Which thread runs the forward passes: auto (shared on the CPU, per-model on a GPU),
     #: shared (one for every model) or per-model (engine/model_thread.py says why).
     model_threads: str = "auto"
+    #: Workers of the shared compute lane (0: auto, two on a CPU with two or more torch
+    #: threads); under load they split the cores (engine/compute_lane.py says why).
+    compute_workers: int = 0
     # Batching and admission.
     #: 0: by device (device.default_batch_tokens: 2048 on CPU, 16384 on GPU).
     max_batch_tokens: int = 0
@@ -184,6 +187,13 @@ _OPTIONS: tuple[Option, ...] = (
         str,
         "auto (one compute thread for every model on cpu, one per model on cuda), shared or "
         "per-model",
+    ),
+    (
+        "compute-workers",
+        int,
+        "workers of the shared compute lane (cpu): under load two batches run side by side, "
+        "each on half the cores, a lone batch on all of them; 0: auto (2 where torch has two "
+        "or more threads), 1: one batch at a time",
     ),
     (
         "max-batch-tokens",
@@ -351,6 +361,10 @@ def load_settings(
     if model_threads not in MODEL_THREADS:
         raise SystemExit(
             f"--model-threads must be {', '.join(MODEL_THREADS)}; got {model_threads!r}"
+        )
+    if values.get("compute_workers", 0) < 0:
+        raise SystemExit(
+            f"--compute-workers must be 0 (auto) or more; got {values['compute_workers']}"
         )
     gauge = values.get("memory_gauge", "process")
     if gauge not in GAUGES:

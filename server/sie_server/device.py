@@ -49,6 +49,19 @@ def default_batch_tokens(placement: Placement) -> int:
     return CPU_BATCH_TOKENS if placement.device == "cpu" else GPU_BATCH_TOKENS
 
 
+def compute_layout(placement: Placement, workers: int) -> tuple[int, int]:
+    """The shared compute lane's (torch threads, workers) for ``--compute-workers`` (0: auto).
+    On the CPU, auto is two workers once torch has two threads or more (engine/compute_lane.py
+    says why), never more workers than threads; on a GPU, one worker and torch's threads left
+    as they are."""
+    if placement.device != "cpu":
+        return 0, 1
+    import torch
+
+    threads = torch.get_num_threads()
+    return threads, min(workers or 2, threads)
+
+
 def gpu_type_of(name: str) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'h100-80gb'; 'NVIDIA L4' -> 'l4'."""
     words = name.lower().replace("nvidia", "").split()

@@ -107,6 +107,12 @@ class ModelAdapter(ABC):
     def load(self, target: LoadTarget) -> None:
         """Load weights and tokenizer from ``target.source`` onto ``target.device``."""
 
+    def concurrent_passes(self) -> bool:
+        """Whether two forward passes of this loaded model may run at once, on two threads
+        (engine/compute_lane.py): true where a pass only reads the model. Asked before each
+        batch; by default no."""
+        return False
+
     def unload(self) -> None:
         """Drop references to weights; the engine empties device caches afterwards."""
         return

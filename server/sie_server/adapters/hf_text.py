@@ -54,6 +54,12 @@ class HFTextAdapter(ModelAdapter):
         """The torch modules this family holds (for memory accounting)."""
         return [self.model]
 
+    def concurrent_passes(self) -> bool:
+        """A torch transformers model's pass only reads it (under ``inference_mode``); an
+        engine that runs the pass elsewhere (ONNX Runtime, with threads of its own) leaves
+        ``model`` None and runs alone."""
+        return self.model is not None
+
     def unload(self) -> None:
         self.model = None
 

@@ -241,6 +241,11 @@ class LoraSupport(ModelAdapter):
             self._loras = PeftAdapters(getattr(self, "model", None), self.spec.name)
         self._loras.load(lora_id, fetched)
 
+    def concurrent_passes(self) -> bool:
+        """While an adapter is attached, each pass selects its own (``set_adapter``), so passes
+        of this model must not overlap."""
+        return super().concurrent_passes() and (self._loras is None or self._loras.peft is None)
+
     def unload_lora(self, lora_id: str) -> None:
         """Delete an adapter (model thread)."""
         if self._loras is not None:

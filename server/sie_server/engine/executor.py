@@ -6,10 +6,12 @@
   default), right after a batch of several items it may wait that long (at most a quarter of
   that batch's forward pass) for that batch's callers to come back, so closed-loop clients ride
   together instead of one running alone. While the model runs, it prepares the next batch only
-  once a full one is pending, so partial batches keep collecting arrivals until the model frees up. At most two
-  batches are in flight (one running, one ready).
+  once a full one is pending, so partial batches keep collecting arrivals until the model frees
+  up. At most two batches are in flight (one running, one ready); when the model's passes may
+  overlap (``set_concurrency``: the adapter's ``concurrent_passes``) and its lane has two
+  workers, two may run side by side, plus one ready.
 * The model thread (``model_thread.ModelThread``, one per model) runs forward passes, plus any
-  ``call`` (warm-up, unload), strictly one at a time on its compute lane (shared by every model
+  ``call`` (warm-up, unload, alone), on its compute lane (compute_lane.py: shared by every model
   on the CPU, one per model on a GPU), and splits a batch that runs out of memory; ``call_aside``
   runs a load beside the lane; ``_complete`` resolves the batch's futures back on the event
   loop.
@@ -38,13 +40,8 @@ from typing import Any, TypeVar
 from sie_server.domain import BatchRunner, WorkGroup
 from sie_server.engine.admission import Admission, AdmissionLimits
 from sie_server.engine.batching import Batch, BatchLimits, PendingQueue
-from sie_server.engine.model_thread import (
-    BatchJob,
-    ComputeLane,
-    ItemFailed,
-    ModelThread,
-    is_out_of_memory,
-)
+from sie_server.engine.compute_lane import ComputeLane
+from sie_server.engine.model_thread import BatchJob, ItemFailed, ModelThread, is_out_of_memory
 from sie_server.engine.work import WorkItem
 from sie_server.errors import (
     DeadlineExceeded,
@@ -157,6 +154,8 @@ class BatchExecutor:
             ),
         )
         self._in_flight = 0
+        #: Whether this model's forward passes may overlap (``set_concurrency``).
+        self._concurrent: Callable[[], bool] = _never
         self._batch_ids = 0
         #: The last finished batch: its size, when it ended, its forward pass (seconds).
         self._last_items = 0
@@ -249,6 +248,18 @@ class BatchExecutor:
         return self._thread.lane
 
     # ---- the model thread's own calls ----------------------------------------------------------
+    def set_concurrency(self, concurrent: Callable[[], bool]) -> None:
+        """``concurrent()`` says, at each batch, whether this model's forward passes may run
+        side by side (the adapter's ``concurrent_passes``; until this is called: never)."""
+        self._concurrent = concurrent
+
+    def _alone(self) -> bool:
+        return not self._concurrent()
+
+    def _running_limit(self) -> int:
+        """Batches of this model that may run at once: the lane's workers, or one."""
+        return self._thread.lane.workers if self._concurrent() else 1
+
     def call(self, fn: Callable[[], T]) -> asyncio.Future[T]:
         """Run ``fn`` on the model thread (warm-up, unload), in order with batches."""
         return self._call(fn, aside=False)
@@ -375,7 +386,7 @@ class BatchExecutor:
                         await asyncio.wait_for(self._wake.wait(), delay)
                     self._wake.clear()
                     continue
-                batch = self._take_batch(ahead=self._in_flight > 0)
+                batch = self._take_batch(ahead=self._in_flight >= self._running_limit())
                 if batch is None:
                     break
                 await self._dispatch(batch)
@@ -383,10 +394,11 @@ class BatchExecutor:
     def _should_dispatch(self) -> bool:
         if not self._pending:
             return False
-        if self._in_flight == 0:
+        limit = self._running_limit()
+        if self._in_flight < limit:
             return True
         return (
-            self._in_flight == 1
+            self._in_flight == limit
             and not self._bulk_yields()
             and self._pending.has_full_batch(self.config.limits)
         )
@@ -460,7 +472,7 @@ class BatchExecutor:
                     item, InferenceError(f"preparing the batch failed: {exc}", model=self.name)
                 )
             return
-        self._thread.run_batch(BatchJob(batch, inputs, batch_id))
+        self._thread.run_batch(BatchJob(batch, inputs, batch_id), alone=self._alone)
 
     # ---- resolution (event loop) -------------------------------------------------------------------
     def _complete(
@@ -469,6 +481,7 @@ class BatchExecutor:
         assert self._wake is not None
         self._in_flight -= 1
         items = job.batch.items
+        previous_done = self._last_done
         self._last_items, self._last_done, self._last_run_s = (
             len(items),
             time.monotonic(),
@@ -479,7 +492,11 @@ class BatchExecutor:
             self._bulk_served = self._last_done
         else:
             self._last_interactive_done = self._last_done
-        self._admission.observe_batch(job.batch.tokens, ms / 1000.0)
+        # The model's rate: with passes side by side, each pass runs longer than the time the
+        # model took for its tokens, which is at most the time since the previous pass ended.
+        self._admission.observe_batch(
+            job.batch.tokens, min(ms / 1000.0, self._last_done - previous_done)
+        )
         if error is None and (results is None or len(results) != len(items)):
             error = InferenceError(
                 f"adapter returned {len(results or [])} results for {len(items)} items"
@@ -487,6 +504,7 @@ class BatchExecutor:
         failure = None if error is None else self._as_domain_error(error)
         for index, item in enumerate(items):
             item.timing.inference_ms = ms
+            item.timing.inference_started = job.started
             if failure is not None:
                 self._fail(item, failure)
                 continue
@@ -516,3 +534,7 @@ class BatchExecutor:
     def _fail(item: WorkItem, error: BaseException) -> None:
         if not item.future.done():
             item.future.set_exception(error)
+
+
+def _never() -> bool:
+    return False

@@ -1,21 +1,22 @@
-"""The model thread: each model's jobs, run strictly one at a time on a compute lane.
+"""The model thread: each model's jobs, run on a compute lane (compute_lane.py).
 
 Two kinds of job: a batch's forward pass (``run_batch``) and a plain ``call`` (warm-up, unload,
-a LoRA adapter's load), in order on the lane; a model's load runs beside it (``call_aside``), on
-a thread of its own that ends with the load, so that loading one model never holds up another's
-batches. Results go back to the event loop with ``call_soon_threadsafe``; nothing here touches an
-asyncio object from a thread.
+a LoRA adapter's load), in order on the lane; a call runs alone. A model's load runs beside the
+lane (``call_aside``), on a thread of its own that ends with the load, so that loading one model
+never holds up another's batches. Results go back to the event loop with
+``call_soon_threadsafe``; nothing here touches an asyncio object from a thread.
 
-A ``ComputeLane`` is one OS thread with a queue of jobs. On a GPU each model gets its own lane
-(``sie-model-<name>``), so that one model's Python work overlaps another's kernels. On the CPU
-every model shares one lane (``sie-compute``): torch's OpenMP runtime (libgomp) gives each thread
-that runs a parallel region a team of worker threads that lives as long as that thread, and once
-the process holds more such threads than cores, every team's workers sleep at each barrier
-instead of spinning (openmp.py keeps the helper pools out of it too). With a second model
-loaded, a thread per model left the server at 1.69-1.80 of 2 cores against 1.95-1.98 with one
-lane, and served 10-12% fewer pairs and texts a second (``bench/bench_threads.py``,
-docs/performance.md, "One compute thread on the CPU"). Two models' passes at once on the same
-cores would only split them anyway.
+On a GPU each model gets its own lane (``sie-model-<name>``, one worker), so that one model's
+Python work overlaps another's kernels. On the CPU every model shares one lane (``sie-compute``):
+torch's OpenMP runtime (libgomp) gives each thread that runs a parallel region a team of worker
+threads that lives as long as that thread, and once the process holds more such threads than
+cores, every team's workers sleep at each barrier instead of spinning (openmp.py keeps the
+helper pools out of it too). With a second model loaded, a thread per model left the server at
+1.69-1.80 of 2 cores against 1.95-1.98 with one lane, and served 10-12% fewer pairs and texts a
+second (``bench/bench_threads.py``, docs/performance.md, "One compute thread on the CPU"). The
+shared lane has two workers that split the cores under load, one OpenMP thread each, so no
+second team is made (compute_lane.py); a batch of a model whose passes may overlap (the
+adapter's ``concurrent_passes``) may run beside another, any other batch runs alone.
 
 Out of memory: a batch that runs out of memory is split in halves and retried, after freeing its
 inputs, the exception's frames and CUDA's cache; an item that runs out of memory alone gets
@@ -29,7 +30,6 @@ import contextlib
 import functools
 import gc
 import logging
-import queue
 import sys
 import threading
 import time
@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 from sie_server.allocator import trim
 from sie_server.domain import BatchRunner
 from sie_server.engine.batching import Batch
+from sie_server.engine.compute_lane import ComputeLane, set_thread_width
 from sie_server.errors import ResourceExhausted, SIEServerError
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ class BatchJob:
     batch: Batch
     inputs: Any
     batch_id: int
+    #: When its forward pass started (``time.perf_counter()``; set on the lane).
+    started: float = 0.0
 
     def take_inputs(self) -> Any:
         inputs, self.inputs = self.inputs, None
@@ -86,54 +89,6 @@ def free_device_memory() -> None:
 
 def is_out_of_memory(exc: BaseException) -> bool:
     return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
-
-
-class ComputeLane:
-    """One OS thread running jobs one at a time, in the order they were put."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        #: The running job: when it started (``time.monotonic()``) and what it is; None when the
-        #: lane waits for work. Read from the event loop (``grpc_api.compute_watch``).
-        self.busy: tuple[float, str] | None = None
-        self._jobs: queue.SimpleQueue[tuple[Callable[[], None], str] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._start_lock = threading.Lock()
-
-    def start(self) -> None:
-        """Start the thread (once; later calls do nothing)."""
-        with self._start_lock:
-            if self._thread.ident is None:  # never started
-                self._thread.start()
-
-    def put(self, job: Callable[[], None], what: str) -> None:
-        """Run ``job`` after the jobs already put; ``what`` names it while it runs (``busy``)."""
-        self._jobs.put((job, what))
-
-    async def stop(self, timeout_s: float) -> None:
-        """End the thread after the jobs already put (waiting at most ``timeout_s`` for them)."""
-        self._jobs.put(None)
-        if self._thread.is_alive():
-            await asyncio.to_thread(self._thread.join, timeout_s)
-
-    async def passed(self, timeout_s: float) -> None:
-        """Wait until the jobs already put have run (at most ``timeout_s``)."""
-        if not self._thread.is_alive():
-            return
-        reached = threading.Event()
-        self._jobs.put((reached.set, "a marker"))
-        await asyncio.to_thread(reached.wait, timeout_s)
-
-    def _run(self) -> None:
-        while (item := self._jobs.get()) is not None:
-            job, what = item
-            self.busy = (time.monotonic(), what)
-            try:
-                job()
-            except Exception:  # a job settles its own futures; this is a broken loop or a bug
-                log.exception("%s: a job failed outside its own handling", self.name)
-            finally:
-                self.busy = None
 
 
 class ModelThread:
@@ -170,22 +125,24 @@ class ModelThread:
         """Run ``fn`` on the lane after the jobs already queued; its result or exception
         settles ``future``."""
         what = f"{self.name}: {_call_name(fn)}"
-        self._lane.put(functools.partial(self._run_call, _CallJob(fn, future)), what)
+        self._lane.put(functools.partial(self._run_call, _CallJob(fn, future)), what, alone=True)
 
     def call_aside(self, fn: Callable[[], T], future: asyncio.Future[T]) -> None:
         """Run ``fn`` now on a thread of its own (``sie-load-<name>``) that ends with it: for a
         load, which may take minutes and must not hold up the lane's other models."""
         threading.Thread(
-            target=self._run_call,
+            target=self._run_aside,
             args=(_CallJob(fn, future),),
             name=f"sie-load-{self.name}",
             daemon=True,
         ).start()
 
-    def run_batch(self, job: BatchJob) -> None:
-        """Run the batch after the jobs already queued; ``on_batch_done`` gets its outcome."""
+    def run_batch(self, job: BatchJob, *, alone: bool | Callable[[], bool] = True) -> None:
+        """Run the batch after the jobs already queued; ``on_batch_done`` gets its outcome.
+        ``alone`` (or ``alone()``, asked when it is put and when it may start): no other job runs
+        beside it (False: the model's passes may overlap)."""
         what = f"{self.name}: a batch of {len(job.batch.items)} items"
-        self._lane.put(functools.partial(self._run_batch, job), what)
+        self._lane.put(functools.partial(self._run_batch, job), what, alone=alone)
 
     async def stop(self, timeout_s: float) -> None:
         """Stop after this model's jobs already queued (waiting at most ``timeout_s`` for them);
@@ -196,6 +153,12 @@ class ModelThread:
             await self._lane.passed(timeout_s)
 
     # ---- on the lane -----------------------------------------------------------------------------
+    def _run_aside(self, job: _CallJob) -> None:
+        # A fresh thread takes torch's last thread count set anywhere (a narrow worker's, say):
+        # a load gets the lane's whole width (ONNX Runtime sizes its pool from it).
+        set_thread_width(self._lane.wide_threads)
+        self._run_call(job)
+
     def _run_call(self, job: _CallJob) -> None:
         assert self._loop is not None
         try:
@@ -210,7 +173,7 @@ class ModelThread:
         assert self._loop is not None
         runner = job.batch.items[0].runner
         payloads = [item.payload for item in job.batch.items]
-        started = time.perf_counter()
+        started = job.started = time.perf_counter()
         results: list[Any] | None = None
         error: BaseException | None = None
         try:

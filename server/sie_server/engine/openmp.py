@@ -7,10 +7,11 @@ at each barrier instead of spinning, and each parallel region then pays for waki
 2-core host that took about a tenth of every forward pass's CPU time (docs/performance.md, "One
 compute thread on the CPU").
 
-So the forward passes run on one compute thread (``model_thread.ComputeLane``), and the pools
-that tokenize, collate, decode images and postprocess start their threads with
-``serial_openmp``: torch's operators there (padding, GLiNER's collation and span decoding, an
-image processor's tensors) run on the calling thread alone and make no team.
+So the forward passes run on one compute lane (``compute_lane.ComputeLane``), whose first
+worker alone runs passes on several threads (its second runs passes on one thread beside it,
+which makes no team), and the pools that tokenize, collate, decode images and postprocess start
+their threads with ``serial_openmp``: torch's operators there (padding, GLiNER's collation and
+span decoding, an image processor's tensors) run on the calling thread alone and make no team.
 """
 
 from __future__ import annotations
@@ -49,18 +50,28 @@ def torch_openmp() -> ctypes.CDLL | None:
     return None
 
 
-def serial_openmp() -> None:
-    """Thread initializer: parallel regions on this thread get one thread (no team). The other
-    threads keep theirs: OpenMP's thread count is a per-thread setting. Never raises: a pool
-    whose initializer fails refuses all its work, and this is only an optimisation."""
-    try:
-        import torch
+def thread_width(threads: int) -> None:
+    """The calling thread's parallel regions (torch's operators, MKL's and oneDNN's kernels) run
+    on ``threads`` threads. OpenMP's thread count is a per-thread setting, so the other threads
+    keep theirs; ``torch.set_num_threads`` would also change the count every thread that starts
+    later takes, so it is only the fallback where torch's runtime is not found. May raise."""
+    import torch
 
-        # torch sets this thread's count from its global one on first use; do that first, so it
-        # cannot undo what follows.
-        torch.get_num_threads()
-        runtime = torch_openmp()
-        if runtime is not None:
-            runtime.omp_set_num_threads(1)
+    # torch sets this thread's count from its global one on first use; do that first, so it
+    # cannot undo what follows.
+    torch.get_num_threads()
+    runtime = torch_openmp()
+    if runtime is not None:
+        runtime.omp_set_num_threads(threads)
+    else:
+        torch.set_num_threads(threads)
+
+
+def serial_openmp() -> None:
+    """Thread initializer: parallel regions on this thread get one thread (no team). Never
+    raises: a pool whose initializer fails refuses all its work, and this is only an
+    optimisation."""
+    try:
+        thread_width(1)
     except Exception:
         log.warning("could not keep a helper thread out of torch's OpenMP teams", exc_info=True)

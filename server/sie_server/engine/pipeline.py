@@ -13,8 +13,9 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -70,14 +71,31 @@ async def run_job(
     result = await loop.run_in_executor(finish_pool, job.finish, outputs)
     done = time.perf_counter()
     work = [item for group in admitted for item in group]
-    batches = {item.timing.batch_id: item.timing.inference_ms for item in work}
+    passes = {
+        item.timing.batch_id: (item.timing.inference_started, item.timing.inference_ms)
+        for item in work
+    }
+    inference_ms = covered_ms(passes.values())
     timing = Timing(
         total_ms=(done - started) * 1000.0,
         # Everything between admission and the last result that was not the request's own
         # forward passes: waiting in the queue, collation, batches of others running first.
-        queue_ms=max(0.0, (inferred - prepared) * 1000.0 - sum(batches.values())),
+        queue_ms=max(0.0, (inferred - prepared) * 1000.0 - inference_ms),
         tokenization_ms=(prepared - started) * 1000.0,
-        inference_ms=sum(batches.values()),
+        inference_ms=inference_ms,
         postprocessing_ms=(done - inferred) * 1000.0,
     )
     return Outcome(result=result, timing=timing, tokens=job.tokens)
+
+
+def covered_ms(passes: Iterable[tuple[float, float]]) -> float:
+    """The time (ms) during which at least one of ``passes`` ((start in perf_counter seconds,
+    duration in ms)) ran: passes side by side (compute_lane.py) count once, so the request's
+    inference never exceeds its total."""
+    spans = sorted((start, start + ms / 1000.0) for start, ms in passes)
+    covered, reached = 0.0, -math.inf
+    for start, end in spans:
+        if end > reached:
+            covered += end - max(start, reached)
+            reached = end
+    return covered * 1000.0

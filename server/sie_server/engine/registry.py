@@ -51,10 +51,10 @@ from sie_server.catalog import Catalog, CatalogError, ModelSpec
 from sie_server.device import Placement
 from sie_server.domain import Job, LoadTarget
 from sie_server.engine import heap
+from sie_server.engine.compute_lane import ComputeLane
 from sie_server.engine.executor import BatchExecutor, BatchStats, ExecutorConfig
 from sie_server.engine.loras import LoraResidency
 from sie_server.engine.memory import process_gauge, weight_files_bytes, weights_gauge
-from sie_server.engine.model_thread import ComputeLane
 from sie_server.engine.openmp import serial_openmp
 from sie_server.engine.pipeline import Outcome, run_job
 from sie_server.engine.warmup import check_profiles, warm_up
@@ -159,9 +159,13 @@ class EngineConfig:
     evict_drain_s: float = 30.0
     #: LoRA adapters kept resident per model (least recently used evicted past it).
     max_loras_per_model: int = 4
-    #: Every model's forward passes on one compute thread (the CPU), or one thread per model
+    #: Every model's forward passes on one compute lane (the CPU), or one lane per model
     #: (a GPU); model_thread.py says why.
     shared_compute_thread: bool = False
+    #: The shared lane's workers and its torch threads (0: leave them as they are); under load
+    #: its workers split the threads (compute_lane.py says why).
+    compute_workers: int = 1
+    compute_threads: int = 0
 
 
 class ModelRegistry:
@@ -182,7 +186,16 @@ class ModelRegistry:
         self._prep_pool = ThreadPoolExecutor(
             1, thread_name_prefix="sie-prep", initializer=serial_openmp
         )
-        self._lane = ComputeLane("sie-compute") if config.shared_compute_thread else None
+        self._lane = (
+            ComputeLane(
+                "sie-compute",
+                config.compute_workers,
+                wide_threads=config.compute_threads,
+                narrow_threads=config.compute_threads // config.compute_workers,
+            )
+            if config.shared_compute_thread
+            else None
+        )
         self._closed = False
         self._room = asyncio.Lock()
         self._gauge = (
@@ -469,6 +482,7 @@ class ModelRegistry:
             need = entry.memory_bytes or weight_files_bytes(target.source)
             await self._make_room(entry, need)
             await executor.call_aside(lambda: adapter.load(target))
+            executor.set_concurrency(adapter.concurrent_passes)
             loras = (
                 await LoraResidency.open(
                     adapter,

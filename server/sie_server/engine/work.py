@@ -24,6 +24,8 @@ class ItemTiming:
 
     inference_ms: float = 0.0
     batch_id: int = -1
+    #: When that forward pass started (``time.perf_counter()``).
+    inference_started: float = 0.0
 
 
 _ids = itertools.count()

@@ -40,7 +40,7 @@ from sie_sdk.v1 import (
 
 from sie_server.catalog import Catalog, load_catalog
 from sie_server.config import Settings
-from sie_server.device import default_batch_tokens, resolve_placement
+from sie_server.device import compute_layout, default_batch_tokens, resolve_placement
 from sie_server.engine.executor import ExecutorConfig
 from sie_server.engine.registry import EngineConfig, ModelRegistry
 from sie_server.errors import SIEServerError
@@ -142,6 +142,10 @@ def build_registry(settings: Settings) -> ModelRegistry:
             raise SystemExit(f"--preload names models outside --models: {', '.join(outside)}")
         catalog = Catalog(spec for name, spec in catalog.items() if name in settings.models)
     placement = resolve_placement(settings.device, settings.dtype)
+    shared_lane = settings.model_threads == "shared" or (
+        settings.model_threads == "auto" and placement.device == "cpu"
+    )
+    threads, workers = compute_layout(placement, settings.compute_workers)
     config = EngineConfig(
         executor=ExecutorConfig(
             max_batch_tokens=settings.max_batch_tokens or default_batch_tokens(placement),
@@ -168,8 +172,9 @@ def build_registry(settings: Settings) -> ModelRegistry:
         memory_gauge=settings.memory_gauge,
         max_response_bytes=settings.max_message_bytes,
         engine=settings.engine,
-        shared_compute_thread=settings.model_threads == "shared"
-        or (settings.model_threads == "auto" and placement.device == "cpu"),
+        shared_compute_thread=shared_lane,
+        compute_workers=workers,
+        compute_threads=threads,
     )
     registry = ModelRegistry(catalog, config)
     registry.check_catalog()
