@@ -208,11 +208,15 @@ def test_compute_workers_defaults_to_auto_and_is_validated() -> None:
         load_settings(["--compute-workers", "-1"], {})
 
 
-def test_the_layout_is_two_workers_on_a_cpu_and_one_on_a_gpu() -> None:
-    threads = torch.get_num_threads()
-    assert compute_layout(Placement("cpu", "float32"), 0) == (threads, min(2, threads))
-    assert compute_layout(Placement("cpu", "float32"), 1) == (threads, 1)
-    assert compute_layout(Placement("cpu", "float32"), threads + 5) == (threads, threads)
+@pytest.mark.parametrize(("threads", "auto_workers"), [(1, 1), (2, 2), (4, 1), (16, 1)])
+def test_auto_runs_two_passes_side_by_side_on_two_cores_only(
+    monkeypatch: pytest.MonkeyPatch, threads: int, auto_workers: int
+) -> None:
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    cpu = Placement("cpu", "float32")
+    assert compute_layout(cpu, 0) == (threads, auto_workers)
+    assert compute_layout(cpu, 1) == (threads, 1)
+    assert compute_layout(cpu, 2) == (threads, min(2, threads))  # never more than the threads
     assert compute_layout(Placement("cuda", "bfloat16"), 0) == (0, 1)
 
 

@@ -48,8 +48,8 @@ class Settings:
     #: Which thread runs the forward passes: auto (shared on the CPU, per-model on a GPU),
     #: shared (one for every model) or per-model (engine/model_thread.py says why).
     model_threads: str = "auto"
-    #: Workers of the shared compute lane (0: auto, two on a CPU with two or more torch
-    #: threads); under load they split the cores (engine/compute_lane.py says why).
+    #: Workers of the shared compute lane (0: auto, two where torch has two threads, the
+    #: layout measured; else one); under load they split the cores (engine/compute_lane.py).
     compute_workers: int = 0
     # Batching and admission.
     #: 0: by device (device.default_batch_tokens: 2048 on CPU, 16384 on GPU).
@@ -192,8 +192,8 @@ _OPTIONS: tuple[Option, ...] = (
         "compute-workers",
         int,
         "workers of the shared compute lane (cpu): under load two batches run side by side, "
-        "each on half the cores, a lone batch on all of them; 0: auto (2 where torch has two "
-        "or more threads), 1: one batch at a time",
+        "each on half the cores, a lone batch on all of them; 0: auto (2 where torch has 2 "
+        "threads, the layout measured; else 1), 1: one batch at a time",
     ),
     (
         "max-batch-tokens",

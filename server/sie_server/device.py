@@ -49,17 +49,24 @@ def default_batch_tokens(placement: Placement) -> int:
     return CPU_BATCH_TOKENS if placement.device == "cpu" else GPU_BATCH_TOKENS
 
 
+#: Where ``--compute-workers 0`` runs two passes side by side: torch's thread count at which it
+#: was measured to win (one thread a pass, no second OpenMP team; engine/compute_lane.py).
+AUTO_SIDE_BY_SIDE_THREADS = 2
+
+
 def compute_layout(placement: Placement, workers: int) -> tuple[int, int]:
     """The shared compute lane's (torch threads, workers) for ``--compute-workers`` (0: auto).
-    On the CPU, auto is two workers once torch has two threads or more (engine/compute_lane.py
-    says why), never more workers than threads; on a GPU, one worker and torch's threads left
-    as they are."""
+    On the CPU, auto is two workers, one thread each, where torch has two threads (measured:
+    engine/compute_lane.py), else one; never more workers than threads. On a GPU, one worker
+    and torch's threads left as they are."""
     if placement.device != "cpu":
         return 0, 1
     import torch
 
     threads = torch.get_num_threads()
-    return threads, min(workers or 2, threads)
+    if workers == 0:
+        workers = 2 if threads == AUTO_SIDE_BY_SIDE_THREADS else 1
+    return threads, min(workers, threads)
 
 
 def gpu_type_of(name: str) -> str:

@@ -130,6 +130,9 @@ def test_tiny_models_match_torch(model: str, side: EncodeSettings, request: Any)
     assert onnx_adapter.onnx is not None
     assert onnx_adapter.model is None
     assert torch_adapter.onnx is None
+    # ONNX Runtime brings its own threads: its passes run alone on the compute lane.
+    assert torch_adapter.concurrent_passes()
+    assert not onnx_adapter.concurrent_passes()
     # A batch of mixed lengths, and each item alone (no padding at all).
     assert_close(vectors(onnx_adapter, TEXTS, side), vectors(torch_adapter, TEXTS, side))
     for text in TEXTS:

@@ -17,14 +17,16 @@ Why narrow under load: the work around the model (gRPC, the event loop, tokenizi
 same cores as the forward pass, and each time it takes a core from one of a pass's two OpenMP
 threads, the other spins at the next barrier, waiting; side by side, a one-thread pass loses
 just the time taken from it. And one thread per pass has no barriers to pay at all. On the
-2-core AVX2 host, 32 clients x one medium text served 1.05-1.10x the texts a second of one
-two-thread pass at a time, mixed lengths 1.03-1.24x (docs/performance.md, "Two passes side by
-side").
+2-core AVX2 host, 32 clients x one medium text served 1.13-1.42x the texts a second of one
+two-thread pass at a time, short texts 1.15-1.24x, and the server went from 0.84-0.86x to 1.04x
+the library's best batch in process (docs/performance.md, "Two passes side by side").
 
 Jobs never overtake: the head of the queue waits until it may start, and the jobs behind it
-wait with it. Only the first worker runs wide or alone jobs, so that at most one thread ever
-holds a team of OpenMP threads (a second team would make every team's workers sleep at their
-barriers, openmp.py).
+wait with it. Only the first worker runs wide or alone jobs, so with one thread per narrow job
+(two workers on two cores) a single thread ever holds a team of OpenMP threads (a second team
+would make every team's workers sleep at their barriers, openmp.py). With more cores each
+narrow job has a team of its own; that layout is not measured here, so ``--compute-workers``
+picks two workers by itself on two cores only (``device.compute_layout``).
 """
 
 from __future__ import annotations
