@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc
 from sie_server.config import Settings, load_settings
 from sie_server.device import Placement, compute_layout
 from sie_server.domain import InputItem
@@ -23,8 +24,15 @@ from sie_server.errors import LoraLoading
 from sie_server.grpc_api.server import build_registry
 from sie_server.tasks.encode import EncodeCall, EncodeSettings
 
-from tests.fakes import FakeAdapter
-from tests.server_utils import HANG_GUARD_S, eventually, fake_entry, write_catalog_entry
+from tests.fakes import FakeAdapter, ForwardPass
+from tests.server_utils import (
+    HANG_GUARD_S,
+    eventually,
+    fake_adapter,
+    fake_entry,
+    fake_model_server,
+    write_catalog_entry,
+)
 from tests.tiny_models import dense
 from tests.tiny_models.entries import DENSE_OUTPUTS, entry
 from tests.tiny_models.lora import build_lora, cosines
@@ -221,6 +229,15 @@ def test_auto_runs_two_passes_side_by_side_on_two_cores_only(
 
 
 # ---- through the registry -----------------------------------------------------------------------
+def overlapping(passes: list[ForwardPass]) -> bool:
+    """Whether two of ``passes`` ran at the same time."""
+    return any(
+        a.started < b.ended and b.started < a.ended
+        for i, a in enumerate(passes)
+        for b in passes[i + 1 :]
+    )
+
+
 @pytest.mark.parametrize("concurrent", [True, False])
 async def test_a_model_whose_passes_may_overlap_gets_two_batches_running(
     tmp_path: Path, concurrent: bool
@@ -244,19 +261,7 @@ async def test_a_model_whose_passes_may_overlap_gets_two_batches_running(
         await asyncio.gather(*(client(number) for number in range(6)))
         passes = [p for p in adapter.passes if any(t.startswith("c") for t in p.texts)]
         assert sum(len(p.texts) for p in passes) == 24
-        overlapping = any(
-            a.started < b.ended and b.started < a.ended
-            for i, a in enumerate(passes)
-            for b in passes[i + 1 :]
-        )
-        print(
-            "DBG",
-            registry._lane.workers,
-            registry._lane.wide_threads,
-            torch.get_num_threads(),
-            [(p.thread, len(p.texts)) for p in passes],
-        )
-        assert overlapping is concurrent
+        assert overlapping(passes) is concurrent
         threads = {p.thread for p in passes}
         assert threads == ({"sie-compute", "sie-compute-1"} if concurrent else {"sie-compute"})
     finally:
@@ -313,3 +318,35 @@ async def test_a_model_with_a_lora_adapter_attached_runs_its_passes_alone(tmp_pa
         assert not adapter.concurrent_passes()
     finally:
         await registry.close()
+
+
+# ---- through gRPC -------------------------------------------------------------------------------
+async def test_requests_over_grpc_run_side_by_side_and_their_timing_adds_up(tmp_path: Path) -> None:
+    """Six closed-loop gRPC clients of a model whose passes may overlap: two passes run at once on
+    the two workers, every reply carries its vector, and no reply's inference exceeds its total
+    (passes side by side count once)."""
+    model = "fake/side-by-side"
+    options = {"load_options": {"concurrent": True, "delay_s": 0.05}}
+    async with fake_model_server(
+        tmp_path, model, options, compute_workers=2, max_batch_items=2
+    ) as handle:
+        stub = encode_pb2_grpc.EncodeServiceStub(handle.channel)
+        replies: list[encode_pb2.EncodeResponse] = []
+
+        async def client(number: int) -> None:
+            for turn in range(4):
+                request = encode_pb2.EncodeRequest(
+                    model=model, items=[common_pb2.Item(text=f"c{number} t{turn}")]
+                )
+                replies.append(await stub.Encode(request, timeout=HANG_GUARD_S))
+
+        await asyncio.gather(*(client(number) for number in range(6)))
+        passes = [p for p in fake_adapter(handle, model).passes if p.texts[0].startswith("c")]
+        assert sum(len(p.texts) for p in passes) == 24
+        assert overlapping(passes)
+        assert {p.thread for p in passes} == {"sie-compute", "sie-compute-1"}
+        assert len(replies) == 24
+        for reply in replies:
+            assert len(reply.items) == 1
+            assert reply.items[0].dense.dims == 2
+            assert 0 < reply.timing.inference_ms <= reply.timing.total_ms
