@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 import pytest
 import pytest_asyncio
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sie_sdk.tensors import from_tensor
@@ -175,3 +176,23 @@ async def test_scoring_ranks_the_relevant_text_first(server: ServerHandle) -> No
     assert by_id["weather"] == pytest.approx(float(cosines[0]), abs=1e-5)
     assert by_id["item-1"] == pytest.approx(float(cosines[1]), abs=1e-5)
     assert by_id["item-1"] > by_id["weather"] + 0.2
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+async def test_half_precision_keeps_the_vectors_of_float32(
+    dtype: str, reference_model: Any
+) -> None:
+    """``--dtype bfloat16`` / ``float16`` on the CPU (issue 16's bf16 lever): the model computes in
+    that dtype and still answers float32 vectors within cosine 0.999 of sentence-transformers in
+    float32. (On a CPU without native bf16 this runs emulated and slowly, so few texts.)"""
+    texts = corpus()["short"][:3] + corpus()["medium"][:3]
+    async with serving(preload=[MODEL], dtype=dtype) as handle:
+        model = handle.running.registry.entry(MODEL).adapter
+        assert model is not None
+        weights = {p.dtype for p in model.model.parameters()}  # type: ignore[attr-defined]
+        assert weights == {getattr(torch, dtype)}
+        got = await encode(handle, texts)
+    want = reference_model.encode(texts)
+    assert got.dtype == np.float32
+    cosines = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert cosines.min() >= 0.999
