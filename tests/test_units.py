@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,29 @@ def test_batch_token_budget_defaults_by_device_and_a_flag_overrides_it() -> None
     assert build_registry(flag).config.executor.max_batch_tokens == 5000
     with pytest.raises(SystemExit, match="--max-batch-tokens must be 0"):
         load_settings(["--max-batch-tokens", "-1"], environ={})
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_on_a_cpu_that_emulates_it_is_warned_of(
+    dtype: str, native: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from sie_server import device
+
+    monkeypatch.setattr(device, "cpu_computes_natively", lambda name: native or name == "float32")
+    with caplog.at_level(logging.WARNING, logger="sie_server.device"):
+        assert device.resolve_placement("cpu", dtype) == device.Placement("cpu", dtype)
+        assert device.resolve_placement("cpu", "auto") == device.Placement("cpu", "float32")
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == (
+        []
+        if native
+        else [
+            f"--dtype {dtype} on a CPU without native {dtype} "
+            "matrix multiplies: torch emulates them, about 5x slower "
+            "than float32 (docs/performance.md); use float32 here"
+        ]
+    )
 
 
 def test_a_catalog_entrys_arrival_window_overrides_the_flag_for_its_model_only() -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
 
 DEVICES_HELP = "auto (cuda when present, else cpu), cpu, cuda, cuda:N"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -41,7 +44,25 @@ def resolve_placement(device: str, dtype: str) -> Placement:
         return Placement(device, dtype, gpu_type=gpu_type_of(torch.cuda.get_device_name(index)))
     if device != "cpu":
         raise ValueError(f"unknown device {device!r}: {DEVICES_HELP}")
-    return Placement("cpu", "float32" if dtype == "auto" else dtype)
+    dtype = "float32" if dtype == "auto" else dtype
+    if dtype != "float32" and not cpu_computes_natively(dtype):
+        logger.warning(
+            "--dtype %s on a CPU without native %s matrix multiplies: torch emulates them, "
+            "about 5x slower than float32 (docs/performance.md); use float32 here",
+            dtype,
+            dtype,
+        )
+    return Placement("cpu", dtype)
+
+
+def cpu_computes_natively(dtype: str) -> bool:
+    """Whether oneDNN has native matrix multiplies for ``dtype`` on this CPU (bf16: AVX512_BF16
+    or AMX; fp16: AVX512_FP16 or AMX-FP16). Without them torch emulates the type, slowly."""
+    import torch
+
+    name = {"bfloat16": "_is_mkldnn_bf16_supported", "float16": "_is_mkldnn_fp16_supported"}
+    check = getattr(torch.ops.mkldnn, name.get(dtype, ""), None)
+    return dtype == "float32" or (check is not None and bool(check()))
 
 
 def default_batch_tokens(placement: Placement) -> int:
