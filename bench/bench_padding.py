@@ -2,12 +2,13 @@
 by side in one run.
 
     .venv/bin/python bench/bench_padding.py [--flag max-batch-padding] [--values 0.15,0.10]
-        [--kinds mixed,medium,short] [--rounds 2] [--seconds 12] [--clients 32] [--out FILE]
+        [--kinds mixed,medium,short] [--rounds 2] [--seconds 12] [--clients 32] [--items 1]
+        [--out FILE]
 
 For each kind of text and each round, one server (``python -m sie_server``, the embedded MiniLM,
 fp32) per value of the flag (set as ``SIE_<FLAG>``; ``-`` leaves it unset, the default), started
 in turn (the order alternates between rounds so that a drift of the machine favours no value),
-each measured by 32 (``--clients``) closed-loop gRPC clients sending one text a call
+each measured by 32 (``--clients``) closed-loop gRPC clients sending one text (``--items``) a call
 (``bench_grid.run_cell``: texts/s, tokens/s, p50/p99, and from the server's counters the padding
 and the mean batch). The result is JSON (bench/results/padding-<time>.json, or ``--out``) and a
 line per measurement; only ratios within one run mean anything.
@@ -57,19 +58,20 @@ async def measure(
     tokens: Mapping[str, int],
     seconds: float,
     clients: int,
+    items: int,
 ) -> ServiceRow:
     caller = GrpcCaller(server.address)
     target = Target("our gRPC", caller, server.cpu_s, None, lambda: read_counters(server.address))
     try:
         return await run_cell(
-            target, (clients, 1, kind), texts, tokens, WARM_S, seconds, 2.5 * seconds
+            target, (clients, items, kind), texts, tokens, WARM_S, seconds, 2.5 * seconds
         )
     finally:
         await caller.close()
 
 
 def run(flag: str, value: str, kind: str, texts: Mapping[str, Sequence[str]],
-        tokens: Mapping[str, int], seconds: float, clients: int) -> ServiceRow:  # fmt: skip
+        tokens: Mapping[str, int], seconds: float, clients: int, items: int) -> ServiceRow:  # fmt: skip
     """One server with ``--<flag> value`` (``-``: the default), one cell, the server stopped
     after."""
     variable = "SIE_" + flag.upper().replace("-", "_")
@@ -84,7 +86,7 @@ def run(flag: str, value: str, kind: str, texts: Mapping[str, Sequence[str]],
             os.environ[variable] = saved
     try:
         server.wait_ready()
-        return asyncio.run(measure(server, kind, texts, tokens, seconds, clients))
+        return asyncio.run(measure(server, kind, texts, tokens, seconds, clients, items))
     finally:
         server.terminate()
         server.wait_exit()
@@ -100,6 +102,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="rounds, alternating the order")
     parser.add_argument("--seconds", type=float, default=12.0, help="window of each cell")
     parser.add_argument("--clients", type=int, default=CLIENTS, help="closed-loop clients")
+    parser.add_argument("--items", type=int, default=1, help="texts a call")
     parser.add_argument("--out", type=Path, default=None, help="result JSON path")
     args = parser.parse_args()
     values, kinds = args.values.split(","), args.kinds.split(",")
@@ -110,7 +113,8 @@ def main() -> None:
     for kind in kinds:
         for round_ in range(args.rounds):
             for value in values if round_ % 2 == 0 else values[::-1]:
-                row = run(args.flag, value, kind, texts, tokens, args.seconds, args.clients)
+                row = run(args.flag, value, kind, texts, tokens, args.seconds, args.clients,
+                          args.items)  # fmt: skip
                 rows.append({"value": value, "round": round_ + 1, **dataclasses.asdict(row)})
                 padding = row.padding if row.padding is not None else float("nan")
                 batch = row.mean_batch if row.mean_batch is not None else float("nan")
@@ -122,6 +126,7 @@ def main() -> None:
         "started_at": started.isoformat(timespec="seconds"),
         "flag": args.flag,
         "clients": args.clients,
+        "items": args.items,
         "seconds": args.seconds,
         "rows": rows,
     }

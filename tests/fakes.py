@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from sie_server.adapters.base import Encoder, require_texts
 from sie_server.catalog import ModelSpec
 from sie_server.domain import F32, EncodeOutput, InputItem, LoadTarget, TokenizedText
@@ -79,6 +80,8 @@ class ForwardPass:
     #: When it started and ended (``time.monotonic()``).
     started: float = 0.0
     ended: float = 0.0
+    #: The torch (OpenMP) threads its thread had.
+    threads: int = 0
 
 
 class FakeAdapter(Encoder[TokenizedText]):
@@ -191,8 +194,9 @@ class FakeAdapter(Encoder[TokenizedText]):
 
     def _record(self, inputs: FakeInputs, outcome: str, started: float) -> None:
         thread, ended = threading.current_thread().name, time.monotonic()
+        threads = torch.get_num_threads()
         with self._lock:
-            self._passes.append(ForwardPass(inputs.texts, outcome, thread, started, ended))
+            self._passes.append(ForwardPass(inputs.texts, outcome, thread, started, ended, threads))
 
 
 FakeAdapter.load_gate.set()

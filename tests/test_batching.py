@@ -588,3 +588,21 @@ def test_in_a_closed_loop_the_skip_rule_trades_padding_for_the_tail() -> None:
     assert strict.p99_ms / strict.p50_ms < 1.3
     assert off.padding <= 0.10 < strict.padding
     assert strict.texts_per_s < off.texts_per_s, "padding costs what tokens cost here"
+
+
+def test_others_pending_names_work_of_requests_other_than_the_given_ones() -> None:
+    queue = PendingQueue()
+    assert not queue.others_pending(frozenset({1}))
+    first = [item(10), item(10)]
+    for it in first:
+        it.request = 1
+        queue.push(it)
+    assert not queue.others_pending(frozenset({1}))
+    assert queue.others_pending(frozenset({2}))
+    other = item(10)
+    other.request = 2
+    queue.push(other)
+    assert queue.others_pending(frozenset({1}))
+    assert not queue.others_pending(frozenset({1, 2}))
+    assert queue.discard(other)
+    assert not queue.others_pending(frozenset({1}))

@@ -179,6 +179,39 @@ async def test_busy_names_the_longest_running_job_and_stop_waits_for_every_worke
     assert lane.busy is None
 
 
+async def test_a_job_with_more_to_come_runs_narrow_on_an_idle_lane_and_the_next_beside_it() -> None:
+    lane, jobs = two_worker_lane(), Recorder()
+    both = threading.Barrier(2, timeout=HANG_GUARD_S)
+    try:
+        lane.put(together(both, jobs.job("first")), "first", last=False)
+        lane.put(together(both, jobs.job("second")), "second")
+        await lane.passed(HANG_GUARD_S)  # the barrier only passes with both running at once
+        assert {jobs.where("first"), jobs.where("second")} == {("sie-t", 1), ("sie-t-1", 1)}
+    finally:
+        await lane.stop(HANG_GUARD_S)
+
+
+@pytest.mark.parametrize("last", [True, False])
+async def test_a_narrow_job_that_starts_with_nothing_beside_it_runs_on_all_threads(
+    last: bool,
+) -> None:
+    """Put while the lane was busy, it was to run narrow; if by the time it starts nothing runs,
+    nothing waits and nothing is to come (``last``), it gets every thread."""
+    lane, jobs = two_worker_lane(), Recorder()
+    try:
+        lane.put(jobs.job("first", parked=True), "first")
+        await eventually(lambda: jobs.started == ["first"], "the first job starts")
+        lane.put(jobs.job("next"), "next", last=last)
+        jobs.gates["first"].set()
+        await eventually(lambda: len(jobs.ran) == 2, "the next job runs")
+        if last:
+            assert jobs.where("next") == ("sie-t", 2)
+        else:
+            assert jobs.where("next")[1] == 1
+    finally:
+        await lane.stop(HANG_GUARD_S)
+
+
 def fresh_thread_width() -> int:
     seen: list[int] = []
     thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
@@ -193,7 +226,7 @@ async def test_a_narrow_job_leaves_the_threads_that_start_later_their_width() ->
     try:
         lane.put(jobs.job("first", parked=True), "first")
         await eventually(lambda: jobs.started == ["first"], "the first job starts")
-        lane.put(jobs.job("narrow"), "narrow")
+        lane.put(jobs.job("narrow"), "narrow", last=False)
         jobs.gates["first"].set()
         await lane.passed(HANG_GUARD_S)
         assert jobs.where("narrow")[1] == 1
@@ -316,6 +349,40 @@ async def test_a_model_with_a_lora_adapter_attached_runs_its_passes_alone(tmp_pa
             except LoraLoading:
                 await asyncio.sleep(0.01)
         assert not adapter.concurrent_passes()
+    finally:
+        await registry.close()
+
+
+async def test_the_batches_of_a_lone_bulk_request_run_one_at_a_time_on_every_core(
+    tmp_path: Path,
+) -> None:
+    """One request of four texts in batches of two: with no other request's work to run beside
+    them, each batch runs on the first worker with all its threads, one after another (side by
+    side, a core would idle behind the longer batch); two such requests at once overlap."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("two compute workers need two torch threads")
+    catalog = tmp_path / "catalog"
+    options = {"concurrent": True, "delay_s": 0.05}
+    write_catalog_entry(catalog, fake_entry("fake/m", load_options=options))
+    settings = Settings(models_dir=(catalog,), device="cpu", compute_workers=2, max_batch_items=2)
+    registry = build_registry(settings)
+
+    def bulk(name: str) -> EncodeCall:
+        return EncodeCall([InputItem(text=f"{name} {i}") for i in range(4)], DOCS)
+
+    try:
+        await asyncio.wait_for(registry.load("fake/m"), HANG_GUARD_S)
+        adapter = registry.entry("fake/m").adapter
+        assert isinstance(adapter, FakeAdapter)
+        await asyncio.wait_for(registry.encode("fake/m", bulk("lone")), HANG_GUARD_S)
+        lone = [p for p in adapter.passes if p.texts[0].startswith("lone")]
+        assert sum(len(p.texts) for p in lone) == 4
+        assert not overlapping(lone)
+        assert {(p.thread, p.threads) for p in lone} == {("sie-compute", torch.get_num_threads())}
+        calls = (registry.encode("fake/m", bulk(name)) for name in ("left", "right"))
+        await asyncio.wait_for(asyncio.gather(*calls), HANG_GUARD_S)
+        pair = [p for p in adapter.passes if p.texts[0].startswith(("left", "right"))]
+        assert overlapping(pair)
     finally:
         await registry.close()
 

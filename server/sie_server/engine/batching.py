@@ -26,7 +26,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -87,6 +87,11 @@ class PendingQueue:
         self._cost += item.cost
         self._bulk += item.bulk
         self._pending_of[item.request] = self._pending_of.get(item.request, 0) + 1
+
+    def others_pending(self, requests: Collection[int]) -> bool:
+        """Whether items of requests other than ``requests`` are pending. Safe to ask from
+        another thread: it reads a count and tests membership, never iterates the queue."""
+        return len(self._pending_of) > sum(1 for request in requests if request in self._pending_of)
 
     def __iter__(self) -> Iterator[WorkItem]:
         for group in self._groups.values():

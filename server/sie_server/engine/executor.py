@@ -472,7 +472,12 @@ class BatchExecutor:
                     item, InferenceError(f"preparing the batch failed: {exc}", model=self.name)
                 )
             return
-        self._thread.run_batch(BatchJob(batch, inputs, batch_id), alone=self._alone)
+        requests = frozenset(item.request for item in batch.items)
+        self._thread.run_batch(
+            BatchJob(batch, inputs, batch_id),
+            alone=self._alone,
+            last=lambda: not self._pending.others_pending(requests),
+        )
 
     # ---- resolution (event loop) -------------------------------------------------------------------
     def _complete(

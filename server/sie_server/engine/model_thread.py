@@ -137,12 +137,20 @@ class ModelThread:
             daemon=True,
         ).start()
 
-    def run_batch(self, job: BatchJob, *, alone: bool | Callable[[], bool] = True) -> None:
+    def run_batch(
+        self,
+        job: BatchJob,
+        *,
+        alone: bool | Callable[[], bool] = True,
+        last: bool | Callable[[], bool] = True,
+    ) -> None:
         """Run the batch after the jobs already queued; ``on_batch_done`` gets its outcome.
         ``alone`` (or ``alone()``, asked when it is put and when it may start): no other job runs
-        beside it (False: the model's passes may overlap)."""
+        beside it (False: the model's passes may overlap). ``last`` (or ``last()``): no other
+        request's work is pending for the model, so that on an otherwise empty lane the batch
+        runs on all its cores (compute_lane.py)."""
         what = f"{self.name}: a batch of {len(job.batch.items)} items"
-        self._lane.put(functools.partial(self._run_batch, job), what, alone=alone)
+        self._lane.put(functools.partial(self._run_batch, job), what, alone=alone, last=last)
 
     async def stop(self, timeout_s: float) -> None:
         """Stop after this model's jobs already queued (waiting at most ``timeout_s`` for them);
