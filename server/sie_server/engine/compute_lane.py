@@ -23,8 +23,8 @@ same cores as the forward pass, and each time it takes a core from one of a pass
 threads, the other spins at the next barrier, waiting; side by side, a one-thread pass loses
 just the time taken from it. And one thread per pass has no barriers to pay at all. On the
 2-core AVX2 host, 32 clients x one medium text served 1.13-1.42x the texts a second of one
-two-thread pass at a time, short texts 1.15-1.24x, and the server went from 0.84-0.86x to 1.04x
-the library's best batch in process (docs/performance.md, "Two passes side by side").
+two-thread pass at a time, short texts 1.15-1.24x, and the server went from 0.84-0.86x to
+0.95-1.04x the library's best batch in process (docs/performance.md, "Two passes side by side").
 
 Jobs never overtake: the head of the queue waits until it may start, and the jobs behind it
 wait with it. Only the first worker runs wide or alone jobs, so with one thread per narrow job
