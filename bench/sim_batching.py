@@ -1,15 +1,15 @@
 """The batching policy in a simulated closed loop: no server, no model, no noise.
 
     .venv/bin/python bench/sim_batching.py [--kinds medium,mixed,short] [--skips=-1,1,0]
-        [--clients 32] [--seconds 200] [--ms-per-batch 4] [--ms-per-token 0.18]
+        [--clients 32] [--seconds 200] [--ms-per-batch 4] [--ms-per-token 0.18] [--workers 2]
 
 ``PendingQueue`` (the server's own policy code) is driven as the executor drives it: a batch is
 taken when a compute worker is idle, and one more is prepared ahead while passes run once a group
 can fill a batch. With ``--workers 2`` (the CPU's default, engine/compute_lane.py) two passes run
 side by side: one that starts on an idle lane runs at full speed, one that starts beside another
-takes ``--narrow-factor`` times as long (one thread instead of two). Each of ``--clients`` closed-loop clients sends one text (its token count drawn from
-the bench corpus, counted by MiniLM's tokenizer), and sends the next ``--turnaround-ms`` after
-its answer. A forward pass takes ``ms-per-batch + ms-per-token x padded tokens``: padding costs
+takes ``--narrow-factor`` times as long (one thread instead of two). Each of ``--clients``
+closed-loop clients sends one text (its token count drawn from the bench corpus, counted by
+MiniLM's tokenizer), and sends the next ``--turnaround-ms`` after its answer. A forward pass takes ``ms-per-batch + ms-per-token x padded tokens``: padding costs
 what a real token costs (the defaults are a rough fit of MiniLM's passes on this machine).
 
 What it is for: what a change of policy does to padding, batch size and the tail, read in
