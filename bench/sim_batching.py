@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/sim_batching.py [--kinds medium,mixed,short] [--skips=-1,1,0]
         [--clients 32] [--seconds 200] [--ms-per-batch 4] [--ms-per-token 0.18] [--workers 2]
+        [--gather-ms 0] [--even-batches]
 
 ``PendingQueue`` (the server's own policy code) is driven as the executor drives it: a batch is
 taken when a compute worker is idle, and one more is prepared ahead while passes run once a group
@@ -11,6 +12,11 @@ takes ``--narrow-factor`` times as long (one thread instead of two). Each of ``-
 closed-loop clients sends one text (its token count drawn from the bench corpus, counted by
 MiniLM's tokenizer), and sends the next ``--turnaround-ms`` after its answer. A forward pass takes ``ms-per-batch + ms-per-token x padded tokens``: padding costs
 what a real token costs (the defaults are a rough fit of MiniLM's passes on this machine).
+
+Two executor variants, not in the server, can be tried (docs/performance.md, "Where the
+two-worker tail comes from"): ``--gather-ms`` makes a batch that would start beside a running one
+wait that long for more arrivals first (a queue delay, as Triton's); ``--even-batches`` holds such
+a batch to half of the items queued and running, so that the two passes are of even size.
 
 What it is for: what a change of policy does to padding, batch size and the tail, read in
 seconds and free of the host's noise. It predicts no absolute figure: a real run
@@ -24,7 +30,7 @@ import heapq
 import random
 import statistics
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 from sie_server.engine.batching import Batch, BatchLimits, PendingQueue
@@ -32,6 +38,8 @@ from sie_server.engine.work import WorkItem
 
 WARM_S = 20.0
 KEY: Hashable = "encode"
+#: The event of a queue delay's end (``--gather-ms``), in the client slot of the event queue.
+GATHERED = -2
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,10 @@ class Model:
     #: Passes that may run at once, and how much longer one takes beside another.
     workers: int = 1
     narrow_factor: float = 1.0
+    #: Variants of the executor (module docstring): a queue delay before a batch that would run
+    #: beside another, and batches beside another held to half of the work in hand.
+    gather_ms: float = 0.0
+    even_batches: bool = False
 
     def seconds(self, batch: Batch) -> float:
         return (self.ms_per_batch + self.ms_per_token * batch.padded_tokens) / 1000.0
@@ -54,6 +66,18 @@ class Outcome:
     p99_ms: float
     padding: float
     mean_batch: float
+
+
+def _limits(
+    limits: BatchLimits, model: Model, queue: PendingQueue, running: Sequence[Batch]
+) -> BatchLimits:
+    """``limits``, or with ``even_batches`` beside a running pass, at most half of the items
+    queued and running."""
+    if not (model.even_batches and running):
+        return limits
+    in_hand = len(queue) + sum(len(batch.items) for batch in running)
+    half = max(1, -(-in_hand // model.workers))
+    return replace(limits, max_batch_items=min(limits.max_batch_items, half))
 
 
 def simulate(
@@ -77,8 +101,9 @@ def simulate(
 
     for client in range(clients):
         at(rng.random() * 0.01, client, None)
-    running = 0
+    running: list[Batch] = []
     prepared: Batch | None = None
+    gather_until: float | None = None  # a pending queue delay's end
     latencies: list[float] = []
     sizes: list[int] = []
     padding = padded = 0
@@ -86,12 +111,14 @@ def simulate(
         now, _, client, done = heapq.heappop(events)
         if now > seconds:
             break
-        if done is None:  # a client's call arrives
+        if client == GATHERED:  # a queue delay ended
+            gather_until = None
+        elif done is None:  # a client's call arrives
             item = WorkItem(client, rng.choice(lengths), KEY, cast(Any, None), cast(Any, None))
             item.admitted_at = now
             queue.push(item)
         else:  # a forward pass ended: its callers send their next calls
-            running -= 1
+            running = [batch for batch in running if batch is not done]
             for finished in done.items:
                 at(now + model.turnaround_ms / 1000.0, finished.payload, None)
                 if now > WARM_S:
@@ -100,11 +127,18 @@ def simulate(
                 sizes.append(len(done.items))
                 padding += done.padded_tokens - done.tokens
                 padded += done.padded_tokens
-        while running < model.workers and (prepared is not None or len(queue)):
-            batch, prepared = prepared or queue.take_batch(limits), None
+        beside_one = 0 < len(running) < model.workers and prepared is None and len(queue)
+        if model.gather_ms and beside_one and client != GATHERED:
+            if gather_until is None:
+                gather_until = now + model.gather_ms / 1000.0
+                at(gather_until, GATHERED, None)
+            continue
+        while len(running) < model.workers and (prepared is not None or len(queue)):
+            limited = _limits(limits, model, queue, running)
+            batch, prepared = prepared or queue.take_batch(limited), None
             assert batch is not None
             beside = model.narrow_factor if running else 1.0  # an idle lane: every core
-            running += 1
+            running.append(batch)
             at(now + model.seconds(batch) * beside, -1, batch)
         if running and prepared is None and queue.has_full_batch(limits):
             prepared = queue.take_batch(limits, full_only=True)
@@ -138,6 +172,14 @@ def main() -> None:
         help="how much longer a pass takes beside another (measured: two workers gave 1.13-1.42x "
         "the texts/s of one)",
     )
+    parser.add_argument(
+        "--gather-ms", type=float, default=0.0,
+        help="a variant: a batch that would start beside a running one waits this long first",
+    )  # fmt: skip
+    parser.add_argument(
+        "--even-batches", action="store_true",
+        help="a variant: a batch beside a running one holds at most half the work in hand",
+    )  # fmt: skip
     args = parser.parse_args()
     from bench_padding import corpus, token_counts  # the tokenizer, only when run
 
@@ -151,6 +193,8 @@ def main() -> None:
         args.turnaround_ms,
         workers=args.workers,
         narrow_factor=args.narrow_factor,
+        gather_ms=args.gather_ms,
+        even_batches=args.even_batches,
     )
     print("| kind | max-batch-skips | texts/s | p50 ms | p99 ms | p99/p50 | padding | batch |")
     print("|---|---|---|---|---|---|---|---|")
