@@ -590,6 +590,29 @@ def test_in_a_closed_loop_the_skip_rule_trades_padding_for_the_tail() -> None:
     assert strict.texts_per_s < off.texts_per_s, "padding costs what tokens cost here"
 
 
+def test_with_two_workers_only_giving_up_the_padding_cap_brings_the_tail_under_the_target() -> None:
+    """The executor variants of the simulation (docs/performance.md, "Where the two-worker tail
+    comes from"): under the padding cap a queue delay lengthens the tail, since bigger batches
+    hold more of the texts passed over; without the cap, the delay and batches of even size
+    bring p99/p50 under 1.3, and the batches pad more than the cap allows."""
+    sim = load_simulation()
+    lengths = list(range(60, 121))
+
+    def run(cap: float, **variant: Any) -> Any:
+        model = sim.Model(4.0, 0.18, 2.0, workers=2, narrow_factor=1.65, **variant)
+        limits = BatchLimits(2048, 64, cap, None)
+        return sim.simulate(lengths, limits, model, clients=32, seconds=60.0)
+
+    capped, capped_delayed = run(0.10), run(0.10, gather_ms=3.0)
+    uncapped = run(1.0, gather_ms=3.0, even_batches=True)
+    tail = {name: o.p99_ms / o.p50_ms for name, o in [("capped", capped),
+            ("delayed", capped_delayed), ("uncapped", uncapped)]}  # fmt: skip
+    assert tail["capped"] > 1.5
+    assert tail["delayed"] > tail["capped"]
+    assert tail["uncapped"] < 1.3
+    assert capped.padding <= 0.10 < uncapped.padding
+
+
 def test_others_pending_names_work_of_requests_other_than_the_given_ones() -> None:
     queue = PendingQueue()
     assert not queue.others_pending(frozenset({1}))
