@@ -20,6 +20,7 @@ from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc
 from tests.fakes import FakeAdapter, expected_vector
 from tests.server_utils import (
     ServerHandle,
+    error_info,
     eventually,
     fake_adapter,
     fake_entry,
@@ -294,14 +295,25 @@ async def test_a_message_that_does_not_parse_ends_the_stream_with_invalid_argume
             request_serializer=lambda data: data,
             response_deserializer=encode_pb2.EncodeStreamResponse.FromString,
         )
-        first = encode_pb2.EncodeStreamRequest(sequence=1, request=request(["fine"]))
+        fine = list(messages([request(texts_of(n, 3)) for n in range(1, 4)]))
+        first = fine[0]
         corrupt = b"\x0a\xff\xff\xff\xff\x0f"  # field 1, a length far past the message's end
-        call = raw(iter([first.SerializeToString(), corrupt]))
+        call = raw(iter([*(m.SerializeToString() for m in fine), corrupt]))
+        received: list[encode_pb2.EncodeStreamResponse] = []
+
+        async def read_all() -> None:
+            async for response in call:
+                received.append(response)
+
         with pytest.raises(grpc.aio.AioRpcError) as failed:
-            async for _ in call:
-                pass
+            await read_all()
         assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "EncodeStream: the request is not a valid message" in str(failed.value.details())
+        assert error_info(failed.value)[0] == "INVALID_INPUT"
+        # The requests read before it are not lost: each is answered before the stream ends.
+        assert [r.sequence for r in received] == [1, 2, 3]
+        for response, n in zip(received, range(1, 4), strict=True):
+            assert_encodes(response.response, texts_of(n, 3))
         # The server goes on serving streams.
         stub = encode_pb2_grpc.EncodeServiceStub(handle.channel)
         responses = [r async for r in stub.EncodeStream(iter([first]))]

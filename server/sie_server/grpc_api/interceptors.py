@@ -3,8 +3,8 @@
 ``RejectMalformed``: a request whose bytes do not parse as its message (corrupt wire format,
 truncated, wrong field types) is answered INVALID_ARGUMENT with our ``ErrorInfo``
 (``INVALID_INPUT``), like every other bad input; in a request stream, such a message ends the
-stream that way. Without it grpc's own deserializer raises before the servicer and the caller
-gets UNKNOWN.
+stream that way, once the requests read before it are answered (none of their work is lost).
+Without it grpc's own deserializer raises before the servicer and the caller gets UNKNOWN.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 
 from sie_server.errors import InvalidInput
-from sie_server.grpc_api.errors import end_call, status_for
+from sie_server.grpc_api.errors import end_call
 
 Context = grpc.aio.ServicerContext[Any, Any]
 #: grpc's stubs type method handlers for the blocking server; the aio ones hold coroutines.
@@ -29,7 +29,7 @@ class _Malformed:
 
 
 def _refuse(context: Context, malformed: _Malformed) -> None:
-    """End a unary or server-streaming call (its handler then returns)."""
+    """End the call (its handler then returns)."""
     end_call(context, InvalidInput(malformed.message))
 
 
@@ -85,19 +85,22 @@ class RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             async def bidi_behavior(
                 requests: AsyncIterator[Any], context: Context
             ) -> AsyncIterator[Any]:
-                # A message that does not parse has no sequence to answer: it ends the stream
-                # with INVALID_ARGUMENT (the responses before it were sent).
+                # A message that does not parse has no sequence to answer. To the servicer it is
+                # the end of the requests, so every request read before it is answered; then
+                # the stream ends with INVALID_ARGUMENT.
+                malformed: list[_Malformed] = []
+
                 async def checked() -> AsyncIterator[Any]:
                     async for request in requests:
                         if isinstance(request, _Malformed):
-                            # Raised into the servicer's loop over its requests: abort, so
-                            # that the servicer stops (a rare path; its cycle is one a stream).
-                            code, message, trailers = status_for(InvalidInput(request.message))
-                            await context.abort(code, message, trailing_metadata=trailers)
+                            malformed.append(request)
+                            return
                         yield request
 
                 async for message in bidi(checked(), context):
                     yield message
+                if malformed:
+                    _refuse(context, malformed[0])
 
             return grpc.stream_stream_rpc_method_handler(
                 bidi_behavior,
