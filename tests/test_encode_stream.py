@@ -295,10 +295,11 @@ async def test_a_message_that_does_not_parse_ends_the_stream_with_invalid_argume
             request_serializer=lambda data: data,
             response_deserializer=encode_pb2.EncodeStreamResponse.FromString,
         )
-        fine = list(messages([request(texts_of(n, 3)) for n in range(1, 4)]))
+        fine = list(messages([request(texts_of(n, 3)) for n in range(1, 5)]))
         first = fine[0]
         corrupt = b"\x0a\xff\xff\xff\xff\x0f"  # field 1, a length far past the message's end
-        call = raw(iter([*(m.SerializeToString() for m in fine), corrupt]))
+        sent = [*(m.SerializeToString() for m in fine[:3]), corrupt, fine[3].SerializeToString()]
+        call = raw(iter(sent))
         received: list[encode_pb2.EncodeStreamResponse] = []
 
         async def read_all() -> None:
@@ -308,9 +309,12 @@ async def test_a_message_that_does_not_parse_ends_the_stream_with_invalid_argume
         with pytest.raises(grpc.aio.AioRpcError) as failed:
             await read_all()
         assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "EncodeStream: the request is not a valid message" in str(failed.value.details())
+        details = str(failed.value.details())
+        assert "EncodeStream: the request is not a valid message" in details
+        assert "message 4 of the stream" in details
         assert error_info(failed.value)[0] == "INVALID_INPUT"
-        # The requests read before it are not lost: each is answered before the stream ends.
+        # The requests read before it are not lost: each is answered before the stream ends;
+        # the one after it is not read.
         assert [r.sequence for r in received] == [1, 2, 3]
         for response, n in zip(received, range(1, 4), strict=True):
             assert_encodes(response.response, texts_of(n, 3))
@@ -348,3 +352,28 @@ async def test_streamed_work_yields_to_an_interactive_call(tmp_path: Path) -> No
         assert at <= 2, f"the query waited for {at} passes: {[len(t) for t in ran]}"
         assert all(len(texts) <= 2 for texts in ran[at + 1 :]), [len(t) for t in ran]
         assert sum(len(t) for t in ran) == 6 * 64 + 1
+
+
+async def test_a_client_still_writing_after_a_message_that_does_not_parse_gets_invalid_argument(
+    tmp_path: Path,
+) -> None:
+    """The server reads what the client sends after the bad message until it half-closes, then
+    ends the stream: a grpc aio client whose write fails because the call already ended reports
+    INTERNAL instead of the server's status (grpc/grpc#36066)."""
+    async with fake_server(tmp_path) as handle:
+        raw = handle.channel.stream_stream(
+            "/sie.v1.EncodeService/EncodeStream",
+            request_serializer=lambda data: data,
+            response_deserializer=encode_pb2.EncodeStreamResponse.FromString,
+        )
+        after = [m.SerializeToString() for m in messages([request(["more"])] * 200)]
+        call = raw(iter([b"\x0a\xff\xff\xff\xff\x0f", *after]))
+
+        async def read_all() -> None:
+            async for _ in call:
+                pass
+
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await read_all()
+        assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT, failed.value.details()
+        assert "message 1 of the stream" in str(failed.value.details())

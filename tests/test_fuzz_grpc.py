@@ -9,6 +9,7 @@ import asyncio
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from sie_sdk.tensors import to_tensor
@@ -17,6 +18,7 @@ from sie_sdk.v1 import common_pb2, encode_pb2, extract_pb2, models_pb2, score_pb
 from tests.server_utils import HANG_GUARD_S, error_info, fake_entry, serving, write_catalog_entry
 
 MODEL = "fake/fuzz"
+ENCODE = "/sie.v1.EncodeService/Encode"
 CASES_PER_METHOD = 150
 ACCEPTABLE = {
     grpc.StatusCode.OK,
@@ -47,6 +49,12 @@ def seeds() -> dict[str, bytes]:
 
 
 def mutations(seed: bytes, rng: random.Random) -> list[bytes]:
+    return [mutate(seed, rng) for _ in range(CASES_PER_METHOD)]
+
+
+def mutate(seed: bytes, rng: random.Random) -> bytes:
+    """``seed`` with one mutation: bit flips, a truncation, a splice of random bytes, or noise."""
+
     def flip(data: bytes) -> bytes:
         buf = bytearray(data)
         for _ in range(rng.randint(1, 4)):
@@ -64,7 +72,7 @@ def mutations(seed: bytes, rng: random.Random) -> list[bytes]:
         return rng.randbytes(rng.randint(0, 200))
 
     ops: list[Callable[[bytes], bytes]] = [flip, cut, splice, noise]
-    return [rng.choice(ops)(seed) for _ in range(CASES_PER_METHOD)]
+    return rng.choice(ops)(seed)
 
 
 async def test_random_and_mutated_messages_get_client_errors_never_faults(
@@ -98,3 +106,58 @@ async def test_random_and_mutated_messages_get_client_errors_never_faults(
         assert len(reply.items) == 2
     assert sum(seen.values()) == CASES_PER_METHOD * len(seeds())
     assert seen.get(grpc.StatusCode.INVALID_ARGUMENT, 0) > 0
+
+
+STREAMS = 60
+
+
+async def test_streams_of_mutated_messages_end_in_answers_or_a_client_error(
+    tmp_path: Path,
+) -> None:
+    """``EncodeStream`` (bidirectional) fed streams of 1-5 messages, each the seed or a mutation
+    of it: the stream ends OK or with INVALID_ARGUMENT and our ``ErrorInfo``, never INTERNAL or
+    UNKNOWN; each answer is a result or a per-sequence error; a stream of unmutated messages is
+    answered in full, however many mutated streams ran before it."""
+    write_catalog_entry(tmp_path / "catalog", fake_entry(MODEL))
+    rng = random.Random(20261129)
+    seed = encode_pb2.EncodeStreamRequest(
+        sequence=1, request=encode_pb2.EncodeRequest.FromString(seeds()[ENCODE])
+    ).SerializeToString()
+    ended: dict[grpc.StatusCode, int] = {}
+    async with serving([tmp_path / "catalog"], [MODEL]) as handle:
+        stream = handle.channel.stream_stream(
+            "/sie.v1.EncodeService/EncodeStream",
+            request_serializer=lambda b: b,
+            response_deserializer=encode_pb2.EncodeStreamResponse.FromString,
+        )
+
+        async def run(messages: list[bytes]) -> tuple[grpc.StatusCode, list[Any]]:
+            call = stream(iter(messages), timeout=HANG_GUARD_S)
+            answers = [answer async for answer in call]
+            return await call.code(), answers
+
+        for _ in range(STREAMS):
+            messages = [
+                seed if rng.random() < 0.5 else mutate(seed, rng) for _ in range(rng.randint(1, 5))
+            ]
+            failure: grpc.aio.AioRpcError | None = None
+            try:
+                code, answers = await asyncio.wait_for(run(messages), HANG_GUARD_S)
+            except grpc.aio.AioRpcError as exc:
+                failure, code, answers = exc, exc.code(), []
+            if failure is not None:
+                assert code == grpc.StatusCode.INVALID_ARGUMENT, (messages, failure.details())
+                assert error_info(failure)[0] == "INVALID_INPUT", messages
+            assert code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT), code
+            ended[code] = ended.get(code, 0) + 1
+            assert len(answers) <= len(messages)
+            for answer in answers:
+                assert answer.WhichOneof("result") in ("response", "error"), answer
+                if answer.WhichOneof("result") == "error":
+                    assert answer.error.reason in ("INVALID_INPUT", "MODEL_NOT_FOUND"), answer
+        # Still serving streams: unmutated messages are all answered.
+        code, answers = await run([seed, seed, seed])
+        assert code == grpc.StatusCode.OK
+        assert [answer.WhichOneof("result") for answer in answers] == ["response"] * 3
+    assert sum(ended.values()) == STREAMS
+    assert ended.get(grpc.StatusCode.INVALID_ARGUMENT, 0) > 0, ended

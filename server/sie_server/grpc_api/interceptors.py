@@ -3,7 +3,8 @@
 ``RejectMalformed``: a request whose bytes do not parse as its message (corrupt wire format,
 truncated, wrong field types) is answered INVALID_ARGUMENT with our ``ErrorInfo``
 (``INVALID_INPUT``), like every other bad input; in a request stream, such a message ends the
-stream that way, once the requests read before it are answered (none of their work is lost).
+stream that way, once the requests read before it are answered (none of their work is lost)
+and the client has half-closed.
 Without it grpc's own deserializer raises before the servicer and the caller gets UNKNOWN.
 """
 
@@ -86,20 +87,32 @@ class RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 requests: AsyncIterator[Any], context: Context
             ) -> AsyncIterator[Any]:
                 # A message that does not parse has no sequence to answer. To the servicer it is
-                # the end of the requests, so every request read before it is answered; then
-                # the stream ends with INVALID_ARGUMENT.
+                # the end of the requests, so every request read before it is answered. The
+                # messages the client sends after it are read and dropped until it half-closes,
+                # and only then does the stream end with INVALID_ARGUMENT: a grpc Python aio
+                # client still writing when the status arrives reports INTERNAL instead of it
+                # (grpc/grpc#36066). The stream's deadline bounds the wait.
                 malformed: list[_Malformed] = []
 
                 async def checked() -> AsyncIterator[Any]:
+                    read = 0
                     async for request in requests:
+                        read += 1
                         if isinstance(request, _Malformed):
-                            malformed.append(request)
+                            malformed.append(
+                                _Malformed(
+                                    f"{request.message} (message {read} of the stream; the "
+                                    "ones before it were answered, the ones after it not read)"
+                                )
+                            )
                             return
                         yield request
 
                 async for message in bidi(checked(), context):
                     yield message
                 if malformed:
+                    async for _ in requests:  # dropped (see above)
+                        pass
                     _refuse(context, malformed[0])
 
             return grpc.stream_stream_rpc_method_handler(
