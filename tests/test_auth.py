@@ -253,6 +253,24 @@ async def test_sdk_raises_authentication_error_without_retrying(server: ServerHa
         assert result["dense"].shape == (2,)
 
 
+async def test_sdk_encode_stream_raises_authentication_error_not_a_broken_stream(
+    server: ServerHandle,
+) -> None:
+    """A refused stream whose client is still writing: grpc aio reports INTERNAL (a broken
+    stream, retried for seconds and then BACKEND_UNAVAILABLE) unless the client waits for the
+    server's headers before its second message (grpc/grpc#36066)."""
+    for _ in range(5):
+        async with SIEAsyncClient(server.address, api_key="wrong-key") as client:
+            items = ({"text": f"text {index}"} for index in range(2000))
+            with pytest.raises(AuthenticationError):
+                async for _result in client.encode_stream(FAKE, items, batch_size=4, window=8):
+                    pass
+    async with SIEAsyncClient(server.address, api_key=KEY) as client:
+        results = [r async for r in client.encode_stream(FAKE, [{"text": "a"}] * 40, batch_size=4)]
+        assert len(results) == 40
+        assert all(not isinstance(result, Exception) for result in results)
+
+
 # ---- the pieces ----------------------------------------------------------------------------------
 
 

@@ -44,6 +44,11 @@ class EncodeServicer(encode_pb2_grpc.EncodeServiceServicer):
         self, request_iterator: AsyncIterator[encode_pb2.EncodeStreamRequest], context: Context
     ) -> AsyncIterator[encode_pb2.EncodeStreamResponse]:
         # An async generator function itself: grpc tells stream handlers apart by that.
+        # Headers at once: they tell the client the stream was accepted (an API key refused
+        # ends it before this), and a grpc aio client waits for them before its second message
+        # (sie_sdk's gRPC transport), since one still writing when a refusal comes reports
+        # INTERNAL instead of it (grpc/grpc#36066).
+        await context.send_initial_metadata(())
         responses = encode_stream(
             request_iterator,
             lambda request: self.encode(request, deadline_of(context), bulk=True),

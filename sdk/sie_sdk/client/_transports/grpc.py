@@ -292,6 +292,13 @@ class AsyncGrpcTransport:
             async for sequence, body in batches:
                 yield _stream_message(model, sequence, body, window if index == 0 else 0)
                 index += 1
+                if index == 1:
+                    # The server's headers say it accepted the stream. Writing on before them,
+                    # a refusal (a wrong API key) that arrives mid-write would read as a broken
+                    # stream: grpc aio then reports INTERNAL instead (grpc/grpc#36066).
+                    await stream.initial_metadata()
+                    if stream.done():
+                        return
 
         stream = self.stubs.encode.EncodeStream(messages(), metadata=_metadata(call))
         try:
