@@ -6,7 +6,7 @@ meanwhile."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc
 
 from tests.fakes import FakeAdapter, expected_vector
 from tests.server_utils import (
+    HANG_GUARD_S,
     ServerHandle,
     error_info,
     eventually,
@@ -314,7 +315,7 @@ async def test_a_message_that_does_not_parse_ends_the_stream_with_invalid_argume
         assert "message 4 of the stream" in details
         assert error_info(failed.value)[0] == "INVALID_INPUT"
         # The requests read before it are not lost: each is answered before the stream ends;
-        # the one after it is not read.
+        # the one after it is not run.
         assert [r.sequence for r in received] == [1, 2, 3]
         for response, n in zip(received, range(1, 4), strict=True):
             assert_encodes(response.response, texts_of(n, 3))
@@ -377,3 +378,36 @@ async def test_a_client_still_writing_after_a_message_that_does_not_parse_gets_i
             await read_all()
         assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT, failed.value.details()
         assert "message 1 of the stream" in str(failed.value.details())
+
+
+async def test_a_client_waiting_for_answers_after_a_bad_message_is_not_left_hanging(
+    tmp_path: Path,
+) -> None:
+    """A windowed client sends a bad message and then waits for answers before it writes again
+    (it never half-closes): the server stops waiting for more once the client has been quiet for
+    ``DRAIN_IDLE_S`` and ends the stream, the answers before the bad message delivered."""
+    async with fake_server(tmp_path) as handle:
+        raw = handle.channel.stream_stream(
+            "/sie.v1.EncodeService/EncodeStream",
+            request_serializer=lambda data: data,
+            response_deserializer=encode_pb2.EncodeStreamResponse.FromString,
+        )
+        never = asyncio.Event()
+
+        async def windowed() -> AsyncIterator[bytes]:
+            for message in messages([request(["a"]), request(["b"])]):
+                yield message.SerializeToString()
+            yield b"\x0a\xff\xff\xff\xff\x0f"
+            await never.wait()  # waits for answers that will not come
+
+        call = raw(windowed())
+        received: list[encode_pb2.EncodeStreamResponse] = []
+
+        async def read_all() -> None:
+            async for response in call:
+                received.append(response)
+
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await asyncio.wait_for(read_all(), HANG_GUARD_S)
+        assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT, failed.value.details()
+        assert [r.sequence for r in received] == [1, 2]

@@ -4,12 +4,13 @@
 truncated, wrong field types) is answered INVALID_ARGUMENT with our ``ErrorInfo``
 (``INVALID_INPUT``), like every other bad input; in a request stream, such a message ends the
 stream that way, once the requests read before it are answered (none of their work is lost)
-and the client has half-closed.
-Without it grpc's own deserializer raises before the servicer and the caller gets UNKNOWN.
+and the client has stopped writing (``_drain``). Without it grpc's own deserializer raises
+before the servicer and the caller gets UNKNOWN.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,9 +25,30 @@ Context = grpc.aio.ServicerContext[Any, Any]
 Handler = Any
 
 
+#: After a malformed message in a request stream: how long a quiet client is waited for, and
+#: how long the rest of its messages are read at most, before the stream ends (``_drain``).
+DRAIN_IDLE_S = 1.0
+DRAIN_LIMIT_S = 30.0
+
+
 @dataclass(frozen=True, slots=True)
 class _Malformed:
     message: str
+
+
+async def _drain(requests: AsyncIterator[Any]) -> None:
+    """Read and drop a stream's messages until the client half-closes, goes quiet for
+    ``DRAIN_IDLE_S`` (a windowed client waiting for answers that will not come) or
+    ``DRAIN_LIMIT_S`` have passed. A grpc Python aio client still writing when the status
+    arrives reports INTERNAL instead of it (grpc/grpc#36066), so the status waits for this."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + DRAIN_LIMIT_S
+    messages = aiter(requests)
+    while (left := end - loop.time()) > 0:
+        try:
+            await asyncio.wait_for(anext(messages), min(DRAIN_IDLE_S, left))
+        except (StopAsyncIteration, TimeoutError):
+            return
 
 
 def _refuse(context: Context, malformed: _Malformed) -> None:
@@ -87,11 +109,9 @@ class RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 requests: AsyncIterator[Any], context: Context
             ) -> AsyncIterator[Any]:
                 # A message that does not parse has no sequence to answer. To the servicer it is
-                # the end of the requests, so every request read before it is answered. The
-                # messages the client sends after it are read and dropped until it half-closes,
-                # and only then does the stream end with INVALID_ARGUMENT: a grpc Python aio
-                # client still writing when the status arrives reports INTERNAL instead of it
-                # (grpc/grpc#36066). The stream's deadline bounds the wait.
+                # the end of the requests, so every request read before it is answered. Then
+                # ``_drain`` reads what the client still sends, and the stream ends with
+                # INVALID_ARGUMENT.
                 malformed: list[_Malformed] = []
 
                 async def checked() -> AsyncIterator[Any]:
@@ -102,7 +122,7 @@ class RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                             malformed.append(
                                 _Malformed(
                                     f"{request.message} (message {read} of the stream; the "
-                                    "ones before it were answered, the ones after it not read)"
+                                    "ones before it were answered, the ones after it not run)"
                                 )
                             )
                             return
@@ -111,8 +131,7 @@ class RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 async for message in bidi(checked(), context):
                     yield message
                 if malformed:
-                    async for _ in requests:  # dropped (see above)
-                        pass
+                    await _drain(requests)
                     _refuse(context, malformed[0])
 
             return grpc.stream_stream_rpc_method_handler(
