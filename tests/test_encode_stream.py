@@ -409,5 +409,6 @@ async def test_a_client_waiting_for_answers_after_a_bad_message_is_not_left_hang
 
         with pytest.raises(grpc.aio.AioRpcError) as failed:
             await asyncio.wait_for(read_all(), HANG_GUARD_S)
+        never.set()  # lets grpc's reader of ``windowed`` finish
         assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT, failed.value.details()
         assert [r.sequence for r in received] == [1, 2]
