@@ -1,5 +1,6 @@
 """A gRPC fuzzer: random bytes and mutated valid requests (bit flips, truncations, spliced
-fields) sent raw to every unary method. Every answer is OK or a client error with our ErrorInfo
+fields) sent raw to every unary method, and streams of valid and mutated messages to the
+bidirectional EncodeStream. Every answer is OK or a client error with our ErrorInfo
 (INVALID_ARGUMENT / NOT_FOUND), never INTERNAL or UNKNOWN, no call hangs, and the server keeps
 serving. Seeded, so a failure replays."""
 
