@@ -79,6 +79,25 @@ def results_only(response: encode_pb2.EncodeResponse) -> list[encode_pb2.EncodeR
     return list(response.items)
 
 
+#: Bytes that do not parse as a message: field 1 with a length far past the message's end.
+CORRUPT = b"\x0a\xff\xff\xff\xff\x0f"
+
+
+def raw_stream(handle: ServerHandle) -> Any:
+    """``EncodeStream`` taking serialized messages as they are (good or not)."""
+    return handle.channel.stream_stream(
+        "/sie.v1.EncodeService/EncodeStream",
+        request_serializer=lambda data: data,
+        response_deserializer=encode_pb2.EncodeStreamResponse.FromString,
+    )
+
+
+async def read_into(call: Any, received: list[encode_pb2.EncodeStreamResponse]) -> None:
+    """Every answer of ``call`` into ``received``, then its status (raised when not OK)."""
+    async for response in call:
+        received.append(response)
+
+
 def assert_encodes(response: encode_pb2.EncodeResponse, texts: Sequence[str]) -> None:
     assert [item.id for item in response.items] == [f"id-{i}" for i in range(len(texts))]
     for item, text in zip(response.items, texts, strict=True):
@@ -291,24 +310,14 @@ async def test_a_message_that_does_not_parse_ends_the_stream_with_invalid_argume
     tmp_path: Path,
 ) -> None:
     async with fake_server(tmp_path) as handle:
-        raw = handle.channel.stream_stream(
-            "/sie.v1.EncodeService/EncodeStream",
-            request_serializer=lambda data: data,
-            response_deserializer=encode_pb2.EncodeStreamResponse.FromString,
-        )
+        raw = raw_stream(handle)
         fine = list(messages([request(texts_of(n, 3)) for n in range(1, 5)]))
         first = fine[0]
-        corrupt = b"\x0a\xff\xff\xff\xff\x0f"  # field 1, a length far past the message's end
-        sent = [*(m.SerializeToString() for m in fine[:3]), corrupt, fine[3].SerializeToString()]
+        sent = [*(m.SerializeToString() for m in fine[:3]), CORRUPT, fine[3].SerializeToString()]
         call = raw(iter(sent))
         received: list[encode_pb2.EncodeStreamResponse] = []
-
-        async def read_all() -> None:
-            async for response in call:
-                received.append(response)
-
         with pytest.raises(grpc.aio.AioRpcError) as failed:
-            await read_all()
+            await read_into(call, received)
         assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         details = str(failed.value.details())
         assert "EncodeStream: the request is not a valid message" in details
@@ -362,20 +371,11 @@ async def test_a_client_still_writing_after_a_message_that_does_not_parse_gets_i
     ends the stream: a grpc aio client whose write fails because the call already ended reports
     INTERNAL instead of the server's status (grpc/grpc#36066)."""
     async with fake_server(tmp_path) as handle:
-        raw = handle.channel.stream_stream(
-            "/sie.v1.EncodeService/EncodeStream",
-            request_serializer=lambda data: data,
-            response_deserializer=encode_pb2.EncodeStreamResponse.FromString,
-        )
+        raw = raw_stream(handle)
         after = [m.SerializeToString() for m in messages([request(["more"])] * 200)]
-        call = raw(iter([b"\x0a\xff\xff\xff\xff\x0f", *after]))
-
-        async def read_all() -> None:
-            async for _ in call:
-                pass
-
+        call = raw(iter([CORRUPT, *after]))
         with pytest.raises(grpc.aio.AioRpcError) as failed:
-            await read_all()
+            await read_into(call, [])
         assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT, failed.value.details()
         assert "message 1 of the stream" in str(failed.value.details())
 
@@ -387,28 +387,19 @@ async def test_a_client_waiting_for_answers_after_a_bad_message_is_not_left_hang
     (it never half-closes): the server stops waiting for more once the client has been quiet for
     ``DRAIN_IDLE_S`` and ends the stream, the answers before the bad message delivered."""
     async with fake_server(tmp_path) as handle:
-        raw = handle.channel.stream_stream(
-            "/sie.v1.EncodeService/EncodeStream",
-            request_serializer=lambda data: data,
-            response_deserializer=encode_pb2.EncodeStreamResponse.FromString,
-        )
+        raw = raw_stream(handle)
         never = asyncio.Event()
 
         async def windowed() -> AsyncIterator[bytes]:
             for message in messages([request(["a"]), request(["b"])]):
                 yield message.SerializeToString()
-            yield b"\x0a\xff\xff\xff\xff\x0f"
+            yield CORRUPT
             await never.wait()  # waits for answers that will not come
 
         call = raw(windowed())
         received: list[encode_pb2.EncodeStreamResponse] = []
-
-        async def read_all() -> None:
-            async for response in call:
-                received.append(response)
-
         with pytest.raises(grpc.aio.AioRpcError) as failed:
-            await asyncio.wait_for(read_all(), HANG_GUARD_S)
+            await asyncio.wait_for(read_into(call, received), HANG_GUARD_S)
         never.set()  # lets grpc's reader of ``windowed`` finish
         assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT, failed.value.details()
         assert [r.sequence for r in received] == [1, 2]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -261,3 +261,28 @@ async def test_sdk_over_http_raises_authentication_error_once(forwarding: Bridge
     async with SIEAsyncClient(forwarding.url, api_key=SERVER_KEY) as client:
         result = await client.encode(FAKE, {"text": "hello"})
     assert result["dense"].shape == (2,)
+
+
+async def test_sdk_encode_stream_over_http_raises_authentication_error(
+    forwarding: BridgeHandle,
+) -> None:
+    """A stream the server refuses as a whole, through the bridge: the SDK's clients raise
+    ``AuthenticationError``, not a broken stream (the gRPC side: ``tests/test_auth.py``)."""
+
+    def texts() -> Iterator[dict[str, str]]:
+        return ({"text": f"text {index}"} for index in range(500))
+
+    async with SIEAsyncClient(forwarding.url, api_key="wrong-key") as async_client:
+        with pytest.raises(AuthenticationError):
+            async for _ in async_client.encode_stream(FAKE, texts(), batch_size=4, window=8):
+                pass
+
+    def sync_stream() -> None:
+        with (
+            SIEClient(forwarding.url, api_key="wrong-key") as client,
+            pytest.raises(AuthenticationError),
+        ):
+            for _ in client.encode_stream(FAKE, texts(), batch_size=4, window=8):
+                pass
+
+    await asyncio.to_thread(sync_stream)
