@@ -3,8 +3,9 @@
 ``RejectMalformed``: a request whose bytes do not parse as its message (corrupt wire format,
 truncated, wrong field types) is answered INVALID_ARGUMENT with our ``ErrorInfo``
 (``INVALID_INPUT``), like every other bad input; in a request stream, such a message ends the
-stream that way, once the requests read before it are answered (none of their work is lost)
-and the client has stopped writing (``_drain``). Without it grpc's own deserializer raises
+stream that way, once the requests read before it are answered (none of their work is lost;
+a client stream, which has one answer for all of it, is refused whole) and the client has
+stopped writing (``_drain``). Without it grpc's own deserializer raises
 before the servicer and the caller gets UNKNOWN.
 """
 
@@ -49,6 +50,32 @@ async def _drain(requests: AsyncIterator[Any]) -> None:
             await asyncio.wait_for(anext(messages), min(DRAIN_IDLE_S, left))
         except (StopAsyncIteration, TimeoutError):
             return
+
+
+class _Checked:
+    """A request stream as its servicer sees it: it ends before the first malformed message,
+    which is kept in ``malformed``, numbered, with ``outcome`` (what became of the others)."""
+
+    def __init__(self, requests: AsyncIterator[Any], outcome: str) -> None:
+        self._requests = aiter(requests)
+        self._outcome = outcome
+        self._read = 0
+        self.malformed: _Malformed | None = None
+
+    def __aiter__(self) -> _Checked:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self.malformed is not None:
+            raise StopAsyncIteration
+        request = await anext(self._requests)
+        self._read += 1
+        if isinstance(request, _Malformed):
+            self.malformed = _Malformed(
+                f"{request.message} (message {self._read} of the stream; {self._outcome})"
+            )
+            raise StopAsyncIteration
+        return request
 
 
 def _refuse(context: Context, malformed: _Malformed) -> None:
@@ -102,6 +129,25 @@ class RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 request_deserializer=deserialize,
                 response_serializer=handler.response_serializer,
             )
+        if handler.stream_unary is not None:
+            gather: Any = handler.stream_unary
+
+            async def gather_behavior(requests: AsyncIterator[Any], context: Context) -> Any:
+                # One answer for the whole stream: a malformed message fails all of it. The
+                # servicer sees the stream end there, its answer is dropped, and the status
+                # waits for the client to stop writing, as in a bidirectional stream.
+                checked = _Checked(requests, "the call is refused, no message of it answered")
+                response = await gather(checked, context)
+                if checked.malformed is None:
+                    return response
+                await _drain(requests)
+                return _refuse(context, checked.malformed)
+
+            return grpc.stream_unary_rpc_method_handler(
+                gather_behavior,
+                request_deserializer=deserialize,
+                response_serializer=handler.response_serializer,
+            )
         if handler.stream_stream is not None:
             bidi: Any = handler.stream_stream
 
@@ -112,27 +158,14 @@ class RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 # the end of the requests, so every request read before it is answered. Then
                 # ``_drain`` reads what the client still sends, and the stream ends with
                 # INVALID_ARGUMENT.
-                malformed: list[_Malformed] = []
-
-                async def checked() -> AsyncIterator[Any]:
-                    read = 0
-                    async for request in requests:
-                        read += 1
-                        if isinstance(request, _Malformed):
-                            malformed.append(
-                                _Malformed(
-                                    f"{request.message} (message {read} of the stream; the "
-                                    "ones before it were answered, the ones after it not run)"
-                                )
-                            )
-                            return
-                        yield request
-
-                async for message in bidi(checked(), context):
+                checked = _Checked(
+                    requests, "the ones before it were answered, the ones after it not run"
+                )
+                async for message in bidi(checked, context):
                     yield message
-                if malformed:
+                if checked.malformed is not None:
                     await _drain(requests)
-                    _refuse(context, malformed[0])
+                    _refuse(context, checked.malformed)
 
             return grpc.stream_stream_rpc_method_handler(
                 bidi_behavior,

@@ -1,0 +1,110 @@
+"""``RejectMalformed`` on a client-streaming method: no service has one yet, so a test service
+here stands for the first that will. A message that does not parse refuses the whole call with
+INVALID_ARGUMENT / ``INVALID_INPUT`` naming the message, never UNKNOWN or INTERNAL, and the
+servicer's answer for the messages before it is dropped (it has one answer for all of them)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import wrappers_pb2
+from sie_server.grpc_api.interceptors import RejectMalformed
+
+from tests.server_utils import error_info
+
+#: Bytes that do not parse as a message: field 1 with a length far past the message's end.
+CORRUPT = b"\x0a\xff\xff\xff\xff\x0f"
+METHOD = "/test.Collect/Join"
+
+
+class Collect:
+    """Joins the strings of a client stream; remembers what it read."""
+
+    def __init__(self) -> None:
+        self.read: list[str] = []
+
+    async def join(self, requests: AsyncIterator[wrappers_pb2.StringValue], _: Any) -> Any:
+        async for request in requests:
+            self.read.append(request.value)
+        return wrappers_pb2.StringValue(value="+".join(self.read))
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[Collect, grpc.aio.Channel]]:
+    servicer = Collect()
+    handler = grpc.stream_unary_rpc_method_handler(
+        servicer.join,
+        request_deserializer=wrappers_pb2.StringValue.FromString,
+        response_serializer=wrappers_pb2.StringValue.SerializeToString,
+    )
+    server = grpc.aio.server(interceptors=[RejectMalformed()])
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("test.Collect", {"Join": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield servicer, channel
+    finally:
+        await channel.close()
+        await server.stop(None)
+
+
+def raw(channel: grpc.aio.Channel) -> Any:
+    """The method, taking serialized messages as they are (good or not)."""
+    return channel.stream_unary(
+        METHOD,
+        request_serializer=lambda data: data,
+        response_deserializer=wrappers_pb2.StringValue.FromString,
+    )
+
+
+def strings(*values: str) -> list[bytes]:
+    return [wrappers_pb2.StringValue(value=v).SerializeToString() for v in values]
+
+
+async def test_a_good_client_stream_is_answered(served: tuple[Collect, grpc.aio.Channel]) -> None:
+    servicer, channel = served
+    reply = await raw(channel)(iter(strings("a", "b", "c")), timeout=10)
+    assert reply.value == "a+b+c"
+    assert servicer.read == ["a", "b", "c"]
+
+
+async def test_a_malformed_message_refuses_the_call_and_names_the_message(
+    served: tuple[Collect, grpc.aio.Channel],
+) -> None:
+    servicer, channel = served
+    sent = [*strings("a", "b"), CORRUPT, *strings("c")]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await raw(channel)(iter(sent), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(caught.value)[0] == "INVALID_INPUT"
+    details = caught.value.details() or ""
+    assert "not a valid message" in details
+    assert "message 3 of the stream" in details
+    assert "no message of it answered" in details
+    # The servicer saw the stream end at the bad message; nothing after it reached it.
+    assert servicer.read == ["a", "b"]
+
+
+async def test_a_client_still_writing_after_the_bad_message_gets_the_refusal(
+    served: tuple[Collect, grpc.aio.Channel],
+) -> None:
+    """grpc's aio client reports INTERNAL when the status lands while it still writes
+    (grpc/grpc#36066): the refusal waits until the client has sent everything."""
+    servicer, channel = served
+
+    def messages() -> Iterator[bytes]:
+        yield from strings("a")
+        yield CORRUPT
+        yield from strings(*(str(i) for i in range(200)))
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await raw(channel)(messages(), timeout=20)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "message 2 of the stream" in (caught.value.details() or "")
+    assert servicer.read == ["a"]
