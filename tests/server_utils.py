@@ -104,6 +104,10 @@ def write_catalog_entry(folder: Path, entry: dict[str, Any]) -> Path:
     return path
 
 
+#: Bytes that do not parse as a message: field 1 with a length far past the message's end.
+CORRUPT = b"\x0a\xff\xff\xff\xff\x0f"
+
+
 def error_info(exc: grpc.RpcError) -> tuple[str, dict[str, str], float | None]:
     """(ErrorInfo.reason, ErrorInfo.metadata, RetryInfo delay in seconds or None) of a failed call."""
     from google.rpc import error_details_pb2, status_pb2

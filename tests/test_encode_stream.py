@@ -19,6 +19,7 @@ from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc
 
 from tests.fakes import FakeAdapter, expected_vector
 from tests.server_utils import (
+    CORRUPT,
     HANG_GUARD_S,
     ServerHandle,
     error_info,
@@ -77,10 +78,6 @@ def messages(
 def results_only(response: encode_pb2.EncodeResponse) -> list[encode_pb2.EncodeResult]:
     """The per-item results (timing differs from call to call)."""
     return list(response.items)
-
-
-#: Bytes that do not parse as a message: field 1 with a length far past the message's end.
-CORRUPT = b"\x0a\xff\xff\xff\xff\x0f"
 
 
 def raw_stream(handle: ServerHandle) -> Any:

@@ -13,10 +13,8 @@ import pytest
 from google.protobuf import wrappers_pb2
 from sie_server.grpc_api.interceptors import RejectMalformed
 
-from tests.server_utils import error_info
+from tests.server_utils import CORRUPT, error_info
 
-#: Bytes that do not parse as a message: field 1 with a length far past the message's end.
-CORRUPT = b"\x0a\xff\xff\xff\xff\x0f"
 METHOD = "/test.Collect/Join"
 
 
