@@ -54,8 +54,14 @@ test: $(DEV_STAMP) node-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
 # The fuzzers with a longer budget than make test's (same fixed seed, more examples).
+# The fuzz and property tests at 10x their make-test budgets (15 minutes on 2 cores); with
+# FUZZ_SEED=N they draw new cases from N instead of their fixed seeds (tests/fuzz_profile.py).
+FUZZ_SCALE ?= 10
+FUZZ_TESTS = tests/test_fuzz_grpc.py tests/test_convert_properties.py \
+	tests/test_validation_properties.py tests/bridge/test_fuzz_openapi.py
 fuzz: $(DEV_STAMP)
-	SIE_FUZZ_EXAMPLES=500 HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/bridge/test_fuzz_openapi.py
+	SIE_FUZZ_SCALE=$(FUZZ_SCALE) SIE_FUZZ_SEED=$(FUZZ_SEED) HF_HUB_OFFLINE=1 $(PY) -m pytest -q \
+		$(if $(FUZZ_SEED),--hypothesis-seed=$(FUZZ_SEED)) $(FUZZ_TESTS)
 
 format: $(DEV_STAMP)
 	$(PY) -m ruff format .

@@ -7,20 +7,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from sie_sdk.convert import to_proto
 from sie_sdk.wire import WireError, unpack_msgpack
 
-# Fixed seed, no example database, and no health checks: generation may be slow on a busy
-# machine, which is not what these tests are about.
-SETTINGS = settings(
-    max_examples=300,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=list(HealthCheck),
-)
+from tests.fuzz_profile import hypothesis_settings
+
+SETTINGS = hypothesis_settings(300)
 
 json_values = st.recursive(
     st.none()

@@ -16,11 +16,12 @@ import grpc
 from sie_sdk.tensors import to_tensor
 from sie_sdk.v1 import common_pb2, encode_pb2, extract_pb2, models_pb2, score_pb2
 
+from tests import fuzz_profile
 from tests.server_utils import HANG_GUARD_S, error_info, fake_entry, serving, write_catalog_entry
 
 MODEL = "fake/fuzz"
 ENCODE = "/sie.v1.EncodeService/Encode"
-CASES_PER_METHOD = 150
+CASES_PER_METHOD = fuzz_profile.budget(150)
 ACCEPTABLE = {
     grpc.StatusCode.OK,
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -80,7 +81,7 @@ async def test_random_and_mutated_messages_get_client_errors_never_faults(
     tmp_path: Path,
 ) -> None:
     write_catalog_entry(tmp_path / "catalog", fake_entry(MODEL))
-    rng = random.Random(20261127)
+    rng = random.Random(fuzz_profile.seed(20261127))
     seen: dict[grpc.StatusCode, int] = {}
     async with serving([tmp_path / "catalog"], [MODEL]) as handle:
         for method, seed in seeds().items():
@@ -109,7 +110,7 @@ async def test_random_and_mutated_messages_get_client_errors_never_faults(
     assert seen.get(grpc.StatusCode.INVALID_ARGUMENT, 0) > 0
 
 
-STREAMS = 60
+STREAMS = fuzz_profile.budget(60)
 
 
 async def test_streams_of_mutated_messages_end_in_answers_or_a_client_error(
@@ -120,7 +121,7 @@ async def test_streams_of_mutated_messages_end_in_answers_or_a_client_error(
     UNKNOWN; each answer is a result or a per-sequence error; a stream of unmutated messages is
     answered in full, however many mutated streams ran before it."""
     write_catalog_entry(tmp_path / "catalog", fake_entry(MODEL))
-    rng = random.Random(20261129)
+    rng = random.Random(fuzz_profile.seed(20261129))
     seed = encode_pb2.EncodeStreamRequest(
         sequence=1, request=encode_pb2.EncodeRequest.FromString(seeds()[ENCODE])
     ).SerializeToString()

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from google.protobuf import struct_pb2
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from sie_sdk.tensors import to_tensor
 from sie_sdk.v1 import common_pb2
@@ -27,13 +27,9 @@ from sie_server.tasks.extract import ExtractParams, resolve_extract
 from sie_server.tasks.output_dtype import OUTPUT_DTYPES
 from sie_server.tasks.score import ScoreParams, resolve_score, resolve_score_mode
 
-SETTINGS = settings(
-    max_examples=150,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=list(HealthCheck),
-)
+from tests.fuzz_profile import hypothesis_settings
+
+SETTINGS = hypothesis_settings(150)
 LIMITS = RequestLimits(max_items=4, max_text_chars=64, max_labels=8)
 
 CATALOG = load_catalog((BUILTIN_CATALOG_DIR,))

@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
 from sie_bridge import openapi
 from sie_sdk.wire import pack_msgpack
 
+from tests.fuzz_profile import hypothesis_settings
 from tests.server_utils import fake_entry, free_port, write_catalog_entry
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,7 +32,6 @@ MODEL = "fake/fuzz"
 START_GUARD_S = 120.0
 #: 5xx answers that are not faults: retryable states the documentation lists.
 RETRYABLE = {503}
-EXAMPLES = int(os.environ.get("SIE_FUZZ_EXAMPLES", "30"))
 
 pytestmark = pytest.mark.slow
 
@@ -88,13 +87,7 @@ def _ready(url: str) -> bool:
 
 
 @schema.parametrize()
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=list(HealthCheck),
-)
+@hypothesis_settings(30)
 def test_no_request_is_a_server_fault(case: schemathesis.Case, live: str) -> None:
     if case.path == "/ws/status":
         pytest.skip("a WebSocket upgrade, not a request schemathesis can send")
