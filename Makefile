@@ -53,7 +53,6 @@ node-deps:
 test: $(DEV_STAMP) node-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
-# The fuzzers with a longer budget than make test's (same fixed seed, more examples).
 # The fuzz and property tests at 10x their make-test budgets (15 minutes on 2 cores); with
 # FUZZ_SEED=N they draw new cases from N instead of their fixed seeds (tests/fuzz_profile.py).
 FUZZ_SCALE ?= 10
