@@ -105,16 +105,25 @@ def tokenize_texts(
 def pad_ids(
     rows: Sequence[Sequence[int]], pad_id: int, device: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad id rows into (input_ids, attention_mask) long tensors on ``device``."""
+    """Right-pad id rows into (input_ids, attention_mask) long tensors on ``device``.
+
+    Filled in numpy and handed to torch without a copy: a torch operator per row took 3-7x the
+    time (``bench/bench_collate.py``: 14 medium rows 510 against 90 us, 64 x 256 tokens 3.5
+    against 0.8 ms), holding the GIL in the prep pool that the event loop and the model thread
+    want."""
+    import numpy as np
     import torch
 
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
     for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        ids[i, : len(row)] = row
         mask[i, : len(row)] = 1
-    return ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+    return (
+        torch.from_numpy(ids).to(device, non_blocking=True),
+        torch.from_numpy(mask).to(device, non_blocking=True),
+    )
 
 
 def parameter_bytes(model: Any) -> int:
