@@ -137,17 +137,18 @@ class ColBERTAdapter(HFTextEncoder):
 
         pad = self.mask_id if settings.is_query else self.pad_id
         width = max(len(t.input_ids) for t in payloads)
-        ids = torch.full((len(payloads), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(payloads), width), dtype=torch.long)
+        # Filled in numpy, handed to torch without a copy (as ``pad_ids``, which says why).
+        ids = np.full((len(payloads), width), pad, dtype=np.int64)
+        mask = np.zeros((len(payloads), width), dtype=np.int64)
         keep = np.zeros((len(payloads), width), dtype=bool)
         for i, item in enumerate(payloads):
             extra: ColBERTItem = item.extra
-            ids[i, : len(item.input_ids)] = torch.as_tensor(item.input_ids, dtype=torch.long)
+            ids[i, : len(item.input_ids)] = item.input_ids
             mask[i, : extra.attended] = 1
             keep[i, : len(extra.keep)] = extra.keep
         return (
-            ids.to(self.device, non_blocking=True),
-            mask.to(self.device, non_blocking=True),
+            torch.from_numpy(ids).to(self.device, non_blocking=True),
+            torch.from_numpy(mask).to(self.device, non_blocking=True),
             keep,
         )
 
