@@ -5,6 +5,7 @@ servicer's answer for the messages before it is dropped (it has one answer for a
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -29,18 +30,24 @@ class Collect:
             self.read.append(request.value)
         return wrappers_pb2.StringValue(value="+".join(self.read))
 
+    async def ignore(self, _: AsyncIterator[wrappers_pb2.StringValue], __: Any) -> Any:
+        return wrappers_pb2.StringValue(value="not read")
+
 
 @pytest.fixture
 async def served() -> AsyncIterator[tuple[Collect, grpc.aio.Channel]]:
     servicer = Collect()
-    handler = grpc.stream_unary_rpc_method_handler(
-        servicer.join,
-        request_deserializer=wrappers_pb2.StringValue.FromString,
-        response_serializer=wrappers_pb2.StringValue.SerializeToString,
-    )
+    handlers = {
+        name: grpc.stream_unary_rpc_method_handler(
+            behavior,
+            request_deserializer=wrappers_pb2.StringValue.FromString,
+            response_serializer=wrappers_pb2.StringValue.SerializeToString,
+        )
+        for name, behavior in (("Join", servicer.join), ("Ignore", servicer.ignore))
+    }
     server = grpc.aio.server(interceptors=[RejectMalformed()])
     server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("test.Collect", {"Join": handler}),)
+        (grpc.method_handlers_generic_handler("test.Collect", handlers),)
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -52,10 +59,10 @@ async def served() -> AsyncIterator[tuple[Collect, grpc.aio.Channel]]:
         await server.stop(None)
 
 
-def raw(channel: grpc.aio.Channel) -> Any:
+def raw(channel: grpc.aio.Channel, method: str = METHOD) -> Any:
     """The method, taking serialized messages as they are (good or not)."""
     return channel.stream_unary(
-        METHOD,
+        method,
         request_serializer=lambda data: data,
         response_deserializer=wrappers_pb2.StringValue.FromString,
     )
@@ -106,3 +113,16 @@ async def test_a_client_still_writing_after_the_bad_message_gets_the_refusal(
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "message 2 of the stream" in (caught.value.details() or "")
     assert servicer.read == ["a"]
+
+
+async def test_a_servicer_that_never_reads_its_stream_leaves_nothing_unawaited(
+    served: tuple[Collect, grpc.aio.Channel],
+) -> None:
+    """grpc makes a stream's receiving generator on the first ``aiter`` of it; one that is never
+    read warns "never awaited" when collected (an error in this suite), so the interceptor
+    must not make it for a servicer that answers without reading."""
+    _, channel = served
+    for _ in range(3):
+        reply = await raw(channel, "/test.Collect/Ignore")(iter(strings("a")), timeout=10)
+        assert reply.value == "not read"
+    gc.collect()

@@ -57,7 +57,9 @@ class _Checked:
     which is kept in ``malformed``, numbered, with ``outcome`` (what became of the others)."""
 
     def __init__(self, requests: AsyncIterator[Any], outcome: str) -> None:
-        self._requests = aiter(requests)
+        # Not ``aiter(requests)`` yet: grpc makes its receiving generator on the first
+        # ``aiter``, and one a servicer never reads warns "never awaited" when collected.
+        self._requests = requests
         self._outcome = outcome
         self._read = 0
         self.malformed: _Malformed | None = None
@@ -68,7 +70,7 @@ class _Checked:
     async def __anext__(self) -> Any:
         if self.malformed is not None:
             raise StopAsyncIteration
-        request = await anext(self._requests)
+        request = await anext(aiter(self._requests))
         self._read += 1
         if isinstance(request, _Malformed):
             self.malformed = _Malformed(
