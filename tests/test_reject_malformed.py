@@ -1,5 +1,5 @@
 """``RejectMalformed`` on a client-streaming method: no service has one yet, so a test service
-here stands for the first that will. A message that does not parse refuses the whole call with
+here stands for the first that will (and, for a servicer that never reads, a bidirectional one). A message that does not parse refuses the whole call with
 INVALID_ARGUMENT / ``INVALID_INPUT`` naming the message, never UNKNOWN or INTERNAL, and the
 servicer's answer for the messages before it is dropped (it has one answer for all of them)."""
 
@@ -33,6 +33,11 @@ class Collect:
     async def ignore(self, _: AsyncIterator[wrappers_pb2.StringValue], __: Any) -> Any:
         return wrappers_pb2.StringValue(value="not read")
 
+    async def ignore_both_ways(
+        self, _: AsyncIterator[wrappers_pb2.StringValue], __: Any
+    ) -> AsyncIterator[wrappers_pb2.StringValue]:
+        yield wrappers_pb2.StringValue(value="not read")
+
 
 @pytest.fixture
 async def served() -> AsyncIterator[tuple[Collect, grpc.aio.Channel]]:
@@ -45,6 +50,11 @@ async def served() -> AsyncIterator[tuple[Collect, grpc.aio.Channel]]:
         )
         for name, behavior in (("Join", servicer.join), ("Ignore", servicer.ignore))
     }
+    handlers["IgnoreBothWays"] = grpc.stream_stream_rpc_method_handler(
+        servicer.ignore_both_ways,
+        request_deserializer=wrappers_pb2.StringValue.FromString,
+        response_serializer=wrappers_pb2.StringValue.SerializeToString,
+    )
     server = grpc.aio.server(interceptors=[RejectMalformed()])
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler("test.Collect", handlers),)
@@ -120,9 +130,17 @@ async def test_a_servicer_that_never_reads_its_stream_leaves_nothing_unawaited(
 ) -> None:
     """grpc makes a stream's receiving generator on the first ``aiter`` of it; one that is never
     read warns "never awaited" when collected (an error in this suite), so the interceptor
-    must not make it for a servicer that answers without reading."""
+    must not make it for a servicer that answers without reading, on a client stream or a
+    bidirectional one (``EncodeStream``'s kind, where clean-clone CI caught it)."""
     _, channel = served
+    both_ways = channel.stream_stream(
+        "/test.Collect/IgnoreBothWays",
+        request_serializer=lambda data: data,
+        response_deserializer=wrappers_pb2.StringValue.FromString,
+    )
     for _ in range(3):
         reply = await raw(channel, "/test.Collect/Ignore")(iter(strings("a")), timeout=10)
         assert reply.value == "not read"
+        replies = [r.value async for r in both_ways(iter(strings("a")), timeout=10)]
+        assert replies == ["not read"]
     gc.collect()
