@@ -33,3 +33,10 @@ def test_each_call_gets_tensors_of_its_own() -> None:
     first[0, 0] = 99
     assert second.tolist() == [[4, 5, 6]]
     assert rows == [[4, 5, 6]]
+
+
+def test_the_mask_covers_only_the_attended_ids() -> None:
+    """ColBERT's queries: [MASK] ids the model reads, outside the attention mask."""
+    ids, mask = pad_ids([[101, 7, 102, 103, 103], [101, 102]], 103, "cpu", attended=[3, 2])
+    assert ids.tolist() == [[101, 7, 102, 103, 103], [101, 102, 103, 103, 103]]
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]]

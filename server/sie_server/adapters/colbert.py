@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from sie_server.adapters.hf import model_file, torch_dtype
+from sie_server.adapters.hf import model_file, pad_ids, torch_dtype
 from sie_server.adapters.hf_text import HFTextEncoder
 from sie_server.catalog import CatalogError
 from sie_server.domain import EncodeOutput, InputItem, LoadTarget, TokenizedText
@@ -133,24 +133,18 @@ class ColBERTAdapter(HFTextEncoder):
 
     # ---- batches ----------------------------------------------------------------------------
     def collate_encode(self, payloads: Sequence[TokenizedText], settings: EncodeSettings) -> Any:
-        import torch
-
         pad = self.mask_id if settings.is_query else self.pad_id
-        width = max(len(t.input_ids) for t in payloads)
-        # Filled in numpy, handed to torch without a copy (as ``pad_ids``, which says why).
-        ids = np.full((len(payloads), width), pad, dtype=np.int64)
-        mask = np.zeros((len(payloads), width), dtype=np.int64)
-        keep = np.zeros((len(payloads), width), dtype=bool)
-        for i, item in enumerate(payloads):
-            extra: ColBERTItem = item.extra
-            ids[i, : len(item.input_ids)] = item.input_ids
-            mask[i, : extra.attended] = 1
-            keep[i, : len(extra.keep)] = extra.keep
-        return (
-            torch.from_numpy(ids).to(self.device, non_blocking=True),
-            torch.from_numpy(mask).to(self.device, non_blocking=True),
-            keep,
+        extras: list[ColBERTItem] = [item.extra for item in payloads]
+        ids, mask = pad_ids(
+            [item.input_ids for item in payloads],
+            pad,
+            self.device,
+            attended=[extra.attended for extra in extras],
         )
+        keep = np.zeros(tuple(ids.shape), dtype=bool)
+        for i, extra in enumerate(extras):
+            keep[i, : len(extra.keep)] = extra.keep
+        return ids, mask, keep
 
     def run_encode(self, inputs: Any, settings: EncodeSettings) -> list[EncodeOutput]:
         import torch

@@ -103,9 +103,14 @@ def tokenize_texts(
 
 
 def pad_ids(
-    rows: Sequence[Sequence[int]], pad_id: int, device: str
+    rows: Sequence[Sequence[int]],
+    pad_id: int,
+    device: str,
+    attended: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad id rows into (input_ids, attention_mask) long tensors on ``device``.
+    """Right-pad id rows into (input_ids, attention_mask) long tensors on ``device``; the mask
+    covers the first ``attended[i]`` ids of row i (default: all of them; ColBERT's queries pad
+    with [MASK] ids the model reads but does not attend to).
 
     Filled in numpy and handed to torch without a copy: a torch operator per row took 3-7x the
     time (``bench/bench_collate.py``: 14 medium rows 510 against 90 us, 64 x 256 tokens 3.5
@@ -119,7 +124,7 @@ def pad_ids(
     mask = np.zeros((len(rows), width), dtype=np.int64)
     for i, row in enumerate(rows):
         ids[i, : len(row)] = row
-        mask[i, : len(row)] = 1
+        mask[i, : len(row) if attended is None else attended[i]] = 1
     return (
         torch.from_numpy(ids).to(device, non_blocking=True),
         torch.from_numpy(mask).to(device, non_blocking=True),

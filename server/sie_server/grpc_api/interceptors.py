@@ -60,6 +60,7 @@ class _Checked:
         # Not ``aiter(requests)`` yet: grpc makes its receiving generator on the first
         # ``aiter``, and one a servicer never reads warns "never awaited" when collected.
         self._requests = requests
+        self._messages: AsyncIterator[Any] | None = None
         self._outcome = outcome
         self._read = 0
         self.malformed: _Malformed | None = None
@@ -70,7 +71,9 @@ class _Checked:
     async def __anext__(self) -> Any:
         if self.malformed is not None:
             raise StopAsyncIteration
-        request = await anext(aiter(self._requests))
+        if self._messages is None:
+            self._messages = aiter(self._requests)
+        request = await anext(self._messages)
         self._read += 1
         if isinstance(request, _Malformed):
             self.malformed = _Malformed(
