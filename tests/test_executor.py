@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from sie_server.domain import EncodeOutput, InputItem, LoadTarget, WorkGroup
-from sie_server.engine import heap
+from sie_server.engine import heap, model_thread
 from sie_server.engine.executor import BatchExecutor, BatchStats, ExecutorConfig
 from sie_server.engine.pipeline import run_job
 from sie_server.engine.work import WorkItem
@@ -411,18 +411,33 @@ async def test_an_oom_batch_is_split_until_it_fits(prep_pool: ThreadPoolExecutor
     ok = [p for p in passes if p.outcome == "ok"]
     assert all(len(p.texts) <= 2 for p in ok)
     assert sorted(t for p in ok for t in p.texts) == sorted(texts)
+    # The second half (4 items, as many as already failed) is split without a pass.
     assert [(len(p.texts), p.outcome) for p in passes] == [
         (8, "oom"),
         (4, "oom"),
         (2, "ok"),
         (2, "ok"),
-        (4, "oom"),
         (2, "ok"),
         (2, "ok"),
     ]
     (batch,) = stats  # the split is one batch as far as the executor reports
     assert batch.items == 8
     assert batch.ok
+
+
+async def test_an_oom_split_fails_once_per_halving_not_once_per_part(
+    prep_pool: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    collections: list[None] = []
+    monkeypatch.setattr(model_thread, "free_device_memory", lambda: collections.append(None))
+    adapter = fake(oom_above=1)
+    texts = [words(f"item{i}", 2) for i in range(64)]
+    async with running(prep_pool, max_batch_items=64) as executor:
+        assert_correct(texts, await outcomes(submit(executor, adapter, texts)))
+    failed = [len(p.texts) for p in adapter.passes if p.outcome == "oom"]
+    assert failed == [64, 32, 16, 8, 4, 2]  # splitting every part that failed would be 63
+    assert len(collections) == len(failed)
+    assert [len(p.texts) for p in adapter.passes if p.outcome == "ok"] == [1] * 64
 
 
 async def test_a_single_item_that_ooms_is_resource_exhausted(

@@ -19,8 +19,10 @@ second team is made (compute_lane.py); a batch of a model whose passes may overl
 adapter's ``concurrent_passes``) may run beside another, any other batch runs alone.
 
 Out of memory: a batch that runs out of memory is split in halves and retried, after freeing its
-inputs, the exception's frames and CUDA's cache; an item that runs out of memory alone gets
-``ItemFailed`` in its slot and its batch mates keep their results.
+inputs, the exception's frames and CUDA's cache; a part as large as one that already failed is
+split without a pass, so the failed passes (and their collections, 20-35 ms of GIL each on a
+settled heap) grow with the halvings, not with the batch. An item that runs out of memory alone
+gets ``ItemFailed`` in its slot and its batch mates keep their results.
 """
 
 from __future__ import annotations
@@ -188,7 +190,9 @@ class ModelThread:
             with self._run_context():
                 # Handed over, not kept: the forward pass holds the only reference to the batch's
                 # tensors, so an out-of-memory split can free them.
-                results = self._forward(runner, job.take_inputs(), payloads)
+                results = self._forward(
+                    runner, job.take_inputs(), payloads, _SplitBound(len(payloads) + 1)
+                )
         except BaseException as exc:  # resolved into the batch's futures
             error = exc
         elapsed_ms = (time.perf_counter() - started) * 1000.0
@@ -199,26 +203,44 @@ class ModelThread:
             self._last_trim = now
             trim()
 
-    def _forward(self, runner: BatchRunner, inputs: Any, payloads: list[Any]) -> list[Any]:
-        try:
-            return runner.run(inputs)
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            message = str(exc)
-        # Outside the except block, so the exception's traceback (whose frames hold the batch's
-        # activations) is gone too; then the inputs, and the device's cached blocks.
-        del inputs
-        free_device_memory()
-        if len(payloads) == 1:
-            error = ResourceExhausted(f"out of memory running one item: {message}", model=self.name)
-            return [ItemFailed(error)]
-        log.warning("%s: out of memory on %d items, splitting", self.name, len(payloads))
+    def _forward(
+        self, runner: BatchRunner, inputs: Any, payloads: list[Any], bound: _SplitBound
+    ) -> list[Any]:
+        """Runs ``payloads`` (``inputs`` is their collation, or None to collate them here). A
+        part at least as large as one that already ran out of memory in this batch is split
+        without being tried; a single item is always tried."""
+        if len(payloads) == 1 or len(payloads) < bound.failed_items:
+            try:
+                return runner.run(runner.collate(payloads) if inputs is None else inputs)
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                message = str(exc)
+            # Outside the except block, so the exception's traceback (whose frames hold the
+            # batch's activations) is gone too; then the inputs, and the device's cached blocks.
+            del inputs
+            free_device_memory()
+            if len(payloads) == 1:
+                error = ResourceExhausted(
+                    f"out of memory running one item: {message}", model=self.name
+                )
+                return [ItemFailed(error)]
+            bound.failed_items = len(payloads)
+            log.warning("%s: out of memory on %d items, splitting", self.name, len(payloads))
+        else:
+            del inputs
         half = len(payloads) // 2
         left, right = payloads[:half], payloads[half:]
-        return self._forward(runner, runner.collate(left), left) + self._forward(
-            runner, runner.collate(right), right
-        )
+        return self._forward(runner, None, left, bound) + self._forward(runner, None, right, bound)
+
+
+@dataclass(slots=True)
+class _SplitBound:
+    """The fewest items of one batch that ran out of memory together, across its split: parts
+    that large are split without a pass, so a batch that fits only in pairs costs one failed
+    pass per halving (6 for 64 items), not one per pair's ancestor (63)."""
+
+    failed_items: int
 
 
 def _call_name(fn: Callable[..., Any]) -> str:
