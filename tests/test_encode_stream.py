@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from sie_sdk.tensors import from_tensor
 from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc
+from sie_server.config import load_settings
 
 from tests.fakes import FakeAdapter, expected_vector
 from tests.server_utils import (
@@ -377,12 +378,56 @@ async def test_a_client_still_writing_after_a_message_that_does_not_parse_gets_i
         assert "message 1 of the stream" in str(failed.value.details())
 
 
+async def test_a_client_that_never_stops_writing_after_a_bad_message_is_cut_off_at_the_limit(
+    tmp_path: Path,
+) -> None:
+    """A client that keeps writing after a bad message, never quiet for ``--stream-drain-idle-s``,
+    is read for ``--stream-drain-limit-s`` at most; then the stream ends. (Its grpc aio client,
+    still writing, may report INTERNAL instead of the status: grpc/grpc#36066.) With the
+    default limit of 30 s this would outlast the hang guard."""
+    sent = 0
+    stop = asyncio.Event()
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal sent
+        yield CORRUPT
+        while not stop.is_set():
+            sent += 1
+            yield request(["more"]).SerializeToString()
+            await asyncio.sleep(0.05)
+
+    async with fake_server(tmp_path, stream_drain_idle_s=1.0, stream_drain_limit_s=0.5) as handle:
+        call = raw_stream(handle)(endless())
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await asyncio.wait_for(read_into(call, []), HANG_GUARD_S)
+        finally:
+            stop.set()
+        assert failed.value.code() in (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.INTERNAL,
+        ), failed.value.details()
+    assert sent > 1  # the server did read on after the bad message
+
+
+def test_the_drain_bounds_are_settings_checked_at_start() -> None:
+    defaults = load_settings([], {})
+    assert (defaults.stream_drain_idle_s, defaults.stream_drain_limit_s) == (1.0, 30.0)
+    env = {"SIE_STREAM_DRAIN_IDLE_S": "0.25", "SIE_STREAM_DRAIN_LIMIT_S": "0"}
+    read = load_settings([], env)
+    assert (read.stream_drain_idle_s, read.stream_drain_limit_s) == (0.25, 0.0)
+    with pytest.raises(SystemExit, match="--stream-drain-idle-s must be positive"):
+        load_settings(["--stream-drain-idle-s", "0"], {})
+    with pytest.raises(SystemExit, match="--stream-drain-limit-s must be 0"):
+        load_settings(["--stream-drain-limit-s", "-1"], {})
+
+
 async def test_a_client_waiting_for_answers_after_a_bad_message_is_not_left_hanging(
     tmp_path: Path,
 ) -> None:
     """A windowed client sends a bad message and then waits for answers before it writes again
     (it never half-closes): the server stops waiting for more once the client has been quiet for
-    ``DRAIN_IDLE_S`` and ends the stream, the answers before the bad message delivered."""
+    ``--stream-drain-idle-s`` and ends the stream, the answers before the bad message delivered."""
     async with fake_server(tmp_path) as handle:
         raw = raw_stream(handle)
         never = asyncio.Event()

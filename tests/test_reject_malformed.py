@@ -12,7 +12,8 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import wrappers_pb2
-from sie_server.grpc_api.interceptors import RejectMalformed
+from sie_server.config import Settings
+from sie_server.grpc_api.interceptors import RejectMalformed, StreamDrain
 
 from tests.server_utils import CORRUPT, error_info
 
@@ -55,7 +56,9 @@ async def served() -> AsyncIterator[tuple[Collect, grpc.aio.Channel]]:
         request_deserializer=wrappers_pb2.StringValue.FromString,
         response_serializer=wrappers_pb2.StringValue.SerializeToString,
     )
-    server = grpc.aio.server(interceptors=[RejectMalformed()])
+    defaults = Settings()
+    drain = StreamDrain(defaults.stream_drain_idle_s, defaults.stream_drain_limit_s)
+    server = grpc.aio.server(interceptors=[RejectMalformed(drain)])
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler("test.Collect", handlers),)
     )

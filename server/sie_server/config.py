@@ -102,6 +102,11 @@ class Settings:
     grace_period_s: float = 30.0
     #: Health reports NOT_SERVING while one compute job has run longer than this (0: never).
     stuck_compute_s: float = 300.0
+    #: After a malformed message in a request stream, its further messages are read and dropped
+    #: until the client half-closes, is quiet this long, or the limit passes (0: not read);
+    #: grpc aio clients still writing when the status lands see INTERNAL (grpc/grpc#36066).
+    stream_drain_idle_s: float = 1.0
+    stream_drain_limit_s: float = 30.0
     status_interval_ms: int = 200
     log_level: str = "INFO"
     # Security (docs/security.md).
@@ -299,6 +304,18 @@ _OPTIONS: tuple[Option, ...] = (
         "health reports NOT_SERVING while one forward pass (or warm-up, LoRA attach) has run "
         "longer than this, and SERVING again when it returns; the job is logged (0 = never)",
     ),
+    (
+        "stream-drain-idle-s",
+        float,
+        "after a malformed message in a request stream: seconds a quiet client is waited for "
+        "before the stream ends with INVALID_ARGUMENT",
+    ),
+    (
+        "stream-drain-limit-s",
+        float,
+        "after a malformed message in a request stream: seconds at most that the client's "
+        "further messages are read and dropped before the stream ends (0 = none)",
+    ),
     ("status-interval-ms", int, "default interval of the status stream"),
     ("log-level", str, "DEBUG, INFO, WARNING, ERROR"),
     (
@@ -390,6 +407,15 @@ def load_settings(
     if settings.stuck_compute_s < 0:
         raise SystemExit(
             f"--stuck-compute-s must be 0 (never) or positive; got {settings.stuck_compute_s}"
+        )
+    if settings.stream_drain_idle_s <= 0:
+        raise SystemExit(
+            f"--stream-drain-idle-s must be positive; got {settings.stream_drain_idle_s}"
+        )
+    if settings.stream_drain_limit_s < 0:
+        raise SystemExit(
+            "--stream-drain-limit-s must be 0 (no drain) or positive; got "
+            f"{settings.stream_drain_limit_s}"
         )
     if settings.max_loras_per_model < 1:
         raise SystemExit(

@@ -5,8 +5,8 @@ truncated, wrong field types) is answered INVALID_ARGUMENT with our ``ErrorInfo`
 (``INVALID_INPUT``), like every other bad input; in a request stream, such a message ends the
 stream that way, once the requests read before it are answered (none of their work is lost;
 a client stream, which has one answer for all of it, is refused whole) and the client has
-stopped writing (``_drain``). Without it grpc's own deserializer raises
-before the servicer and the caller gets UNKNOWN.
+stopped writing (``_drain``, bounded by ``--stream-drain-idle-s`` and ``--stream-drain-limit-s``).
+Without it grpc's own deserializer raises before the servicer and the caller gets UNKNOWN.
 """
 
 from __future__ import annotations
@@ -26,10 +26,14 @@ Context = grpc.aio.ServicerContext[Any, Any]
 Handler = Any
 
 
-#: After a malformed message in a request stream: how long a quiet client is waited for, and
-#: how long the rest of its messages are read at most, before the stream ends (``_drain``).
-DRAIN_IDLE_S = 1.0
-DRAIN_LIMIT_S = 30.0
+@dataclass(frozen=True, slots=True)
+class StreamDrain:
+    """After a malformed message in a request stream: how long a quiet client is waited for
+    (``idle_s``), and how long the rest of its messages are read at most (``limit_s``; 0: not at
+    all), before the stream ends (``_drain``)."""
+
+    idle_s: float
+    limit_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,17 +41,17 @@ class _Malformed:
     message: str
 
 
-async def _drain(requests: AsyncIterator[Any]) -> None:
+async def _drain(requests: AsyncIterator[Any], bounds: StreamDrain) -> None:
     """Read and drop a stream's messages until the client half-closes, goes quiet for
-    ``DRAIN_IDLE_S`` (a windowed client waiting for answers that will not come) or
-    ``DRAIN_LIMIT_S`` have passed. A grpc Python aio client still writing when the status
+    ``bounds.idle_s`` (a windowed client waiting for answers that will not come) or
+    ``bounds.limit_s`` have passed. A grpc Python aio client still writing when the status
     arrives reports INTERNAL instead of it (grpc/grpc#36066), so the status waits for this."""
     loop = asyncio.get_running_loop()
-    end = loop.time() + DRAIN_LIMIT_S
+    end = loop.time() + bounds.limit_s
     messages = aiter(requests)
     while (left := end - loop.time()) > 0:
         try:
-            await asyncio.wait_for(anext(messages), min(DRAIN_IDLE_S, left))
+            await asyncio.wait_for(anext(messages), min(bounds.idle_s, left))
         except (StopAsyncIteration, TimeoutError):
             return
 
@@ -89,6 +93,9 @@ def _refuse(context: Context, malformed: _Malformed) -> None:
 
 
 class RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    def __init__(self, drain: StreamDrain) -> None:
+        self._drain = drain
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
@@ -145,7 +152,7 @@ class RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 response = await gather(checked, context)
                 if checked.malformed is None:
                     return response
-                await _drain(requests)
+                await _drain(requests, self._drain)
                 return _refuse(context, checked.malformed)
 
             return grpc.stream_unary_rpc_method_handler(
@@ -169,7 +176,7 @@ class RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 async for message in bidi(checked, context):
                     yield message
                 if checked.malformed is not None:
-                    await _drain(requests)
+                    await _drain(requests, self._drain)
                     _refuse(context, checked.malformed)
 
             return grpc.stream_stream_rpc_method_handler(

@@ -48,7 +48,7 @@ from sie_server.grpc_api.auth import RequireApiKey
 from sie_server.grpc_api.compute_watch import watch_compute
 from sie_server.grpc_api.encode_service import EncodeServicer
 from sie_server.grpc_api.extract_service import ExtractServicer
-from sie_server.grpc_api.interceptors import RejectMalformed
+from sie_server.grpc_api.interceptors import RejectMalformed, StreamDrain
 from sie_server.grpc_api.model_service import ModelServicer
 from sie_server.grpc_api.score_service import ScoreServicer
 from sie_server.grpc_api.status import StatusServicer, StatusSource
@@ -185,7 +185,9 @@ def _interceptors(settings: Settings, tracing: Tracing) -> list[grpc.aio.ServerI
     """Tracing's span first (refused calls are traced too), then the key check (a refused call
     is not even parsed), then malformed requests."""
     keys = ApiKeys(settings.api_keys, settings.api_keys_file)
-    checks = [RequireApiKey(keys), RejectMalformed()] if keys.enabled else [RejectMalformed()]
+    drain = StreamDrain(settings.stream_drain_idle_s, settings.stream_drain_limit_s)
+    malformed = RejectMalformed(drain)
+    checks = [RequireApiKey(keys), malformed] if keys.enabled else [malformed]
     return [*tracing.server_interceptors(), *checks]
 
 
