@@ -16,6 +16,13 @@ import numpy as np
 ENGINE_ROWS = ("our gRPC, ONNX engine", "our gRPC, ONNX int8 engine")
 #: ``targets``' ``add``: name, value, goal, met, format of the value.
 Add = Callable[[str, float | None, str, bool | None, str], None]
+#: The targets ``bench_rounds`` measures side by side: its key, by the target's name here.
+SIDE_BY_SIDE = {
+    "gRPC 32x1 medium / in-process best": "grpc_over_inproc_32x1_medium",
+    "bridge msgpack / gRPC (32x1 medium)": "bridge_over_grpc_32x1_medium",
+    "gRPC 1x1 short p50 - in-process batch-1 p50": "grpc_1x1_short_over_inproc_ms",
+    "bridge msgpack 1x1 short p50 - in-process batch-1 p50": "bridge_1x1_short_over_inproc_ms",
+}
 
 
 def _row(results: dict[str, Any], system: str, conc: int, tpc: int, kind: str) -> Any:
@@ -34,8 +41,24 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One entry per target of issue 16: name, measured, goal, met (True/False/None)."""
     out: list[dict[str, Any]] = []
 
+    side = results.get("side_by_side")
+
     def add(name: str, value: float | None, goal: str, met: bool | None, fmt: str) -> None:
         shown = "not measured" if value is None else fmt.format(value)
+        key = SIDE_BY_SIDE.get(name)
+        if side and key:
+            # The verdict is the rounds' median; the grid's single cell is shown beside it.
+            median = side["medians"][key]
+            values = [r[key] for r in side["rounds"]]
+            cell = shown
+            shown = (
+                f"{fmt.format(median)} (side by side, median of {len(values)} round"
+                + ("s" if len(values) > 1 else "")
+                + ": "
+                + ", ".join(fmt.format(v) for v in values)
+                + f"; grid cell {cell})"
+            )
+            value, met = median, side["met"][key]
         out.append({"target": name, "measured": shown, "value": value, "goal": goal, "met": met})
 
     if "rows" in results:

@@ -26,7 +26,6 @@ import datetime as dt
 import json
 import os
 import statistics
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,27 +35,13 @@ from bench_closed import GrpcCaller
 from bench_common import ROOT
 from bench_grid import Cell, Target, run_cell
 from bench_inproc import Libraries
+from bench_rounds import inprocess_best
 from bench_server import ServerProcess, read_counters
 from encode_bench import load_corpus
 
 WARM_S = 3.0
 CELL: Cell = (32, 1, "medium")
 GOALS = {"torch": 1.0, "fastest": 1.5}
-
-
-def inprocess_best(
-    libs: Libraries, texts: Sequence[str], batches: Sequence[int], seconds: float
-) -> float:
-    """Texts/s of the best of ``batches``, each encoding ``texts`` for ``seconds``."""
-    best = 0.0
-    for batch in batches:
-        libs.st_encode(texts[:batch], batch)  # warm this shape
-        done, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            libs.st_encode(texts, batch)
-            done += len(texts)
-        best = max(best, done / (time.perf_counter() - started))
-    return best
 
 
 async def served(

@@ -5,8 +5,10 @@
 
 Order: machine facts; in-process baselines (sentence-transformers at batch 1..64 per kind,
 plain AutoModel) and the GEMM probe, turned into a texts/s bound; our server (gRPC) with our
-bridge in front of it (msgpack, JSON), each over its grid of closed-loop cells; our server and
-bridge stopped (each must exit 0); the same server with each faster engine option (``--engine
+bridge in front of it (msgpack, JSON), each over its grid of closed-loop cells, then four ratio
+targets side by side in alternating rounds against the same server and bridge (``bench_rounds``:
+those targets' verdicts are the rounds' medians); our server and bridge stopped (each must
+exit 0); the same server with each faster engine option (``--engine
 onnx``, ``onnx-int8``), its vectors compared with the torch server's; the in-process baselines
 again (every ratio divides by the mean of the best batch before and after our servers); the
 other workloads (score, extract, bge-m3 multi-output encode, each against its own library in
@@ -39,12 +41,15 @@ from bench_grid import FULL, QUICK, BoardProfile, ServiceRow, Target, plan, requ
 from bench_inproc import InprocRow, Libraries
 from bench_machine import ModelShape, cpu_facts, gemm_probe, library_versions, torch_facts
 from bench_peers import Peer, ensure_venv, peers
+from bench_rounds import Windows, run_rounds
 from bench_server import ServerProcess, read_counters
 from bench_services import Service, bridge
 from bench_tasks import FULL_TASKS, QUICK_TASKS, run_tasks
 from encode_bench import load_corpus
 
 DEFAULT_OUT = ROOT / "bench/results"
+#: Rounds and windows of the side-by-side phase (bench_rounds), by profile.
+SIDE_BY_SIDE = {"full": (3, Windows()), "quick": (1, Windows(2.0, 3.0, 1.0))}
 
 
 async def run_target(
@@ -126,6 +131,14 @@ def ours(ctx: dict[str, Any], profile: BoardProfile) -> list[ServiceRow]:
         for make, klass in ((grpc_target, "grpc"), (http_target("msgpack"), "msgpack"),
                             (http_target("json"), "json")):  # fmt: skip
             rows += asyncio.run(run_target(make, klass, ctx, profile))
+        count, windows = SIDE_BY_SIDE[profile.name]
+        print(f"side by side: {count} rounds of in process, gRPC and bridge", flush=True)
+        libs = Libraries(ctx["weights"])
+        ctx["side_by_side"] = run_rounds(
+            count, libs, {"grpc": grpc_target, "msgpack": http_target("msgpack")},
+            ctx["corpus"], ctx["tokens"], windows,
+        )  # fmt: skip
+        del libs
     finally:
         if front is not None:
             ctx["exit_codes"]["sie-bridge"] = front.stop()
@@ -314,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             row.gemm_share = row.texts_per_s / results["gemm_bound_texts_per_s"][row.kind]
         results["rows"] = [dataclasses.asdict(r) for r in rows]
         results["payload_bytes_over_4dim"] = ctx.get("payload_bytes_over_4dim", {})
+        results["side_by_side"] = ctx.get("side_by_side")
         results["engine_quality"] = ctx["quality"]
         results["peer_start_s"] = ctx["peer_start_s"]
 

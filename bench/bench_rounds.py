@@ -1,0 +1,143 @@
+"""Issue 16's ratio targets against one running server and bridge, side by side in rounds.
+
+On these hosts two windows minutes apart differ by up to 15-20%, as much as the targets'
+margins, so a ratio of two cells measured in different phases of a run says little. Here every
+figure a ratio needs is measured in the same round, back to back, in an order that alternates
+between rounds (reversed in odd rounds), and the result is the median over the rounds:
+
+* latency: the in-process batch-1 p50 (sentence-transformers ``encode([text], batch_size=1)``
+  in this process), then one closed-loop client sending one short text a call over gRPC and
+  through the bridge (msgpack), each for ``latency_s``;
+* throughput: sentence-transformers' best of ``batches`` on 256 medium texts in this process,
+  then 32 closed-loop clients x one medium text a call over gRPC and through the bridge, each
+  for ``throughput_s``.
+
+Used by ``bench_bridge.py`` (standalone) and by ``make bench`` (``bench_scoreboard.py``), whose
+targets table reports these medians beside the grid's single cells.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bench_grid import Cell, Target, run_cell
+from bench_inproc import Libraries
+
+WARM_S = 3.0
+LATENCY: Cell = (1, 1, "short")
+THROUGHPUT: Cell = (32, 1, "medium")
+#: Each ratio this module measures and its goal (``_ms``: at most, else at least).
+GOALS = {
+    "grpc_over_inproc_32x1_medium": 1.0,
+    "grpc_1x1_short_over_inproc_ms": 2.0,
+    "bridge_1x1_short_over_inproc_ms": 4.0,
+    "bridge_over_grpc_32x1_medium": 0.95,
+}
+
+#: Builds a target inside the running event loop: (the target, its close).
+Make = Callable[[], tuple[Target, Callable[[], Awaitable[None]]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Windows:
+    """Seconds each measurement of a round runs."""
+
+    latency_s: float = 8.0
+    throughput_s: float = 12.0
+    inproc_s: float = 8.0
+    batches: tuple[int, ...] = (16, 32)
+
+
+async def measure(make: Make, corpus: Mapping[str, Sequence[str]], tokens: Mapping[str, int],
+                  cell: Cell, seconds: float) -> tuple[float, float]:  # fmt: skip
+    """(p50 ms, texts/s) of ``cell`` against the target ``make()`` builds in this loop."""
+    target, close = make()
+    try:
+        row = await run_cell(target, cell, corpus, tokens, WARM_S, seconds, seconds)
+    finally:
+        await close()
+    if row.errors:
+        raise RuntimeError(f"{target.system}: {row.errors} errors: {row.first_errors}")
+    return row.p50_ms, row.texts_per_s
+
+
+def inprocess_best(
+    libs: Libraries, texts: Sequence[str], batches: Sequence[int], seconds: float
+) -> float:
+    """Texts/s of the best of ``batches``, each encoding ``texts`` for ``seconds``."""
+    best = 0.0
+    for batch in batches:
+        libs.st_encode(texts[:batch], batch)  # warm this shape
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            libs.st_encode(texts, batch)
+            done += len(texts)
+        best = max(best, done / (time.perf_counter() - started))
+    return best
+
+
+def one_round(
+    flip: bool,
+    libs: Libraries,
+    targets: Mapping[str, Make],
+    corpus: Mapping[str, Sequence[str]],
+    tokens: Mapping[str, int],
+    windows: Windows,
+) -> dict[str, float]:
+    """One round; ``targets`` holds "grpc" and "msgpack"."""
+    out: dict[str, float] = {}
+
+    def in_order(names: list[str]) -> list[str]:
+        return list(reversed(names)) if flip else names
+
+    for name in in_order(["inproc", "grpc", "msgpack"]):
+        if name == "inproc":
+            out["inproc_p50_ms"] = libs.batch1_p50_ms(corpus["short"], windows.latency_s)
+        else:
+            out[f"{name}_p50_ms"], _ = asyncio.run(
+                measure(targets[name], corpus, tokens, LATENCY, windows.latency_s)
+            )
+    for name in in_order(["inproc", "grpc", "msgpack"]):
+        if name == "inproc":
+            out["inproc_best_texts_per_s"] = inprocess_best(
+                libs, list(corpus["medium"])[:256], windows.batches, windows.inproc_s
+            )
+        else:
+            _, out[f"{name}_32x1_texts_per_s"] = asyncio.run(
+                measure(targets[name], corpus, tokens, THROUGHPUT, windows.throughput_s)
+            )
+    out["grpc_over_inproc_32x1_medium"] = (
+        out["grpc_32x1_texts_per_s"] / out["inproc_best_texts_per_s"]
+    )
+    out["grpc_1x1_short_over_inproc_ms"] = out["grpc_p50_ms"] - out["inproc_p50_ms"]
+    out["bridge_1x1_short_over_inproc_ms"] = out["msgpack_p50_ms"] - out["inproc_p50_ms"]
+    out["bridge_over_grpc_32x1_medium"] = (
+        out["msgpack_32x1_texts_per_s"] / out["grpc_32x1_texts_per_s"]
+    )
+    return out
+
+
+def run_rounds(
+    count: int,
+    libs: Libraries,
+    targets: Mapping[str, Make],
+    corpus: Mapping[str, Sequence[str]],
+    tokens: Mapping[str, int],
+    windows: Windows,
+) -> dict[str, Any]:
+    """``count`` rounds: {"rounds", "medians", "goals", "met"} (met: by the medians)."""
+    rounds: list[dict[str, float]] = []
+    for number in range(count):
+        result = one_round(number % 2 == 1, libs, targets, corpus, tokens, windows)
+        rounds.append(result)
+        print(f"  round {number + 1}: " + ", ".join(
+            f"{k} {v:.2f}" for k, v in result.items()), flush=True)  # fmt: skip
+    medians = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+    met = {key: (medians[key] <= goal if key.endswith("_ms") else medians[key] >= goal)
+           for key, goal in GOALS.items()}  # fmt: skip
+    return {"rounds": rounds, "medians": medians, "goals": GOALS, "met": met}
