@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_rounds import PEER_KEY
 
 #: The faster engine options' rows (bench_scoreboard.ENGINE_OPTIONS).
 ENGINE_ROWS = ("our gRPC, ONNX engine", "our gRPC, ONNX int8 engine")
@@ -41,12 +42,17 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One entry per target of issue 16: name, measured, goal, met (True/False/None)."""
     out: list[dict[str, Any]] = []
 
-    side = results.get("side_by_side")
+    # Targets measured side by side in rounds (bench_rounds): name -> (their results, key).
+    sides: dict[str, tuple[dict[str, Any], str]] = {}
+    if results.get("side_by_side"):
+        sides = {name: (results["side_by_side"], key) for name, key in SIDE_BY_SIDE.items()}
+    for label, rounds in (results.get("peer_side_by_side") or {}).items():
+        sides[peer_target(label)] = (rounds, PEER_KEY)
 
     def add(name: str, value: float | None, goal: str, met: bool | None, fmt: str) -> None:
         shown = "not measured" if value is None else fmt.format(value)
-        key = SIDE_BY_SIDE.get(name)
-        if side and key:
+        side, key = sides.get(name, ({}, ""))
+        if side:
             # The verdict is the rounds' median; the grid's single cell is shown beside it.
             median = side["medians"][key]
             values = [r[key] for r in side["rounds"]]
@@ -69,6 +75,11 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         add(f"{workload}: gRPC 32 clients / {library} best in-process batch", value, ">= 1.00",
             None if value is None else value >= 1.0, "{:.2f}x")  # fmt: skip
     return out
+
+
+def peer_target(label: str) -> str:
+    """The name of the "gRPC / peer" target of a peer's row label."""
+    return f"gRPC / {label.split(' (')[0]} (32x1 medium)"
 
 
 def _task_row(results: dict[str, Any], workload: str, conc: int) -> Any:
@@ -98,7 +109,7 @@ def encode_targets(results: dict[str, Any], add: Add) -> None:
         other = _row(results, peer, 32, 1, "medium")
         value = grpc["texts_per_s"] / other["texts_per_s"] if grpc and other else None
         value = None if other and not other["texts_per_s"] else value
-        add(f"gRPC / {peer.split(' (')[0]} (32x1 medium)", value, ">= 1.50",
+        add(peer_target(peer), value, ">= 1.50",
             None if value is None else value >= 1.5, "{:.2f}x")  # fmt: skip
     bridge = _row(results, "our bridge msgpack", 32, 1, "medium")
     ok = bridge and grpc and grpc["texts_per_s"]

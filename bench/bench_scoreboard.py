@@ -13,7 +13,9 @@ onnx``, ``onnx-int8``), its vectors compared with the torch server's; the in-pro
 again (every ratio divides by the mean of the best batch before and after our servers); the
 other workloads (score, extract, bge-m3 multi-output encode, each against its own library in
 process; ``--tasks-only`` runs this phase alone); then
-each peer in turn in its own venv, alone on the machine.
+each peer in turn in its own venv, alone on the machine over its grid, and then beside our
+torch server started again, the two measured in alternating rounds (the verdict of the
+"gRPC / peer" targets is those rounds' median).
 Writes ``bench/results/<timestamp>.{md,png,json}``; exits 1 when a call failed or a service did
 not stop cleanly. Modules: bench_machine (facts, GEMM), bench_inproc, bench_closed (the client
 loop), bench_grid (cells, rows), bench_services/bench_server (processes), bench_peers (venvs),
@@ -41,7 +43,7 @@ from bench_grid import FULL, QUICK, BoardProfile, ServiceRow, Target, plan, requ
 from bench_inproc import InprocRow, Libraries
 from bench_machine import ModelShape, cpu_facts, gemm_probe, library_versions, torch_facts
 from bench_peers import Peer, ensure_venv, peers
-from bench_rounds import Windows, run_rounds
+from bench_rounds import Windows, peer_rounds, run_rounds
 from bench_server import ServerProcess, read_counters
 from bench_services import Service, bridge
 from bench_tasks import FULL_TASKS, QUICK_TASKS, run_tasks
@@ -267,7 +269,10 @@ def run_peer(peer: Peer, ctx: dict[str, Any], profile: BoardProfile) -> list[Ser
             )
             return Target(peer.label, c, service.cpu_s), c.close  # fmt: skip
 
-        return asyncio.run(run_target(make, "peer1" if peer.medium_only else "peer", ctx, profile))
+        rows = asyncio.run(run_target(make, "peer1" if peer.medium_only else "peer", ctx, profile))
+        if not peer.medium_only:  # a system of the targets: our gRPC against it, in rounds
+            ctx["peer_side_by_side"][peer.label] = ours_against(peer, make, ctx, profile)
+        return rows
     except RuntimeError as exc:
         line = f"{peer.label}: did not start ({str(exc).splitlines()[0]})"
         print(line, flush=True)
@@ -275,6 +280,26 @@ def run_peer(peer: Peer, ctx: dict[str, Any], profile: BoardProfile) -> list[Ser
         return []
     finally:
         ctx["exit_codes"][peer.name] = service.stop()
+
+
+def ours_against(peer: Peer, make_peer: Any, ctx: dict[str, Any],
+                 profile: BoardProfile) -> dict[str, Any]:  # fmt: skip
+    """Our torch server started again beside the running peer, and the two measured in turn
+    at 32 clients x one medium text (``bench_rounds.peer_rounds``); the server must exit 0."""
+    count, windows = SIDE_BY_SIDE[profile.name]
+    print(f"side by side: {count} rounds of our gRPC and {peer.label}", flush=True)
+    server = ServerProcess("float32")
+    try:
+        server.wait_ready()
+
+        def make_ours() -> tuple[Target, Any]:
+            c = GrpcCaller(server.address)
+            return Target("our gRPC", c, server.cpu_s), c.close
+
+        return peer_rounds(count, make_ours, make_peer, ctx["corpus"], ctx["tokens"], windows)
+    finally:
+        server.terminate()
+        ctx["exit_codes"][f"sie-server-beside-{peer.name}"] = server.wait_exit()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -328,6 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["rows"] = [dataclasses.asdict(r) for r in rows]
         results["payload_bytes_over_4dim"] = ctx.get("payload_bytes_over_4dim", {})
         results["side_by_side"] = ctx.get("side_by_side")
+        results["peer_side_by_side"] = ctx["peer_side_by_side"]
         results["engine_quality"] = ctx["quality"]
         results["peer_start_s"] = ctx["peer_start_s"]
 
@@ -352,8 +378,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for x in results["targets"]:
         met = {True: "met", False: "MISSED", None: "-"}[x["met"]]
         print(f"  {x['target']:<58} {x['measured']:>14} {x['goal']:>24}  {met}")
-    ours_names = ("sie-server", "sie-bridge", "sie-server-tasks", *(e[2] for e in ENGINE_OPTIONS))
-    ours_codes = (exit_codes[n] for n in ours_names if n in exit_codes)
+    # Ours: sie-server (torch), -tasks, -onnx, -onnx-int8, -beside-<peer>, and the bridge.
+    ours_codes = (
+        c for n, c in exit_codes.items() if n.startswith("sie-server") or n == "sie-bridge"
+    )
     # A peer's errors are its own (its table row shows them); only ours fail the bench.
     peer_systems = {peer.label for name in names for peer in available[name]}
     errors = sum(r.errors for r in rows if r.system not in peer_systems)
@@ -409,6 +437,7 @@ def encode_phases(
         "notes": notes,
         "exit_codes": {},
         "peer_start_s": {},
+        "peer_side_by_side": {},
         "quality": {},
         "weights": weights,
     }
