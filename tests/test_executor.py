@@ -482,6 +482,23 @@ async def test_an_item_that_ooms_alone_does_not_fail_its_batch_mates(
     assert_correct(["small one", "small two"], [first, second])
 
 
+async def test_an_item_that_ooms_alone_leaves_its_batch_mates_at_their_own_sizes(
+    prep_pool: ThreadPoolExecutor,
+) -> None:
+    """The parts that held it failed because of it, not because of their size: once it fails
+    alone, the other parts are tried whole again, not split one item at a time."""
+    adapter = fake()
+    texts = [words(f"item{i}", 2) for i in range(8)]
+    runner = OomOn(adapter, DOCS, texts[0])
+    async with running(prep_pool) as executor:
+        results = await outcomes(submit(executor, adapter, texts, runner=runner))
+    assert isinstance(results[0], ResourceExhausted)
+    assert_correct(texts[1:], results[1:])
+    assert adapter.seen_texts() == set(texts[1:])
+    # The failures lead to the item (8, 4, 2 and itself); its mates ran in parts of 1, 2 and 4.
+    assert sorted(len(p.texts) for p in adapter.passes if p.outcome == "ok") == [1, 2, 4]
+
+
 # ---- shutdown ------------------------------------------------------------------------------------------------
 
 

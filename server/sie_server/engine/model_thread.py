@@ -221,6 +221,9 @@ class ModelThread:
             del inputs
             free_device_memory()
             if len(payloads) == 1:
+                # This item may be why the parts around it failed: its batch mates are tried at
+                # their own sizes again, not one at a time.
+                bound.failed_items = bound.unknown
                 error = ResourceExhausted(
                     f"out of memory running one item: {message}", model=self.name
                 )
@@ -237,10 +240,16 @@ class ModelThread:
 @dataclass(slots=True)
 class _SplitBound:
     """The fewest items of one batch that ran out of memory together, across its split: parts
-    that large are split without a pass, so a batch that fits only in pairs costs one failed
-    pass per halving (6 for 64 items), not one per pair's ancestor (63)."""
+    that large are split without a pass, so a 64-item batch whose items fit only one at a time
+    costs one failed pass per halving (64, 32, ..., 2: 6), not one per part that holds two or
+    more items (63). An item that runs out of memory alone resets it to ``unknown``: the
+    failures above it may have been its own."""
 
-    failed_items: int
+    unknown: int
+    failed_items: int = 0
+
+    def __post_init__(self) -> None:
+        self.failed_items = self.unknown
 
 
 def _call_name(fn: Callable[..., Any]) -> str:
