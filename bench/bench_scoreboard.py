@@ -136,10 +136,13 @@ def ours(ctx: dict[str, Any], profile: BoardProfile) -> list[ServiceRow]:
         count, windows = SIDE_BY_SIDE[profile.name]
         print(f"side by side: {count} rounds of in process, gRPC and bridge", flush=True)
         libs = Libraries(ctx["weights"])
-        ctx["side_by_side"] = run_rounds(
-            count, libs, {"grpc": grpc_target, "msgpack": http_target("msgpack")},
-            ctx["corpus"], ctx["tokens"], windows,
-        )  # fmt: skip
+        try:
+            ctx["side_by_side"] = run_rounds(
+                count, libs, {"grpc": grpc_target, "msgpack": http_target("msgpack")},
+                ctx["corpus"], ctx["tokens"], windows,
+            )  # fmt: skip
+        except RuntimeError as exc:  # calls failed: reported, and the bench exits 1
+            side_failure(ctx, f"side-by-side rounds of our server: {exc}", ours=True)
         del libs
     finally:
         if front is not None:
@@ -271,7 +274,10 @@ def run_peer(peer: Peer, ctx: dict[str, Any], profile: BoardProfile) -> list[Ser
 
         rows = asyncio.run(run_target(make, "peer1" if peer.medium_only else "peer", ctx, profile))
         if not peer.medium_only:  # a system of the targets: our gRPC against it, in rounds
-            ctx["peer_side_by_side"][peer.label] = ours_against(peer, make, ctx, profile)
+            try:
+                ctx["peer_side_by_side"][peer.label] = ours_against(peer, make, ctx, profile)
+            except RuntimeError as exc:  # calls failed, its or ours: noted, its rows stay
+                side_failure(ctx, f"side-by-side rounds against {peer.label}: {exc}", ours=False)
         return rows
     except RuntimeError as exc:
         line = f"{peer.label}: did not start ({str(exc).splitlines()[0]})"
@@ -280,6 +286,14 @@ def run_peer(peer: Peer, ctx: dict[str, Any], profile: BoardProfile) -> list[Ser
         return []
     finally:
         ctx["exit_codes"][peer.name] = service.stop()
+
+
+def side_failure(ctx: dict[str, Any], line: str, *, ours: bool) -> None:
+    """A side-by-side phase whose calls failed: a note in the report; when only our services
+    were called, the bench exits 1 (a peer's errors are its own, as in its grid rows)."""
+    print(line, flush=True)
+    ctx["notes"].append(line)
+    ctx["side_failures"] += ours
 
 
 def ours_against(peer: Peer, make_peer: Any, ctx: dict[str, Any],
@@ -386,6 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     peer_systems = {peer.label for name in names for peer in available[name]}
     errors = sum(r.errors for r in rows if r.system not in peer_systems)
     errors += sum(r["errors"] for r in tasks["rows"]) + len(tasks["failures"])
+    errors += ctx.get("side_failures", 0)
     return 1 if errors or any(c != 0 for c in ours_codes) else 0
 
 
@@ -438,6 +453,7 @@ def encode_phases(
         "exit_codes": {},
         "peer_start_s": {},
         "peer_side_by_side": {},
+        "side_failures": 0,
         "quality": {},
         "weights": weights,
     }
