@@ -19,6 +19,7 @@ import argparse
 import datetime as dt
 import json
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from bench_closed import GrpcCaller, HttpCaller
 from bench_common import ROOT
 from bench_grid import Target
 from bench_inproc import Libraries
-from bench_rounds import GOALS, Make, Windows, run_rounds
+from bench_rounds import GOALS, Make, Windows, in_rounds, one_round
 from bench_server import ServerProcess, read_counters
 from bench_services import bridge
 from encode_bench import load_corpus
@@ -67,7 +68,9 @@ def main() -> None:
             return target, caller.close
 
         targets: dict[str, Make] = {"grpc": grpc, "msgpack": msgpack}
-        result = run_rounds(args.rounds, libs, targets, corpus, tokens, windows)
+        one = partial(one_round, libs=libs, targets=targets, corpus=corpus, tokens=tokens,
+                      windows=windows)  # fmt: skip
+        result = in_rounds(args.rounds, one, GOALS)
     finally:
         if front is not None:
             front.stop()

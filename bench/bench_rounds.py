@@ -122,54 +122,43 @@ def one_round(
     return out
 
 
-def run_rounds(
-    count: int,
-    libs: Libraries,
-    targets: Mapping[str, Make],
-    corpus: Mapping[str, Sequence[str]],
-    tokens: Mapping[str, int],
-    windows: Windows,
+def in_rounds(
+    count: int, one_round: Callable[[bool], dict[str, float]], goals: Mapping[str, float]
 ) -> dict[str, Any]:
-    """``count`` rounds: {"rounds", "medians", "goals", "met"} (met: by the medians)."""
+    """``count`` rounds of ``one_round(flip)``, flip in every other one: {"rounds", "medians",
+    "goals", "met"}, met by the medians (a key ending in ``_ms``: at most its goal, else at
+    least)."""
     rounds: list[dict[str, float]] = []
     for number in range(count):
-        result = one_round(number % 2 == 1, libs, targets, corpus, tokens, windows)
+        result = one_round(number % 2 == 1)
         rounds.append(result)
         print(f"  round {number + 1}: " + ", ".join(
             f"{k} {v:.2f}" for k, v in result.items()), flush=True)  # fmt: skip
     medians = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
     met = {key: (medians[key] <= goal if key.endswith("_ms") else medians[key] >= goal)
-           for key, goal in GOALS.items()}  # fmt: skip
-    return {"rounds": rounds, "medians": medians, "goals": GOALS, "met": met}
+           for key, goal in goals.items()}  # fmt: skip
+    return {"rounds": rounds, "medians": medians, "goals": dict(goals), "met": met}
 
 
-#: The key of ``peer_rounds``' ratio and its goal.
+#: The key of ``peer_round``'s ratio, and its goal.
 PEER_KEY = "grpc_over_peer_32x1_medium"
-PEER_GOAL = 1.5
+PEER_GOALS = {PEER_KEY: 1.5}
 
 
-def peer_rounds(
-    count: int,
+def peer_round(
+    flip: bool,
     ours: Make,
     peer: Make,
     corpus: Mapping[str, Sequence[str]],
     tokens: Mapping[str, int],
     windows: Windows,
-) -> dict[str, Any]:
-    """Our gRPC against a peer at 32 clients x one medium text, back to back in ``count``
-    rounds (the order reversed every other round): {"rounds", "medians", "goals", "met"}."""
-    rounds: list[dict[str, float]] = []
-    for number in range(count):
-        out: dict[str, float] = {}
-        sides = [("ours", ours), ("peer", peer)]
-        for name, make in reversed(sides) if number % 2 else sides:
-            _, out[f"{name}_texts_per_s"] = asyncio.run(
-                measure(make, corpus, tokens, THROUGHPUT, windows.throughput_s)
-            )
-        out[PEER_KEY] = out["ours_texts_per_s"] / out["peer_texts_per_s"]
-        rounds.append(out)
-        print(f"  round {number + 1}: " + ", ".join(
-            f"{k} {v:.2f}" for k, v in out.items()), flush=True)  # fmt: skip
-    medians = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
-    return {"rounds": rounds, "medians": medians, "goals": {PEER_KEY: PEER_GOAL},
-            "met": {PEER_KEY: medians[PEER_KEY] >= PEER_GOAL}}  # fmt: skip
+) -> dict[str, float]:
+    """Our gRPC and a peer at 32 clients x one medium text, back to back (peer first: flip)."""
+    out: dict[str, float] = {}
+    sides = [("ours", ours), ("peer", peer)]
+    for name, make in reversed(sides) if flip else sides:
+        _, out[f"{name}_texts_per_s"] = asyncio.run(
+            measure(make, corpus, tokens, THROUGHPUT, windows.throughput_s)
+        )
+    out[PEER_KEY] = out["ours_texts_per_s"] / out["peer_texts_per_s"]
+    return out

@@ -33,6 +33,7 @@ import os
 import subprocess
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ from bench_grid import FULL, QUICK, BoardProfile, ServiceRow, Target, plan, requ
 from bench_inproc import InprocRow, Libraries
 from bench_machine import ModelShape, cpu_facts, gemm_probe, library_versions, torch_facts
 from bench_peers import Peer, ensure_venv, peers
-from bench_rounds import Windows, peer_rounds, run_rounds
+from bench_rounds import GOALS, PEER_GOALS, Windows, in_rounds, one_round, peer_round
 from bench_server import ServerProcess, read_counters
 from bench_services import Service, bridge
 from bench_tasks import FULL_TASKS, QUICK_TASKS, run_tasks
@@ -137,10 +138,10 @@ def ours(ctx: dict[str, Any], profile: BoardProfile) -> list[ServiceRow]:
         print(f"side by side: {count} rounds of in process, gRPC and bridge", flush=True)
         libs = Libraries(ctx["weights"])
         try:
-            ctx["side_by_side"] = run_rounds(
-                count, libs, {"grpc": grpc_target, "msgpack": http_target("msgpack")},
-                ctx["corpus"], ctx["tokens"], windows,
-            )  # fmt: skip
+            targets = {"grpc": grpc_target, "msgpack": http_target("msgpack")}
+            one = partial(one_round, libs=libs, targets=targets, corpus=ctx["corpus"],
+                          tokens=ctx["tokens"], windows=windows)  # fmt: skip
+            ctx["side_by_side"] = in_rounds(count, one, GOALS)
         except RuntimeError as exc:  # calls failed: reported, and the bench exits 1
             side_failure(ctx, f"side-by-side rounds of our server: {exc}", ours=True)
         del libs
@@ -299,7 +300,7 @@ def side_failure(ctx: dict[str, Any], line: str, *, ours: bool) -> None:
 def ours_against(peer: Peer, make_peer: Any, ctx: dict[str, Any],
                  profile: BoardProfile) -> dict[str, Any]:  # fmt: skip
     """Our torch server started again beside the running peer, and the two measured in turn
-    at 32 clients x one medium text (``bench_rounds.peer_rounds``); the server must exit 0."""
+    at 32 clients x one medium text (``bench_rounds.peer_round``); the server must exit 0."""
     count, windows = SIDE_BY_SIDE[profile.name]
     print(f"side by side: {count} rounds of our gRPC and {peer.label}", flush=True)
     server = ServerProcess("float32")
@@ -310,7 +311,9 @@ def ours_against(peer: Peer, make_peer: Any, ctx: dict[str, Any],
             c = GrpcCaller(server.address)
             return Target("our gRPC", c, server.cpu_s), c.close
 
-        return peer_rounds(count, make_ours, make_peer, ctx["corpus"], ctx["tokens"], windows)
+        one = partial(peer_round, ours=make_ours, peer=make_peer, corpus=ctx["corpus"],
+                      tokens=ctx["tokens"], windows=windows)  # fmt: skip
+        return in_rounds(count, one, PEER_GOALS)
     finally:
         server.terminate()
         ctx["exit_codes"][f"sie-server-beside-{peer.name}"] = server.wait_exit()
