@@ -4,10 +4,10 @@
                                            [--inproc-s 8]
 
 One server and one bridge stay up, and each round measures, back to back in an order that
-alternates between rounds (``bench_rounds.py``): the in-process batch-1 p50 and one client x one
-short text over gRPC and through the bridge (msgpack); then the in-process best batch on medium
-texts and 32 closed-loop clients x one medium text over gRPC and through the bridge. ``make
-bench`` runs the same rounds after its grid.
+alternates between rounds (``bench_rounds.py``): the p50 of one short text a call in process
+(batch 1), over gRPC and through the bridge (msgpack), the three taking turns in blocks of a few
+calls; then the in-process best batch on medium texts and 32 closed-loop clients x one medium
+text over gRPC and through the bridge. ``make bench`` runs the same rounds after its grid.
 
 The result (bench/results/bridge-<time>.json, or ``--out``) holds every round and their
 medians, against the targets (gRPC >= 1.0x in process, +2 ms, +4 ms, bridge >= 0.95x gRPC).

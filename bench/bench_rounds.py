@@ -5,9 +5,13 @@ margins, so a ratio of two cells measured in different phases of a run says litt
 figure a ratio needs is measured in the same round, back to back, in an order that alternates
 between rounds (reversed in odd rounds), and the result is the median over the rounds:
 
-* latency: the in-process batch-1 p50 (sentence-transformers ``encode([text], batch_size=1)``
-  in this process), then one closed-loop client sending one short text a call over gRPC and
-  through the bridge (msgpack), each for ``latency_s``;
+* latency: one short text a call, one call at a time: sentence-transformers
+  ``encode([text], batch_size=1)`` in this process, and one client over gRPC and through the
+  bridge (msgpack), taking turns in blocks of ``LATENCY_BLOCK`` calls on the same texts (the
+  order rotating from block to block) for ``latency_s`` each in all. The host's speed drifts by
+  a third within a minute (the in-process p50 moved from 18.7 to 26.9 ms between two rounds of
+  one run), more than the +2 ms target; calls taking turns every few hundred milliseconds see
+  the same host, windows one after the other do not;
 * throughput: sentence-transformers' best of ``batches`` on 256 medium texts in this process,
   then 32 closed-loop clients x one medium text a call over gRPC and through the bridge, each
   for ``throughput_s``.
@@ -25,11 +29,13 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bench_closed import Call
 from bench_grid import Cell, Target, run_cell
 from bench_inproc import Libraries
 
 WARM_S = 3.0
-LATENCY: Cell = (1, 1, "short")
+#: Calls of one system in a row before the next one's turn, in the latency measurement.
+LATENCY_BLOCK = 8
 THROUGHPUT: Cell = (32, 1, "medium")
 #: Each ratio this module measures and its goal (``_ms``: at most, else at least).
 GOALS = {
@@ -66,6 +72,50 @@ async def measure(make: Make, corpus: Mapping[str, Sequence[str]], tokens: Mappi
     return row.p50_ms, row.texts_per_s
 
 
+async def interleaved_p50s(
+    libs: Libraries, targets: Mapping[str, Make], texts: Sequence[str], seconds: float
+) -> dict[str, float]:
+    """``{"<name>_p50_ms"}`` for "inproc" and each of ``targets``: one text a call, one call at
+    a time, the systems taking turns in blocks of ``LATENCY_BLOCK`` calls on the same texts,
+    for about ``seconds`` per system (at least one block each)."""
+
+    async def inproc(batch: Sequence[str]) -> None:
+        libs.st_encode(batch, 1)  # nothing else runs in this loop while it blocks
+
+    built = {name: make() for name, make in targets.items()}
+    calls: dict[str, Call] = {"inproc": inproc}
+    calls.update({name: target.call for name, (target, _) in built.items()})
+    names = list(calls)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    try:
+        for name in names:  # warm: connections, this length's kernels
+            for text in texts[:3]:
+                await _checked(name, calls[name], text)
+        deadline = time.perf_counter() + seconds * len(names)
+        block = 0
+        while block < len(names) or time.perf_counter() < deadline:
+            shift = block % len(names)
+            batch = [texts[(block * LATENCY_BLOCK + k) % len(texts)] for k in range(LATENCY_BLOCK)]
+            for name in names[shift:] + names[:shift]:
+                for text in batch:
+                    started = time.perf_counter()
+                    await _checked(name, calls[name], text)
+                    times[name].append((time.perf_counter() - started) * 1000.0)
+            block += 1
+    finally:
+        for _, close in built.values():
+            await close()
+    return {f"{name}_p50_ms": statistics.median(times[name]) for name in names}
+
+
+async def _checked(name: str, call: Call, text: str) -> None:
+    """One call; its failure as the ``RuntimeError`` the callers report (``measure``'s too)."""
+    try:
+        await call([text])
+    except Exception as exc:
+        raise RuntimeError(f"{name}: one-text call failed: {exc!r}") from exc
+
+
 def inprocess_best(
     libs: Libraries, texts: Sequence[str], batches: Sequence[int], seconds: float
 ) -> float:
@@ -95,13 +145,7 @@ def one_round(
     def in_order(names: list[str]) -> list[str]:
         return list(reversed(names)) if flip else names
 
-    for name in in_order(["inproc", "grpc", "msgpack"]):
-        if name == "inproc":
-            out["inproc_p50_ms"] = libs.batch1_p50_ms(corpus["short"], windows.latency_s)
-        else:
-            out[f"{name}_p50_ms"], _ = asyncio.run(
-                measure(targets[name], corpus, tokens, LATENCY, windows.latency_s)
-            )
+    out.update(asyncio.run(interleaved_p50s(libs, targets, corpus["short"], windows.latency_s)))
     for name in in_order(["inproc", "grpc", "msgpack"]):
         if name == "inproc":
             out["inproc_best_texts_per_s"] = inprocess_best(
