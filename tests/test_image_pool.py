@@ -115,7 +115,9 @@ async def test_image_requests_prepare_in_the_image_pool_and_text_ones_do_not(
 ) -> None:
     stub = encode_pb2_grpc.EncodeServiceStub(server.channel)
     TwoTowerFake.prepare_threads.clear()
-    await stub.Encode(encode_pb2.EncodeRequest(model=MODEL, items=[common_pb2.Item(text="a b")]))
+    # Two texts: one alone would be prepared on the event loop (test_inline_prepare.py).
+    texts = [common_pb2.Item(text="a b"), common_pb2.Item(text="c d")]
+    await stub.Encode(encode_pb2.EncodeRequest(model=MODEL, items=texts))
     await stub.Encode(encode_pb2.EncodeRequest(model=MODEL, items=[image_item(16, 8)]))
     text_thread, image_thread = TwoTowerFake.prepare_threads
     assert text_thread.startswith("sie-tokenize")

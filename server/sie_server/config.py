@@ -75,6 +75,9 @@ class Settings:
     max_image_bytes: int = 20 * MIB
     max_image_pixels: int = 40_000_000
     tokenizer_workers: int = 2
+    #: A lone request of one text up to this many characters is tokenized and finished on the
+    #: event loop, not handed to the pools (registry.py, ``ModelRegistry.encode``); 0: never.
+    inline_max_chars: int = 1000
     #: Threads decoding and preprocessing images (their own pool: image work never holds up the
     #: tokenizers of text models).
     image_workers: int = 1
@@ -257,6 +260,13 @@ _OPTIONS: tuple[Option, ...] = (
         "decoding (INVALID_INPUT past it)",
     ),
     ("tokenizer-workers", int, "threads tokenizing requests"),
+    (
+        "inline-max-chars",
+        int,
+        "an encode request of one text up to this many characters, arriving while no other "
+        "request is in the server, is tokenized and finished on the event loop instead of in "
+        "the tokenizer pool, which saves two thread handoffs (0 = always the pool)",
+    ),
     ("image-workers", int, "threads decoding and preprocessing images"),
     (
         "load-retry-s",
@@ -403,6 +413,10 @@ def load_settings(
         raise SystemExit(
             f"--batch-wait-ms must be from 0 (off) to {MAX_BATCH_WAIT_MS}; got "
             f"{settings.batch_wait_ms}"
+        )
+    if settings.inline_max_chars < 0:
+        raise SystemExit(
+            f"--inline-max-chars must be 0 (never) or positive; got {settings.inline_max_chars}"
         )
     if settings.stuck_compute_s < 0:
         raise SystemExit(

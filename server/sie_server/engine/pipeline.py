@@ -2,7 +2,8 @@
 
 1. **Capacity**: a full queue, or one the request's items would not fit beside the admitted
    and reserved ones, refuses before any tokenizing is spent.
-2. **Prepare** in the tokenizer pool: the capability's ``*_job`` tokenizes and returns a ``Job``.
+2. **Prepare** in the tokenizer pool: the capability's ``*_job`` tokenizes and returns a ``Job``
+   (a lone short text: on the loop, with ``InlineExecutor`` as both pools; registry.py says when).
 3. **Submit**: the job's groups are admitted whole or refused whole (``QueueFull``).
 4. **Gather**: wait for every payload's future; the first error fails the request.
 5. **Postprocess** in the worker pool: the job's ``finish`` turns raw outputs into the result.
@@ -16,7 +17,7 @@ import asyncio
 import math
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -86,6 +87,21 @@ async def run_job(
         postprocessing_ms=(done - inferred) * 1000.0,
     )
     return Outcome(result=result, timing=timing, tokens=job.tokens)
+
+
+class InlineExecutor(Executor):
+    """Runs each call when it is submitted, on the submitting thread (the event loop's): for a
+    request too small to be worth two thread handoffs (``ModelRegistry.encode`` says when)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:  # the caller's await raises it, as a pool's would
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+        return future
 
 
 def covered_ms(passes: Iterable[tuple[float, float]]) -> float:

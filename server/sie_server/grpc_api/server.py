@@ -164,6 +164,7 @@ def build_registry(settings: Settings) -> ModelRegistry:
         ),
         placement=placement,
         tokenizer_workers=settings.tokenizer_workers,
+        inline_max_chars=settings.inline_max_chars,
         image_workers=settings.image_workers,
         limits=settings.request_limits(),
         load_retry_s=settings.load_retry_s,
