@@ -531,7 +531,7 @@ async def test_close_fails_queued_work_and_finishes_the_running_batch(
 
 
 class SlowCollate(EncodeRunner):
-    """Collation parks in the prep pool until ``proceed`` is set."""
+    """Collation parks until ``proceed`` is set."""
 
     def __init__(self, adapter: FakeAdapter, settings: EncodeSettings) -> None:
         super().__init__(adapter, settings)
@@ -544,20 +544,66 @@ class SlowCollate(EncodeRunner):
         return super().collate(payloads)
 
 
+class RecordsCollation(EncodeRunner):
+    """Records the thread of each collation, with the batch's texts."""
+
+    def __init__(self, adapter: FakeAdapter, settings: EncodeSettings) -> None:
+        super().__init__(adapter, settings)
+        self.threads: list[tuple[str, tuple[str, ...]]] = []
+
+    def collate(self, payloads: Sequence[Any]) -> Any:
+        inputs = super().collate(payloads)
+        self.threads.append((threading.current_thread().name, inputs.texts))
+        return inputs
+
+
+async def test_an_idle_models_batch_is_collated_where_it_runs_and_the_next_in_the_prep_pool(
+    prep_pool: ThreadPoolExecutor,
+) -> None:
+    """The prep thread collates a batch while another runs; a batch for an idle model would only
+    wait for two more thread handoffs there, so the compute thread collates it."""
+    adapter = fake()
+    runner = RecordsCollation(adapter, DOCS)
+    async with running(prep_pool, max_batch_items=1) as executor:
+        adapter.hold()
+        try:
+            first = submit(executor, adapter, ["the idle model's"], runner=runner)
+            await eventually(lambda: adapter.passes_started == 1, "the first pass starts")
+            second = submit(executor, adapter, ["the next one"], runner=runner)
+            await eventually(lambda: len(runner.threads) == 2, "the next batch is collated")
+        finally:
+            adapter.release()
+        results = await outcomes([*first, *second])
+    assert_correct(["the idle model's", "the next one"], results)
+    (lone_thread, lone), (next_thread, following) = runner.threads
+    assert (lone, following) == (("the idle model's",), ("the next one",))
+    assert lone_thread == adapter.passes[0].thread
+    assert lone_thread.startswith("sie-model-")
+    assert next_thread.startswith("test-prep")
+
+
 async def test_close_during_collation_resolves_the_batch(prep_pool: ThreadPoolExecutor) -> None:
+    """A batch prepared while another runs is caught in the prep pool by ``close``."""
     adapter = fake()
     runner = SlowCollate(adapter, DOCS)
-    executor = BatchExecutor("fake/model", ExecutorConfig(), prep_pool)
+    executor = BatchExecutor("fake/model", ExecutorConfig(max_batch_items=1), prep_pool)
     executor.start()
+    adapter.hold()
     try:
+        running_one = submit(executor, adapter, ["running"])
+        await eventually(lambda: adapter.passes_started == 1, "the first pass starts")
         items = submit(executor, adapter, ["caught mid collation"], runner=runner)
-        await eventually(runner.collating.is_set, "the batch is being collated")
+        await eventually(runner.collating.is_set, "the next batch is being collated")
+        adapter.release()
         await executor.close(timeout_s=HANG_GUARD_S)
     finally:
+        adapter.release()
         runner.proceed.set()
     await asyncio.sleep(0)
     try:
         assert items[0].future.done(), "the item's caller would wait forever"
+        assert isinstance(items[0].future.exception(), ShuttingDown)
+        assert running_one[0].future.done()
     finally:
         items[0].future.cancel()  # do not leave the future behind for later tests
 

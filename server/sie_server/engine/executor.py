@@ -2,7 +2,8 @@
 
 * ``submit`` (event loop) admits items with a real cost, or fails fast with ``QueueFull``.
 * The scheduler task (event loop) forms batches with ``PendingQueue`` and collates them in the
-  prep pool. With the model idle it dispatches at once; with ``batch_wait_ms`` set (off by
+  prep pool while the model runs (an idle model's batch is collated on the compute thread that
+  runs it). With the model idle it dispatches at once; with ``batch_wait_ms`` set (off by
   default), right after a batch of several items it may wait that long (at most a quarter of
   that batch's forward pass) for that batch's callers to come back, so closed-loop clients ride
   together instead of one running alone. While the model runs, it prepares the next batch only
@@ -454,10 +455,18 @@ class BatchExecutor:
         for item in batch.items:
             item.timing.batch_id = batch_id
         runner = batch.items[0].runner
+        idle = self._in_flight == 0
         self._in_flight += 1
         try:
-            inputs = await self._loop.run_in_executor(
-                self._prep_pool, runner.collate, [item.payload for item in batch.items]
+            # The prep thread collates the next batch while one runs. An idle model's batch is
+            # collated by the compute thread that runs it (inputs None): through the prep thread
+            # it would only wait for two more thread handoffs (docs/performance.md).
+            inputs = (
+                None
+                if idle
+                else await self._loop.run_in_executor(
+                    self._prep_pool, runner.collate, [item.payload for item in batch.items]
+                )
             )
         except asyncio.CancelledError:  # close() while collating: the batch never runs
             self._in_flight -= 1
