@@ -3,7 +3,7 @@
 1. **Capacity**: a full queue, or one the request's items would not fit beside the admitted
    and reserved ones, refuses before any tokenizing is spent.
 2. **Prepare** in the tokenizer pool: the capability's ``*_job`` tokenizes and returns a ``Job``
-   (a lone short text: on the loop, with ``InlineExecutor`` as both pools; registry.py says when).
+   (``inline``: on the loop itself, as ``finish`` in step 5; registry.py says when).
 3. **Submit**: the job's groups are admitted whole or refused whole (``QueueFull``).
 4. **Gather**: wait for every payload's future; the first error fails the request.
 5. **Postprocess** in the worker pool: the job's ``finish`` turns raw outputs into the result.
@@ -17,7 +17,7 @@ import asyncio
 import math
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -45,14 +45,17 @@ async def run_job(
     check: Callable[[Job[R]], None] | None = None,
     bulk: bool = False,
     items: int = 0,
+    inline: bool = False,
 ) -> Outcome[R]:
     """Prepare (off the loop), ``check`` the prepared job (before any compute), submit, gather,
     finish (off the loop), time. ``items``: the request's items, reserved while it is
-    prepared, so a request that cannot fit is refused before it is tokenized."""
+    prepared, so a request that cannot fit is refused before it is tokenized. ``inline``:
+    prepare and finish on the loop, for a request too small to be worth the round trips to
+    the pools (each costs a thread handoff both ways and a turn of the loop)."""
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
     with executor.preparing(items):
-        job = await loop.run_in_executor(prepare_pool, make_job)
+        job = make_job() if inline else await loop.run_in_executor(prepare_pool, make_job)
         prepared = time.perf_counter()
         if check is not None:
             check(job)
@@ -69,7 +72,10 @@ async def run_job(
         position += len(group)
     inferred = time.perf_counter()
 
-    result = await loop.run_in_executor(finish_pool, job.finish, outputs)
+    if inline:
+        result = job.finish(outputs)
+    else:
+        result = await loop.run_in_executor(finish_pool, job.finish, outputs)
     done = time.perf_counter()
     work = [item for group in admitted for item in group]
     passes = {
@@ -87,21 +93,6 @@ async def run_job(
         postprocessing_ms=(done - inferred) * 1000.0,
     )
     return Outcome(result=result, timing=timing, tokens=job.tokens)
-
-
-class InlineExecutor(Executor):
-    """Runs each call when it is submitted, on the submitting thread (the event loop's): for a
-    request too small to be worth two thread handoffs (``ModelRegistry.encode`` says when)."""
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        future: Future[Any] = Future()
-        try:
-            result = fn(*args, **kwargs)
-        except BaseException as exc:  # the caller's await raises it, as a pool's would
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
-        return future
 
 
 def covered_ms(passes: Iterable[tuple[float, float]]) -> float:

@@ -56,7 +56,7 @@ from sie_server.engine.executor import BatchExecutor, BatchStats, ExecutorConfig
 from sie_server.engine.loras import LoraResidency
 from sie_server.engine.memory import process_gauge, weight_files_bytes, weights_gauge
 from sie_server.engine.openmp import serial_openmp
-from sie_server.engine.pipeline import InlineExecutor, Outcome, run_job
+from sie_server.engine.pipeline import Outcome, run_job
 from sie_server.engine.warmup import check_profiles, warm_up
 from sie_server.errors import (
     InvalidInput,
@@ -186,7 +186,6 @@ class ModelRegistry:
         self._image_pool = ThreadPoolExecutor(
             config.image_workers, thread_name_prefix="sie-image", initializer=serial_openmp
         )
-        self._inline = InlineExecutor()
         #: Requests inside ``_run`` now, every model's (0: an arriving request is alone).
         self._running = 0
         self._prep_pool = ThreadPoolExecutor(
@@ -419,13 +418,12 @@ class ModelRegistry:
                 executor,
                 make_job,
                 deadline=deadline,
-                prepare_pool=(
-                    self._inline if inline else self._image_pool if images else self._tokenizer_pool
-                ),
+                prepare_pool=self._image_pool if images else self._tokenizer_pool,
                 bulk=bulk,
-                finish_pool=self._inline if inline else self._tokenizer_pool,
+                finish_pool=self._tokenizer_pool,
                 check=check,
                 items=items,
+                inline=inline,
             )
         finally:
             self._running -= 1
