@@ -16,10 +16,12 @@ from typing import Any, ClassVar
 import grpc
 import numpy as np
 import pytest
+import torch
 from sie_sdk.tensors import from_tensor
 from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc
 from sie_server.config import load_settings
 from sie_server.domain import EncodeOutput, InputItem, TokenizedText
+from sie_server.engine.openmp import thread_width
 from sie_server.errors import InvalidInput
 from sie_server.tasks.encode import EncodeCall, EncodedItem, EncodeSettings
 
@@ -45,12 +47,15 @@ class ThreadRecordingFake(FakeAdapter):
 
     prepared: ClassVar[dict[tuple[str, ...], str]] = {}
     finished: ClassVar[dict[tuple[str, ...], str]] = {}
+    #: torch's thread count where each request was prepared and finished.
+    widths: ClassVar[dict[tuple[str, ...], tuple[int, int]]] = {}
 
     def prepare_encode(
         self, items: Sequence[InputItem], settings: EncodeSettings
     ) -> list[TokenizedText]:
         texts = tuple(item.text or "" for item in items)
         ThreadRecordingFake.prepared[texts] = threading.current_thread().name
+        ThreadRecordingFake.widths[texts] = (torch.get_num_threads(), 0)
         if REFUSED in texts:
             raise InvalidInput(f"the fake refuses {REFUSED!r}", model=self.spec.name)
         return super().prepare_encode(items, settings)
@@ -60,6 +65,8 @@ class ThreadRecordingFake(FakeAdapter):
     ) -> list[EncodedItem]:
         texts = tuple(item.text or "" for item in call.items)
         ThreadRecordingFake.finished[texts] = threading.current_thread().name
+        prepared_width, _ = ThreadRecordingFake.widths[texts]
+        ThreadRecordingFake.widths[texts] = (prepared_width, torch.get_num_threads())
         return super().postprocess_encode(outputs, payloads, call)
 
 
@@ -97,6 +104,23 @@ async def test_a_lone_short_text_is_prepared_and_finished_on_the_event_loop(
         exactly = "x" * 1000  # the default --inline-max-chars
         await encode(handle, exactly)
         assert threads(exactly) == (threading.current_thread().name,) * 2
+
+
+async def test_inline_work_runs_torch_serially_and_the_loop_keeps_its_own_width(
+    tmp_path: Path,
+) -> None:
+    """Like the pools' threads (openmp.py), the loop's thread makes no OpenMP team of its own
+    while it prepares or finishes a request; its own count is back afterwards."""
+    before = torch.get_num_threads()
+    thread_width(2)
+    try:
+        async with server(tmp_path) as handle:
+            await encode(handle, "serial on the loop")
+            assert threads("serial on the loop") == (threading.current_thread().name,) * 2
+            assert ThreadRecordingFake.widths[("serial on the loop",)] == (1, 1)
+            assert torch.get_num_threads() == 2
+    finally:
+        thread_width(before)
 
 
 async def test_several_texts_or_a_longer_one_keep_the_tokenizer_pool(tmp_path: Path) -> None:

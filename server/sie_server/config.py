@@ -76,7 +76,7 @@ class Settings:
     max_image_pixels: int = 40_000_000
     tokenizer_workers: int = 2
     #: A lone request of one text up to this many characters is tokenized and finished on the
-    #: event loop, not handed to the pools (registry.py, ``ModelRegistry.encode``); 0: never.
+    #: event loop, not handed to the pools (registry.py, ``ModelRegistry._run``); 0: never.
     inline_max_chars: int = 1000
     #: Threads decoding and preprocessing images (their own pool: image work never holds up the
     #: tokenizers of text models).

@@ -16,9 +16,11 @@ span decoding, an image processor's tensors) run on the calling thread alone and
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,27 @@ def thread_width(threads: int) -> None:
         runtime.omp_set_num_threads(threads)
     else:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def serially() -> Iterator[None]:
+    """Inside the block, the calling thread's parallel regions run on one thread; its own width
+    comes back after. For work done on the event loop (a lone request's job and ``finish``,
+    pipeline.py), which must not give the loop's thread an OpenMP team of its own. Nothing
+    changes where torch's runtime is not found: the only fallback would change every thread's
+    count."""
+    runtime = torch_openmp()
+    if runtime is None:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()  # this thread's count
+    runtime.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        runtime.omp_set_num_threads(previous)
 
 
 def serial_openmp() -> None:

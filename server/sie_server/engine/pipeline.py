@@ -23,6 +23,7 @@ from typing import Any, Generic, TypeVar
 
 from sie_server.domain import Job, Timing
 from sie_server.engine.executor import BatchExecutor
+from sie_server.engine.openmp import serially
 
 R = TypeVar("R")
 
@@ -51,11 +52,16 @@ async def run_job(
     finish (off the loop), time. ``items``: the request's items, reserved while it is
     prepared, so a request that cannot fit is refused before it is tokenized. ``inline``:
     prepare and finish on the loop, for a request too small to be worth the round trips to
-    the pools (each costs a thread handoff both ways and a turn of the loop)."""
+    the pools (each costs a thread handoff both ways and a turn of the loop), with torch's
+    operators serial there as on the pools' threads (openmp.py)."""
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
     with executor.preparing(items):
-        job = make_job() if inline else await loop.run_in_executor(prepare_pool, make_job)
+        if inline:
+            with serially():
+                job = make_job()
+        else:
+            job = await loop.run_in_executor(prepare_pool, make_job)
         prepared = time.perf_counter()
         if check is not None:
             check(job)
@@ -73,7 +79,8 @@ async def run_job(
     inferred = time.perf_counter()
 
     if inline:
-        result = job.finish(outputs)
+        with serially():
+            result = job.finish(outputs)
     else:
         result = await loop.run_in_executor(finish_pool, job.finish, outputs)
     done = time.perf_counter()

@@ -143,7 +143,7 @@ class EngineConfig:
     placement: Placement
     tokenizer_workers: int = 2
     #: A lone request of one text up to this many characters is prepared and finished on the
-    #: event loop (``ModelRegistry.encode``); 0: always in the pools.
+    #: event loop (``ModelRegistry._run``); 0: always in the pools.
     inline_max_chars: int = 1000
     #: Threads decoding and preprocessing requests that carry images (tasks/images.py).
     image_workers: int = 1
@@ -433,7 +433,7 @@ class ModelRegistry:
 
     def _one_short_text(self, items: Sequence[InputItem]) -> bool:
         """One item of text alone, of at most ``inline_max_chars`` characters."""
-        if len(items) != 1:
+        if len(items) != 1 or self.config.inline_max_chars <= 0:
             return False
         item = items[0]
         plain = not item.images and not item.token_ids and item.multivector is None
