@@ -100,6 +100,9 @@ class Settings:
     #: Port of the Prometheus ``GET /metrics`` endpoint on ``host``; None: no endpoint, 0: a
     #: free port.
     metrics_port: int | None = None
+    #: Also serve gRPC on this Unix domain socket (a bridge or client on the same host: a call
+    #: costs less than over TCP loopback); None: the port only. Plaintext, so not with TLS.
+    uds: Path | None = None
     # Lifecycle.
     drain_delay_s: float = 1.0
     grace_period_s: float = 30.0
@@ -306,6 +309,12 @@ _OPTIONS: tuple[Option, ...] = (
         int,
         "port of the Prometheus GET /metrics endpoint (0 picks a free one; default: none)",
     ),
+    (
+        "uds",
+        Path,
+        "also serve gRPC on this Unix domain socket, for a bridge or client on the same host "
+        "(reach it as unix:///PATH); plaintext, so not with --tls-cert",
+    ),
     ("drain-delay-s", float, "on SIGTERM: seconds NOT_SERVING before refusing new calls"),
     ("grace-period-s", float, "on SIGTERM: seconds in-flight calls get to finish"),
     (
@@ -445,6 +454,11 @@ def _check_security(settings: Settings) -> None:
         raise SystemExit("--tls-cert and --tls-key go together")
     if settings.tls_client_ca is not None and settings.tls_cert is None:
         raise SystemExit("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+    if settings.uds is not None and settings.tls_cert is not None:
+        raise SystemExit(
+            "--uds serves plaintext, which would bypass --tls-cert's TLS (and mTLS): "
+            "use one of them"
+        )
     for flag, path in (
         ("--api-keys-file", settings.api_keys_file),
         ("--tls-cert", settings.tls_cert),

@@ -2,7 +2,8 @@
 
 With API keys configured every call but health and reflection needs one (``grpc_api.auth``);
 with ``--tls-cert``/``--tls-key`` the port serves TLS (mTLS with ``--tls-client-ca``), reloading
-the certificate when its files change (``grpc_api.tls``). See docs/security.md.
+the certificate when its files change (``grpc_api.tls``). See docs/security.md. With ``--uds``
+the same services also answer on a Unix domain socket, for a bridge or client on the same host.
 
 Lifecycle of a ``RunningServer``: ``set_serving(True)`` once preloading is done (health is SERVING
 while no compute lane is stuck, ``grpc_api.compute_watch``); ``drain`` reports NOT_SERVING and
@@ -16,8 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -193,7 +197,10 @@ def _interceptors(settings: Settings, tracing: Tracing) -> list[grpc.aio.ServerI
 
 
 def _bind(server: grpc.aio.Server, settings: Settings) -> int:
-    """Add the port (TLS when a certificate is configured); the bound port number."""
+    """Add the port (TLS when a certificate is configured) and ``--uds``'s socket; the bound
+    port number."""
+    if settings.uds is not None:
+        _bind_socket(server, settings.uds)
     address = f"{_host(settings.host)}:{settings.port}"
     if settings.tls_cert is None or settings.tls_key is None:
         return server.add_insecure_port(address)
@@ -203,6 +210,36 @@ def _bind(server: grpc.aio.Server, settings: Settings) -> int:
     except (OSError, ValueError) as exc:
         raise SystemExit(f"--tls-cert/--tls-key do not load: {exc}") from None
     return server.add_secure_port(address, credentials)
+
+
+#: The longest path a Unix domain socket can have on Linux (``sun_path`` less its NUL).
+MAX_SOCKET_PATH_BYTES = 107
+
+
+def _bind_socket(server: grpc.aio.Server, path: Path) -> None:
+    """Listen on the Unix domain socket ``path``. grpc replaces a stale socket file there and
+    removes it at stop; one that still answers belongs to a live server and is left alone."""
+    size = len(os.fsencode(path.absolute()))
+    if size > MAX_SOCKET_PATH_BYTES:
+        raise SystemExit(
+            f"--uds {path}: the path is {size} bytes; a Unix socket's allows "
+            f"{MAX_SOCKET_PATH_BYTES}"
+        )
+    if path.is_socket():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            pass  # stale: nobody listens
+        else:
+            raise SystemExit(f"--uds {path}: another process is listening on that socket")
+        finally:
+            probe.close()
+    try:
+        server.add_insecure_port(f"unix://{path.absolute()}")
+    except RuntimeError:
+        why = "its folder does not exist" if not path.parent.is_dir() else "a file is in the way"
+        raise SystemExit(f"--uds {path}: cannot listen there ({why})") from None
 
 
 async def create_server(settings: Settings, registry: ModelRegistry) -> RunningServer:
@@ -285,6 +322,8 @@ async def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT: preload, SERVING, then drain and exit cleanly."""
     registry = build_registry(settings)
     running = await create_server(settings, registry)
+    if settings.uds is not None:
+        log.info("gRPC also on unix://%s", settings.uds.absolute())
     log.info(
         "sie-server listening on %s:%d (device %s, %s; %s; %s)",
         settings.host,
