@@ -1,6 +1,7 @@
 """Request limits, configurable and enforced before any work: items, characters per text (a
 query included), labels per request, and responses over the message limit each answer
-INVALID_INPUT naming the limit and its flag."""
+INVALID_INPUT naming the limit and its flag; a gRPC request message over the message limit is
+RESOURCE_EXHAUSTED (``REQUEST_TOO_LARGE``)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,15 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2, status_pb2
+from sie_sdk import SIEAsyncClient
+from sie_sdk.client.errors import RequestError
+from sie_sdk.reasons import STATUS_DETAILS_KEY
 from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc
 from sie_server.catalog.spec import parse_spec
 from sie_server.domain import InputItem
-from sie_server.errors import InvalidInput
+from sie_server.errors import ECHO_CHARS, InvalidInput, ModelNotFound, shortened
+from sie_server.grpc_api.errors import MAX_MESSAGE_CHARS, status_for
 from sie_server.tasks.common import RequestLimits
 from sie_server.tasks.extract import ExtractParams, ExtractSupport, resolve_extract
 from sie_server.tasks.score import ScoreParams, resolve_score
@@ -109,5 +115,53 @@ async def test_a_response_over_the_message_limit_is_refused_before_any_compute(
         assert "over the message limit" in details
         assert "--max-message-bytes" in details
         assert "split the request" in details
+        fit = int(error_info(refused.value)[1]["items_that_fit"])
+        assert 1 <= fit < 32, "fewer items than were sent, so that splitting helps"
         after = metrics.counter("sie_batches_total", model="tiny/bge-m3", status="ok")
         assert after == batches, "no forward pass was spent on it"
+
+
+async def test_a_grpc_request_over_the_message_limit_is_refused_and_the_server_serves_on(
+    tmp_path: Path,
+) -> None:
+    """grpc refuses a request message over ``--max-message-bytes`` before the servicer, as
+    RESOURCE_EXHAUSTED with the sizes; the SDK reads it as ``REQUEST_TOO_LARGE`` (413)."""
+    write_catalog_entry(tmp_path / "catalog", fake_entry("fake/bytes"))
+    limit = 4096
+    async with serving(
+        [tmp_path / "catalog"], ["fake/bytes"], max_message_bytes=limit, max_text_chars=10**6
+    ) as handle:
+        stub = encode_pb2_grpc.EncodeServiceStub(handle.channel)
+
+        def request(chars: int) -> encode_pb2.EncodeRequest:
+            return encode_pb2.EncodeRequest(
+                model="fake/bytes", items=[common_pb2.Item(text="x" * chars)]
+            )
+
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Encode(request(2 * limit))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"vs. {limit}" in (refused.value.details() or ""), refused.value.details()
+        async with SIEAsyncClient(handle.address) as client:
+            with pytest.raises(RequestError) as caught:
+                await client.encode("fake/bytes", {"text": "x" * (2 * limit)})
+            assert (caught.value.code, caught.value.status_code) == ("REQUEST_TOO_LARGE", 413)
+            served = await client.encode("fake/bytes", {"text": "x" * (limit // 2)})
+        assert served["dense"].shape == (2,)
+
+
+def test_an_error_repeats_little_of_a_long_input() -> None:
+    """What a status repeats of a client's text stays far below the 16 KiB of trailers a gRPC
+    client accepts, however long the text (a model name of any length)."""
+    name = "m" * 50_000
+    code, message, trailers = status_for(ModelNotFound(f"no {name}", model=name))
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert len(message) < MAX_MESSAGE_CHARS + 40
+    assert message.endswith(f"({len(name) + 3} characters)")
+    assert sum(len(value) for _, value in trailers) < 4 * 1024
+    details = status_pb2.Status.FromString(dict(trailers)[STATUS_DETAILS_KEY])
+    info = error_details_pb2.ErrorInfo()
+    details.details[0].Unpack(info)
+    assert info.metadata["model"] == shortened(name)
+    assert shortened(name).startswith("m" * ECHO_CHARS + "... (50000 characters)")
+    assert shortened("short/name") == "short/name"

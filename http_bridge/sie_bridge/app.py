@@ -36,6 +36,10 @@ if TYPE_CHECKING:
     from sie_bridge.tracing import BridgeTracing
 
 log = logging.getLogger(__name__)
+#: The longest request line (method, path, version) and header line aiohttp parses; its default,
+#: 8,190 bytes, would answer a long model name in the path with its own plain-text 400 before
+#: the app sees it. Past this, aiohttp still answers that 400 (docs/reliability.md, Limits).
+MAX_LINE_BYTES = 64 * 1024
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -128,7 +132,13 @@ async def start_bridge(settings: BridgeSettings, upstream: Upstream | None = Non
     if upstream is None:
         upstream = Upstream(settings, tracing.client_interceptors() if tracing else ())
     app = create_app(settings, upstream, tracing)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        max_line_size=MAX_LINE_BYTES,
+        max_field_size=MAX_LINE_BYTES,
+    )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()

@@ -27,6 +27,9 @@ from sie_sdk.v1 import common_pb2
 ERROR_DOMAIN = "sie.v1"
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+#: ErrorInfo metadata (and HTTP error body field) of an encode refused because its response
+#: would pass the message limit: how many items like these fit in one request.
+ITEMS_THAT_FIT = "items_that_fit"
 _PREFIX = "ERROR_REASON_"
 
 

@@ -4,7 +4,8 @@ The tree (every class carries a ``reason`` from ``sie.v1.ErrorReason``, without 
 
     SIEServerError                       INTERNAL_ERROR
     ├── InvalidInput                     INVALID_INPUT
-    │   └── InputTooLong                 INPUT_TOO_LONG
+    │   ├── InputTooLong                 INPUT_TOO_LONG
+    │   └── ResponseTooLarge             INVALID_INPUT        (says how many items fit)
     ├── ModelNotFound                    MODEL_NOT_FOUND
     ├── ModelNotLoaded                   MODEL_NOT_LOADED     (retryable)
     │   ├── ModelLoading                 MODEL_LOADING        (retryable)
@@ -25,7 +26,18 @@ Each reason's gRPC status, HTTP status and default retry hint live in one table,
 
 from __future__ import annotations
 
-from sie_sdk.reasons import REASONS
+from sie_sdk.reasons import ITEMS_THAT_FIT, REASONS
+
+#: The most characters of a client's own text (a model name) that an error repeats back.
+ECHO_CHARS = 120
+
+
+def shortened(text: str, limit: int = ECHO_CHARS) -> str:
+    """``text``, or its first ``limit`` characters and its length: what an error repeats of a
+    client's input stays small (gRPC clients refuse trailers over 16 KiB)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 class SIEServerError(Exception):
@@ -49,7 +61,7 @@ class SIEServerError(Exception):
     def metadata(self) -> dict[str, str]:
         """What the transports carry besides the message (gRPC ErrorInfo metadata, the HTTP
         error body): the model, and what a subclass adds."""
-        return {"model": self.model} if self.model else {}
+        return {"model": shortened(self.model)} if self.model else {}
 
 
 class InvalidInput(SIEServerError):
@@ -58,6 +70,18 @@ class InvalidInput(SIEServerError):
 
 class InputTooLong(InvalidInput):
     reason = "INPUT_TOO_LONG"
+
+
+class ResponseTooLarge(InvalidInput):
+    """The response would pass the message limit: refused before any compute, with how many
+    items like these fit in one request (the SDK splits by it)."""
+
+    def __init__(self, message: str, *, model: str | None, items_that_fit: int) -> None:
+        super().__init__(message, model=model)
+        self.items_that_fit = items_that_fit
+
+    def metadata(self) -> dict[str, str]:
+        return {**super().metadata(), ITEMS_THAT_FIT: str(self.items_that_fit)}
 
 
 class ModelNotFound(SIEServerError):

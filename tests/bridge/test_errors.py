@@ -9,15 +9,18 @@ import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import grpc
 import pytest
 import pytest_asyncio
+from sie_bridge.app import MAX_LINE_BYTES
 from sie_sdk.reasons import REASONS, reason_names
-from sie_sdk.v1 import encode_pb2, encode_pb2_grpc
+from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc
 from sie_server.errors import SIEServerError
 from sie_server.grpc_api.errors import status_for
+from yarl import URL
 
 from tests.bridge_utils import JSON_HEADERS, BridgeHandle, bridged
 from tests.fakes import FakeAdapter
@@ -298,3 +301,62 @@ async def test_backend_down_mid_load_answers_503_then_recovers(catalog: Path) ->
     assert set(statuses) <= {200, 503}, "never a 500"
     assert 503 in statuses
     assert codes <= {"BACKEND_UNAVAILABLE", "SHUTTING_DOWN"}
+
+
+#: Model names a hostile client might try: climbing out of a folder, an encoded slash, a name
+#: far past any real one, and control and non-ASCII characters.
+TRICKY_NAMES = [
+    "../../etc/passwd",
+    "..",
+    "fake/../fake/errors",
+    "fake%2Ferrors",
+    "%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+    "x" * 10_000,
+    f"{FAKE}:{'p' * 10_000}",
+    "a:b:c",
+    "caf\u00e9/\u2603",
+]
+
+
+@pytest.mark.parametrize("name", TRICKY_NAMES, ids=lambda n: n[:24])
+async def test_hostile_model_names_are_refused_briefly_on_both_transports(
+    server: ServerHandle, name: str
+) -> None:
+    """Never a file read, a 500 or a hang: 404 through the bridge (``MODEL_NOT_FOUND``, or
+    ``NOT_FOUND`` where the dot segments take the path off the route) and NOT_FOUND over gRPC
+    (an unknown profile of a real model: 400 and INVALID_ARGUMENT), with a message that stays
+    short (the server repeats a long name shortened: whole, its trailers would pass the 16 KiB
+    gRPC clients accept); the model still serves."""
+    async with bridged(server.address) as http, aiohttp.ClientSession() as raw:
+        url = URL(f"{http.url}/v1/encode/{quote(name, safe='/%:')}", encoded=True)
+        async with raw.post(url, json={"items": [{"text": "a"}]}, headers=JSON_HEADERS) as r:
+            status, body = r.status, await r.json()
+        if name.startswith(f"{FAKE}:"):  # a model that exists, with a profile that does not
+            assert (status, body["detail"]["code"]) == (400, "INVALID_INPUT"), body
+        else:
+            assert status == 404, body
+            assert body["detail"]["code"] in ("MODEL_NOT_FOUND", "NOT_FOUND"), body
+        assert len(body["detail"]["message"]) < 400
+        status, body, _ = await post(http, f"/v1/encode/{FAKE}", {"items": [{"text": "a"}]})
+        assert status == 200
+    stub = encode_pb2_grpc.EncodeServiceStub(server.channel)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.Encode(
+            encode_pb2.EncodeRequest(model=name, items=[common_pb2.Item(text="a")]), timeout=10
+        )
+    expected = "INVALID_ARGUMENT" if name.startswith(f"{FAKE}:") else "NOT_FOUND"
+    assert refused.value.code().name == expected, refused.value.details()
+    assert len(refused.value.details() or "") < 400
+
+
+async def test_a_request_line_past_the_bridges_limit_gets_a_400_and_the_bridge_serves_on(
+    server: ServerHandle,
+) -> None:
+    """Past ``MAX_LINE_BYTES`` aiohttp answers its own plain-text 400 before the app."""
+    async with bridged(server.address) as http, aiohttp.ClientSession() as raw:
+        url = URL(f"{http.url}/v1/encode/{'x' * (MAX_LINE_BYTES + 10)}", encoded=True)
+        async with raw.post(url, json={"items": [{"text": "a"}]}) as response:
+            assert response.status == 400
+            assert "more than" in await response.text()
+        status, _, _ = await post(http, f"/v1/encode/{FAKE}", {"items": [{"text": "a"}]})
+        assert status == 200

@@ -18,6 +18,8 @@ import pytest
 import pytest_asyncio
 from PIL import Image
 from sie_sdk import Item, SIEAsyncClient, SIEClient
+from sie_sdk.client._core import Prepared, smaller_bodies
+from sie_sdk.client._transports.base import Kind, Operation
 from sie_sdk.client._transports.grpc import AsyncGrpcTransport, GrpcTransport
 from sie_sdk.client._transports.http import AsyncHttpTransport, HttpTransport
 from sie_sdk.client.errors import RequestError, SIEError
@@ -33,7 +35,7 @@ from sie_sdk.v1 import (
     score_pb2_grpc,
 )
 
-from tests.bridge_utils import BridgeHandle
+from tests.bridge_utils import BridgeHandle, bridged
 from tests.sdk.conftest import CASES, Case, Sdk, call, make_sdk
 from tests.server_utils import ServerHandle, fake_entry, serving, write_catalog_entry
 from tests.tiny_models import bge_m3, classifiers, colbert, gliner
@@ -500,6 +502,56 @@ async def test_split_requests_without_ids_number_items_as_one_call(
         await split.close()
     assert [r["id"] for r in encoded] == [f"item-{i}" for i in range(7)]
     assert sorted(e["item_id"] for e in scored["scores"]) == sorted(f"item-{i}" for i in range(7))
+
+
+async def test_an_encode_over_the_message_limit_is_split_where_the_server_says_items_fit(
+    case: Case, catalog_dir: Path
+) -> None:
+    """The server refuses, before any compute, an encode whose response would pass its message
+    limit, saying how many items fit (``items_that_fit``); the SDK sends them in requests of
+    that many (again if one is still too large) and returns every result in order."""
+    words = " ".join(f"token{i}" for i in range(60))
+    items = [Item(text=f"{i} {words}") for i in range(24)]
+    limit = 64 * 1024  # multivector rows of the tiny model are 128 bytes: ~500 tokens fit
+    async with (
+        serving([catalog_dir], [BGE_M3], max_message_bytes=limit) as small,
+        bridged(small.address) as front,
+    ):
+        sdk = make_sdk(case, case.url(grpc_address=small.address, http_url=front.url))
+        try:
+            one = await sdk("encode", BGE_M3, items[5], output_types=["multivector"])
+            before = requests_ok(small, BGE_M3, "encode")
+            got = await sdk("encode", BGE_M3, items, output_types=["multivector"])
+            sent = requests_ok(small, BGE_M3, "encode") - before
+        finally:
+            await sdk.close()
+    assert [r["id"] for r in got] == [f"item-{i}" for i in range(24)]
+    assert 3 <= sent < 24, f"split into a few requests ({sent})"
+    assert got[5]["multivector"].shape == one["multivector"].shape
+    np.testing.assert_allclose(got[5]["multivector"], one["multivector"], rtol=1e-4, atol=1e-5)
+
+
+def test_smaller_bodies_split_only_an_encode_refused_with_a_count_that_helps() -> None:
+    encode = Prepared(Operation(Kind.ENCODE, "m"), [], list, 1.0)
+    score = Prepared(Operation(Kind.SCORE, "m"), [], list, 1.0)
+    body = {"items": [{"text": str(i)} for i in range(7)], "params": {"output_types": ["dense"]}}
+
+    def refusal(code: str = "INVALID_INPUT", **details: str) -> RequestError:
+        error = RequestError("over the limit", code=code, status_code=400)
+        error.details = details
+        return error
+
+    pieces = smaller_bodies(encode, body, refusal(items_that_fit="3"))
+    assert pieces is not None
+    assert [[item["id"] for item in piece["items"]] for piece in pieces] == [
+        ["item-0", "item-1", "item-2"], ["item-3", "item-4", "item-5"], ["item-6"],
+    ]  # fmt: skip
+    assert all(piece["params"] == body["params"] for piece in pieces)
+    assert smaller_bodies(encode, body, refusal()) is None, "no count: not that refusal"
+    assert smaller_bodies(encode, body, refusal(items_that_fit="7")) is None, "would not help"
+    assert smaller_bodies(encode, body, refusal(items_that_fit="x")) is None
+    assert smaller_bodies(encode, body, refusal("QUEUE_FULL", items_that_fit="3")) is None
+    assert smaller_bodies(score, body, refusal(items_that_fit="3")) is None
 
 
 # ---- images ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from sie_sdk.client._throttle import DEFAULT_RATIO, Throttle
 from sie_sdk.client._transports.base import CallOptions, Kind, Operation
 from sie_sdk.client.errors import PoolError, RequestError, SIEError
 from sie_sdk.inputs import InputError, prepare_item
+from sie_sdk.reasons import ITEMS_THAT_FIT
 from sie_sdk.types import (
     CapacityInfo,
     EncodeResult,
@@ -98,6 +99,25 @@ def _chunks(items: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]
             item if "id" in item else {**item, "id": f"item-{i}"} for i, item in enumerate(items)
         ]
     return [items[i : i + size] for i in range(0, len(items), size)] or [[]]
+
+
+def smaller_bodies(
+    prepared: Prepared[Any], body: dict[str, Any] | None, error: SIEError
+) -> list[dict[str, Any]] | None:
+    """``body``'s items in requests of as many as fit, when the server refused the encode
+    because its response would pass the message limit and said how many fit
+    (``ITEMS_THAT_FIT``); None when it is not that refusal or splitting cannot help. The server
+    counts fewer than the request's items, so splitting again ends at one item a request."""
+    if prepared.op.kind is not Kind.ENCODE or body is None or error.code != "INVALID_INPUT":
+        return None
+    try:
+        fit = int(error.details.get(ITEMS_THAT_FIT, ""))
+    except ValueError:
+        return None
+    items = body["items"]
+    if not 1 <= fit < len(items):
+        return None
+    return [{**body, "items": chunk} for chunk in _chunks(items, fit)]
 
 
 def _array_result(item: Mapping[str, Any], timing: Mapping[str, float] | None) -> EncodeResult:

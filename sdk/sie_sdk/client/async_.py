@@ -9,7 +9,14 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Ma
 from types import TracebackType
 from typing import Any, TypeVar
 
-from sie_sdk.client._core import ClientBase, ClientConfig, Prepared, closed_error, no_pools
+from sie_sdk.client._core import (
+    ClientBase,
+    ClientConfig,
+    Prepared,
+    closed_error,
+    no_pools,
+    smaller_bodies,
+)
 from sie_sdk.client._retry import RetryPolicy
 from sie_sdk.client._stream import (
     DEFAULT_BATCH_SIZE,
@@ -81,11 +88,22 @@ class SIEAsyncClient(ClientBase[AsyncTransport]):
     async def _run(self, prepared: Prepared[R]) -> R:
         gate = asyncio.Semaphore(self.config.max_concurrency)
 
-        async def one(body: dict[str, Any] | None) -> Any:
+        async def one(body: dict[str, Any] | None) -> list[Any]:
+            """The responses to ``body``: one, or one per smaller request where the server
+            said fewer items fit (``smaller_bodies``), in order."""
             async with gate:
-                return await self._send(prepared.op, body, prepared)
+                try:
+                    return [await self._send(prepared.op, body, prepared)]
+                except SIEError as error:
+                    pieces = smaller_bodies(prepared, body, error)
+                    if pieces is None:
+                        raise
+            # The gate is released: the pieces take their own turns.
+            parts = await asyncio.gather(*(one(piece) for piece in pieces))
+            return [response for part in parts for response in part]
 
-        return prepared.parse(list(await asyncio.gather(*(one(b) for b in prepared.bodies))))
+        parts = await asyncio.gather(*(one(b) for b in prepared.bodies))
+        return prepared.parse([response for part in parts for response in part])
 
     # ---- the reference's methods -----------------------------------------------------------------
     async def encode(

@@ -23,13 +23,19 @@ column of ``sie_sdk.reasons.REASONS``, the table the server and the bridge read 
 
 ``code`` is the reason (``"QUEUE_FULL"``), ``status_code`` the HTTP status of its row (the same
 over gRPC, so handlers need not know the transport). ``retry_after`` is the server's hint in
-seconds where it gave one. Foreign exceptions are translated at the transport boundary and
+seconds where it gave one. ``details`` holds what else the server said of it (gRPC ErrorInfo
+metadata, the HTTP error body's other fields), e.g. ``items_that_fit``. Foreign exceptions are translated at the transport boundary and
 chained (``raise ... from exc``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 from sie_sdk.reasons import ErrorDetail, reason
+
+_NO_DETAILS: Mapping[str, str] = MappingProxyType({})
 
 
 class SIEError(Exception):
@@ -39,6 +45,8 @@ class SIEError(Exception):
     status_code: int | None
     model: str | None
     retry_after: float | None
+    #: What else the server said (ErrorInfo metadata, the error body's other fields).
+    details: Mapping[str, str] = _NO_DETAILS
 
     def __init__(
         self,
@@ -140,7 +148,9 @@ def error_from_detail(detail: ErrorDetail, *, gpu: str | None = None) -> SIEErro
         kwargs["lora"] = detail.metadata.get("lora", "")
     if cls is PoolError:
         return PoolError(detail.message)
-    return cls(detail.message, **kwargs)  # type: ignore[arg-type]
+    error = cls(detail.message, **kwargs)  # type: ignore[arg-type]
+    error.details = MappingProxyType(dict(detail.metadata))
+    return error
 
 
 # The reference's names (tests/sdk/test_packaging.py holds them); AuthenticationError is this

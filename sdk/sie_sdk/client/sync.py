@@ -9,7 +9,14 @@ from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, TypeVar
 
-from sie_sdk.client._core import ClientBase, ClientConfig, Prepared, closed_error, no_pools
+from sie_sdk.client._core import (
+    ClientBase,
+    ClientConfig,
+    Prepared,
+    closed_error,
+    no_pools,
+    smaller_bodies,
+)
 from sie_sdk.client._retry import RetryPolicy
 from sie_sdk.client._stream import (
     DEFAULT_BATCH_SIZE,
@@ -64,14 +71,22 @@ class SIEClient(ClientBase[Transport]):
                 return result
 
     def _run(self, prepared: Prepared[R]) -> R:
-        def one(body: dict[str, Any] | None) -> Any:
-            return self._send(prepared.op, body, prepared)
+        def one(body: dict[str, Any] | None) -> list[Any]:
+            """The responses to ``body``: one, or one per smaller request where the server
+            said fewer items fit (``smaller_bodies``), in order."""
+            try:
+                return [self._send(prepared.op, body, prepared)]
+            except SIEError as error:
+                pieces = smaller_bodies(prepared, body, error)
+                if pieces is None:
+                    raise
+            return [response for piece in pieces for response in one(piece)]
 
         if len(prepared.bodies) == 1:
-            return prepared.parse([one(prepared.bodies[0])])
+            return prepared.parse(one(prepared.bodies[0]))
         workers = min(self.config.max_concurrency, len(prepared.bodies))
         with ThreadPoolExecutor(workers, thread_name_prefix="sie-sdk") as pool:
-            return prepared.parse(list(pool.map(one, prepared.bodies)))
+            return prepared.parse([r for part in pool.map(one, prepared.bodies) for r in part])
 
     # ---- the reference's methods -----------------------------------------------------------------
     def encode(

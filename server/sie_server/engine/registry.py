@@ -65,6 +65,7 @@ from sie_server.errors import (
     ModelNotFound,
     ModelNotLoaded,
     ShuttingDown,
+    shortened,
 )
 from sie_server.observability.metrics import BATCH_SIZE_BUCKETS, Metrics, record_timing
 from sie_server.tasks.common import RequestLimits
@@ -242,11 +243,12 @@ class ModelRegistry:
         base, colon, profile = name.partition(":")
         found = self._entries.get(base) if colon else None
         if found is None:
-            raise ModelNotFound(f"Model '{name}' not found", model=name)
+            raise ModelNotFound(f"Model '{shortened(name)}' not found", model=name)
         if profile not in found.spec.profiles:
             known = ", ".join(sorted(found.spec.profiles))
             raise InvalidInput(
-                f"unknown profile {profile!r} in model name {name!r} (profiles of {base}: {known})",
+                f"unknown profile {shortened(profile)!r} in model name {shortened(name)!r} "
+                f"(profiles of {base}: {known})",
                 model=name,
             )
         return ModelRef(name, found, profile)

@@ -20,17 +20,22 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from sie_sdk.reasons import ERROR_DOMAIN, RETRY_PUSHBACK_KEY, STATUS_DETAILS_KEY, reason
 
-from sie_server.errors import SIEServerError
+from sie_server.errors import SIEServerError, shortened
 from sie_server.observability.metrics import REQUESTS_TOTAL
 
 log = logging.getLogger(__name__)
+#: The longest message an error status carries: its trailers (the message, and again inside
+#: ``grpc-status-details-bin``) stay far below the 16 KiB clients accept.
+MAX_MESSAGE_CHARS = 2000
 
 
 def status_for(
     error: SIEServerError,
 ) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str | bytes], ...]]:
-    """(code, message, trailing metadata) for a domain error."""
+    """(code, message, trailing metadata) for a domain error; the message at most
+    ``MAX_MESSAGE_CHARS`` (a safeguard: each error keeps its own short)."""
     code = reason(error.reason).grpc_code
+    message = shortened(error.message, MAX_MESSAGE_CHARS)
     info = error_details_pb2.ErrorInfo(
         reason=error.reason,
         domain=ERROR_DOMAIN,
@@ -44,9 +49,9 @@ def status_for(
         delay.FromMilliseconds(millis)
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
         trailers.append((RETRY_PUSHBACK_KEY, str(millis)))
-    status = status_pb2.Status(code=code.value[0], message=error.message, details=details)
+    status = status_pb2.Status(code=code.value[0], message=message, details=details)
     trailers.insert(0, (STATUS_DETAILS_KEY, status.SerializeToString()))
-    return code, error.message, tuple(trailers)
+    return code, message, tuple(trailers)
 
 
 def end_call(context: grpc.aio.ServicerContext[Any, Any], error: SIEServerError) -> None:

@@ -33,7 +33,7 @@ import numpy.typing as npt
 from sie_server.catalog import ModelSpec
 from sie_server.catalog.spec import OUTPUT_TYPES, ProfileSpec
 from sie_server.domain import EncodeOutput, InputItem
-from sie_server.errors import InvalidInput, SIEServerError
+from sie_server.errors import InvalidInput, ResponseTooLarge, SIEServerError
 from sie_server.tasks.common import RequestLimits, check_items, freeze
 from sie_server.tasks.muvera import MuveraParams, encode_fde, parse_muvera
 from sie_server.tasks.options import Options
@@ -153,12 +153,16 @@ def check_response_size(call: EncodeCall, spec: ModelSpec, tokens: int, limit: i
     """Refuse, before any compute, a request whose response could not be sent."""
     size = response_bytes(call, spec, tokens)
     if size > limit:
+        # Fewer than the request's items, since they are over the limit together; 1 when one
+        # item alone is (splitting cannot help then).
         per_item = max(1, size // max(1, len(call.items)))
-        raise InvalidInput(
+        fit = max(1, min(len(call.items) - 1, limit // per_item))
+        raise ResponseTooLarge(
             f"the response would be about {size / 2**20:.1f} MiB, over the message limit of "
             f"{limit / 2**20:.1f} MiB (--max-message-bytes); split the request (about "
-            f"{max(1, limit // per_item)} items like these fit)",
+            f"{fit} items like these fit)",
             model=spec.name,
+            items_that_fit=fit,
         )
 
 
