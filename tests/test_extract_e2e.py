@@ -251,6 +251,11 @@ def _with_schema() -> extract_pb2.ExtractRequest:
         ),
         (lambda: extract_request("tiny/nli", ["t"] * 9), "INVALID_INPUT", "exceed the limit of 8"),
         (
+            lambda: extract_request("tiny/gliner", labels=[f"label {i}" for i in range(5000)]),
+            "INVALID_INPUT",
+            "5000 labels exceed the limit of 256",
+        ),
+        (
             lambda: extract_pb2.ExtractRequest(
                 model="tiny/nli",
                 items=[common_pb2.Item(id="no-text")],

@@ -231,6 +231,8 @@ async def test_a_client_that_disconnects_cancels_its_queued_work(server: ServerH
         (b'{"items": "a"}', "application/json", "items must be a list"),
         (b'{"items": [{"text": 5}]}', "application/json", "items[0].text must be a string"),
         (b'{"params": {}}', "application/json", "items is required"),
+        (b'{"items": [{"text": "\xff"}]}', "application/json", "malformed JSON body"),
+        (b"\x81\xa5items\x91\x81\xa4text\xa1\xff", "application/msgpack", "malformed msgpack"),
     ],
 )
 async def test_malformed_bodies_are_400(
