@@ -15,6 +15,10 @@
    still waiting). The result is the median over the rounds, and the lowest.
 3. Recovery: 8 closed-loop clients before the first round and after the last; their p50s.
 
+``--transport http`` runs the same through the HTTP bridge, started beside the server on the
+server's CPUs: the bare calls are msgpack POSTs (a refusal is a 503 ``QUEUE_FULL``) and the SDK
+clients speak HTTP; the health checks and counters still read the server over gRPC.
+
 The server runs with ``--max-pending-items 256`` so that what it admits finishes within seconds,
 on its own CPUs: this load generator keeps the last ``--client-cpus`` (1) of them, as clients on
 other machines would (0: both share all CPUs). Beside every window the bench reads the server's
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -36,10 +41,13 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import grpc
 from bench_common import MODEL, ROOT
 from bench_server import Counters, cpu_delta, proc_cpu_s, read_counters
@@ -48,6 +56,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sie_sdk import SIEAsyncClient
 from sie_sdk.client._throttle import DEFAULT_RATIO
 from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc, status_pb2, status_pb2_grpc
+from sie_sdk.wire import MSGPACK, pack_msgpack
 
 T = TypeVar("T")
 MEDIUM = json.loads((ROOT / "bench/data/bench-texts.json").read_text())["medium"]
@@ -71,21 +80,72 @@ async def sdk_closed_loop(address: str, clients: int, seconds: float, throttle: 
     return completed
 
 
-async def closed_loop(address: str, clients: int, seconds: float) -> list[float]:
+@dataclass(frozen=True)
+class Target:
+    """Where the load goes: the server's gRPC address (counters, health; the calls too over
+    gRPC), and the bridge's URL when the calls go through it."""
+
+    address: str
+    bridge_url: str | None = None
+
+    @property
+    def sdk_url(self) -> str:
+        return self.bridge_url or self.address
+
+
+class Refused(Exception):
+    """A bare call answered QUEUE_FULL."""
+
+
+@contextlib.asynccontextmanager
+async def bare_calls(target: Target) -> AsyncIterator[Callable[[str], Awaitable[None]]]:
+    """One-text encode calls without retries, over the target's transport; ``Refused`` for a
+    QUEUE_FULL answer, any other failure raised as it comes."""
+    if target.bridge_url is None:
+        async with grpc.aio.insecure_channel(target.address) as channel:
+            stub = encode_pb2_grpc.EncodeServiceStub(channel)
+
+            async def over_grpc(text: str) -> None:
+                request = encode_pb2.EncodeRequest(model=MODEL, items=[common_pb2.Item(text=text)])
+                try:
+                    await stub.Encode(request, timeout=60)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        raise Refused from None
+                    raise
+
+            yield over_grpc
+        return
+    url = f"{target.bridge_url}/v1/encode/{MODEL}"
+    headers = {"Content-Type": MSGPACK, "Accept": MSGPACK}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=60)
+    ) as session:
+
+        async def over_http(text: str) -> None:
+            body = pack_msgpack({"items": [{"text": text}]})
+            async with session.post(url, data=body, headers=headers) as response:
+                raw = await response.read()
+            if response.status == 503 and b"QUEUE_FULL" in raw:
+                raise Refused
+            if response.status != 200:
+                raise RuntimeError(f"HTTP {response.status}: {raw[:200]!r}")
+
+        yield over_http
+
+
+async def closed_loop(target: Target, clients: int, seconds: float) -> list[float]:
     """Latencies (ms) of calls completed inside the window."""
     latencies: list[float] = []
     end = time.monotonic() + seconds
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = encode_pb2_grpc.EncodeServiceStub(channel)
+    async with bare_calls(target) as encode:
 
         async def client(n: int) -> None:
             i = n
             while time.monotonic() < end:
                 started = time.perf_counter()
-                text = MEDIUM[i % len(MEDIUM)]
-                await stub.Encode(
-                    encode_pb2.EncodeRequest(model=MODEL, items=[common_pb2.Item(text=text)])
-                )
+                await encode(MEDIUM[i % len(MEDIUM)])
                 if time.monotonic() <= end:
                     latencies.append((time.perf_counter() - started) * 1000)
                 i += clients
@@ -94,7 +154,7 @@ async def closed_loop(address: str, clients: int, seconds: float) -> list[float]
     return latencies
 
 
-async def overload(address: str, rate: float, seconds: float, throttle: float) -> dict[str, Any]:
+async def overload(target: Target, rate: float, seconds: float, throttle: float) -> dict[str, Any]:
     done: list[float] = []
     failed: list[str] = []
     health_ms: list[float] = []
@@ -103,7 +163,7 @@ async def overload(address: str, rate: float, seconds: float, throttle: float) -
     not_serving = 0
     end = time.monotonic() + seconds
     rng = random.Random(7)
-    async with SIEAsyncClient(address, timeout_s=60, throttle_ratio=throttle) as sdk:
+    async with SIEAsyncClient(target.sdk_url, timeout_s=60, throttle_ratio=throttle) as sdk:
 
         async def call(i: int) -> None:
             try:
@@ -124,7 +184,7 @@ async def overload(address: str, rate: float, seconds: float, throttle: float) -
 
         async def probe() -> None:
             nonlocal not_serving
-            async with grpc.aio.insecure_channel(address) as channel:
+            async with grpc.aio.insecure_channel(target.address) as channel:
                 health = health_pb2_grpc.HealthStub(channel)
                 while time.monotonic() < end:
                     started = time.perf_counter()
@@ -133,30 +193,27 @@ async def overload(address: str, rate: float, seconds: float, throttle: float) -
                     not_serving += reply.status != health_pb2.HealthCheckResponse.SERVING
                     await asyncio.sleep(0.1)
 
-        async def probe_call(stub: Any, i: int) -> None:
+        async def probe_call(encode: Callable[[str], Awaitable[None]], i: int) -> None:
             """A bare call, no retries: how long its answer takes when it is a refusal."""
             nonlocal probe_admitted, probe_admitted_in_window
-            request = encode_pb2.EncodeRequest(
-                model=MODEL, items=[common_pb2.Item(text=MEDIUM[i % len(MEDIUM)])]
-            )
             started = time.perf_counter()
             try:
-                await stub.Encode(request, timeout=60)
+                await encode(MEDIUM[i % len(MEDIUM)])
                 probe_admitted += 1
                 probe_admitted_in_window += time.monotonic() <= end
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    refusal_ms.append((time.perf_counter() - started) * 1000)
+            except Refused:
+                refusal_ms.append((time.perf_counter() - started) * 1000)
+            except Exception as exc:
+                failed.append(f"bare {type(exc).__name__}")
 
         async def refusal_probe() -> None:
             """Bare calls arriving like the others (a tenth of the offered rate) into the same
             overload: the latency of the refusals among them."""
             probes: list[asyncio.Task[None]] = []
-            async with grpc.aio.insecure_channel(address) as channel:
-                stub = encode_pb2_grpc.EncodeServiceStub(channel)
+            async with bare_calls(target) as encode:
                 i = 0
                 while time.monotonic() < end:
-                    probes.append(asyncio.create_task(probe_call(stub, i)))
+                    probes.append(asyncio.create_task(probe_call(encode, i)))
                     i += 1
                     await asyncio.sleep(rng.expovariate(rate / 10))
                 await asyncio.gather(*probes)
@@ -280,15 +337,40 @@ def start_server(cpus: set[int]) -> tuple[subprocess.Popen[bytes], str]:
     return process, address
 
 
+def start_bridge(address: str, cpus: set[int]) -> tuple[subprocess.Popen[bytes], str]:
+    """The HTTP bridge in front of ``address``, on the server's ``cpus``; (process, base URL)."""
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "sie_bridge", "--host", "127.0.0.1", "--port", str(port),
+            "--backend", address,
+        ],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=1) as reply:
+                if reply.status == 200:
+                    return process, url
+        except OSError:
+            pass
+        time.sleep(0.2)
+    process.terminate()
+    raise RuntimeError("the bridge never became ready")
+
+
 def overload_round(
-    address: str, pid: int, rate: float, seconds: float, throttle: float
+    target: Target, pid: int, rate: float, seconds: float, throttle: float
 ) -> dict[str, Any]:
     """One overload window at ``rate`` calls a second, with the server's counters beside it."""
+    address = target.address
     refused_before = asyncio.run(queue_full_count(address))
     cpu_before = proc_cpu_s(pid)
     own_before = time.process_time()
     over, over_model = asyncio.run(
-        measured(overload(address, rate, seconds, throttle), address, pid, seconds)
+        measured(overload(target, rate, seconds, throttle), address, pid, seconds)
     )
     over["server_cpu_s"] = cpu_delta(cpu_before, proc_cpu_s(pid))
     over["load_generator_cpu_s"] = time.process_time() - own_before
@@ -297,10 +379,10 @@ def overload_round(
     return over
 
 
-def peak_window(address: str, pid: int, seconds: float) -> dict[str, Any]:
+def peak_window(target: Target, pid: int, seconds: float) -> dict[str, Any]:
     """32 closed-loop bare clients: the sustainable rate now, with the server's counters."""
     latencies, model = asyncio.run(
-        measured(closed_loop(address, 32, seconds), address, pid, seconds)
+        measured(closed_loop(target, 32, seconds), target.address, pid, seconds)
     )
     return {"per_s": len(latencies) / seconds, "model": model}
 
@@ -322,38 +404,50 @@ def main() -> None:
     parser.add_argument(
         "--warm-up", type=float, default=15.0, help="seconds of load before the peak"
     )
+    parser.add_argument(
+        "--transport", choices=("grpc", "http"), default="grpc",
+        help="the calls' transport (http: through a bridge beside the server, on its CPUs)",
+    )  # fmt: skip
     args = parser.parse_args()
     server_cpus, client_cpus = split_cpus(args.client_cpus)
     server, address = start_server(server_cpus)
+    front = start_bridge(address, server_cpus) if args.transport == "http" else None
+    target = Target(address, front[1] if front else None)
     os.sched_setaffinity(0, client_cpus)
     try:
         # Warmed up for 15 s (5 s in runs before overload-20261128-044244): two peak windows in
         # a row still differ by up to 13% on this shared host, hence the bracketing below.
-        asyncio.run(closed_loop(address, 32, args.warm_up))
+        asyncio.run(closed_loop(target, 32, args.warm_up))
         sdk_peak = (
-            asyncio.run(sdk_closed_loop(address, 32, args.seconds, args.throttle_ratio))
+            asyncio.run(sdk_closed_loop(target.sdk_url, 32, args.seconds, args.throttle_ratio))
             / args.seconds
         )
-        before = asyncio.run(closed_loop(address, 8, args.seconds / 2))
+        before = asyncio.run(closed_loop(target, 8, args.seconds / 2))
         rss_before = rss_mb(server.pid)
-        peaks = [peak_window(address, server.pid, args.seconds)]
+        bridge_rss_before = rss_mb(front[0].pid) if front else None
+        peaks = [peak_window(target, server.pid, args.seconds)]
         # The same offered load in every round: 4x the first peak.
         offered = 4 * peaks[0]["per_s"]
         rounds: list[dict[str, Any]] = []
         for _ in range(args.rounds):
-            over = overload_round(address, server.pid, offered, args.seconds, args.throttle_ratio)
-            peaks.append(peak_window(address, server.pid, args.seconds))
+            over = overload_round(target, server.pid, offered, args.seconds, args.throttle_ratio)
+            peaks.append(peak_window(target, server.pid, args.seconds))
             bracket = (peaks[-2]["per_s"] + peaks[-1]["per_s"]) / 2
             over["goodput_over_bracketing_peaks"] = over["goodput_per_s"] / bracket
             rounds.append(over)
         rss_after = rss_mb(server.pid)
-        after = asyncio.run(closed_loop(address, 8, args.seconds / 2))
+        bridge_rss_after = rss_mb(front[0].pid) if front else None
+        after = asyncio.run(closed_loop(target, 8, args.seconds / 2))
     finally:
+        if front is not None:
+            front[0].terminate()
+            front[0].wait(60)
         server.terminate()
         server.wait(60)
     ratios = [r["goodput_over_bracketing_peaks"] for r in rounds]
     result = {
         "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "transport": args.transport,
         "server_env": {k: v for k, v in os.environ.items() if k.startswith("SIE_")},
         "server_cpus": sorted(server_cpus),
         "load_generator_cpus": sorted(client_cpus),
@@ -372,6 +466,8 @@ def main() -> None:
         "health_not_serving": sum(r["health_not_serving"] for r in rounds),
         "rss_mb_before": rss_before,
         "rss_mb_after": rss_after,
+        "bridge_rss_mb_before": bridge_rss_before,
+        "bridge_rss_mb_after": bridge_rss_after,
         "p50_ms_8_clients_before": statistics.median(before),
         "p50_ms_8_clients_after": statistics.median(after),
     }

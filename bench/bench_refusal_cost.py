@@ -25,7 +25,14 @@ from typing import Any
 
 import grpc
 from bench_common import ROOT
-from bench_overload import MEDIUM, closed_loop, split_cpus, start_server, window_rates
+from bench_overload import (
+    MEDIUM,
+    Target,
+    closed_loop,
+    split_cpus,
+    start_server,
+    window_rates,
+)
 from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc
 
 MISSING_MODEL = "bench/no-such-model"
@@ -65,7 +72,7 @@ async def cell(address: str, pid: int, clients: int, rate: float, seconds: float
     ``rate`` a second (0: none)."""
     loads: list[Any] = [
         window_rates(address, pid, seconds, EDGE_S),
-        closed_loop(address, clients, seconds),
+        closed_loop(Target(address), clients, seconds),
     ]
     if rate > 0:
         loads.append(errors_at(address, rate, seconds))
@@ -86,7 +93,7 @@ def main() -> None:
     os.sched_setaffinity(0, client_cpus)
     cells: list[dict[str, Any]] = []
     try:
-        asyncio.run(closed_loop(address, 32, 15))  # warm up
+        asyncio.run(closed_loop(Target(address), 32, 15))  # warm up
         for round_ in range(args.rounds):
             for clients in args.clients:
                 for rate in (0.0, args.rate):

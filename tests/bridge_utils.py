@@ -36,6 +36,16 @@ async def bridged(backend: str, **overrides: Any) -> AsyncIterator[BridgeHandle]
         await bridge.stop()
 
 
+async def assert_serves_fake(http: BridgeHandle, model: str) -> None:
+    """The bridge is ready and encodes through its backend: a fake model's 2-dim vector."""
+    async with http.session.get("/readyz") as response:
+        assert response.status == 200, await response.text()
+    body = {"items": [{"text": "hello"}]}
+    async with http.session.post(f"/v1/encode/{model}", json=body, headers=JSON_HEADERS) as r:
+        assert r.status == 200, await r.text()
+        assert len((await r.json())["items"][0]["dense"]["values"]) == 2
+
+
 def unpack(body: bytes) -> Any:
     """A msgpack response decoded as the original SIE SDK does (msgpack-numpy's hook)."""
     return msgpack.unpackb(body, object_hook=msgpack_numpy.decode, raw=False)

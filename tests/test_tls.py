@@ -24,7 +24,7 @@ from sie_sdk.client.errors import SIEConnectionError
 from sie_sdk.v1 import common_pb2, encode_pb2, encode_pb2_grpc
 from sie_server.grpc_api.tls import CertificateFiles
 
-from tests.bridge_utils import JSON_HEADERS, bridged
+from tests.bridge_utils import JSON_HEADERS, assert_serves_fake, bridged
 from tests.server_utils import HANG_GUARD_S, ServerHandle, fake_entry, serving, write_catalog_entry
 
 FAKE = "fake/tls"
@@ -269,14 +269,8 @@ async def test_bridge_backend_channel_over_mtls(catalog: Path, pki: Pki) -> None
         async with bridged(
             server.address, tls_ca=pki.ca, tls_cert=pki.client_cert, tls_key=pki.client_key
         ) as http:
-            async with http.session.get("/readyz") as response:
-                assert response.status == 200, await response.text()
-            body = {"items": [{"text": "hello"}]}
-            async with http.session.post(
-                f"/v1/encode/{FAKE}", json=body, headers=JSON_HEADERS
-            ) as response:
-                assert response.status == 200, await response.text()
-                assert len((await response.json())["items"][0]["dense"]["values"]) == 2
+            await assert_serves_fake(http, FAKE)
+        body = {"items": [{"text": "hello"}]}
         async with bridged(server.address, tls_ca=pki.ca) as http:  # no client certificate
             async with http.session.get("/readyz") as response:
                 assert response.status == 503

@@ -14,7 +14,7 @@ from sie_sdk import SIEAsyncClient
 from sie_server.config import load_settings
 from sie_server.grpc_api.server import MAX_SOCKET_PATH_BYTES
 
-from tests.bridge_utils import JSON_HEADERS, bridged
+from tests.bridge_utils import assert_serves_fake, bridged
 from tests.server_utils import fake_model_server
 
 FAKE = "fake/uds"
@@ -60,14 +60,7 @@ async def test_the_socket_serves_what_the_port_serves_and_goes_at_stop(
 
 async def test_the_bridge_reaches_the_server_over_its_socket(tmp_path: Path, sock: Path) -> None:
     async with fake_model_server(tmp_path, FAKE, uds=sock), bridged(f"unix://{sock}") as http:
-        async with http.session.get("/readyz") as response:
-            assert response.status == 200, await response.text()
-        body = {"items": [{"text": "hello"}]}
-        async with http.session.post(
-            f"/v1/encode/{FAKE}", json=body, headers=JSON_HEADERS
-        ) as response:
-            assert response.status == 200, await response.text()
-            assert len((await response.json())["items"][0]["dense"]["values"]) == 2
+        await assert_serves_fake(http, FAKE)
 
 
 async def test_a_stale_socket_file_is_replaced(tmp_path: Path, sock: Path) -> None:
