@@ -531,7 +531,30 @@ async def test_an_encode_over_the_message_limit_is_split_where_the_server_says_i
     np.testing.assert_allclose(got[5]["multivector"], one["multivector"], rtol=1e-4, atol=1e-5)
 
 
-def test_smaller_bodies_split_only_an_encode_refused_with_a_count_that_helps() -> None:
+async def test_a_request_over_the_message_limit_is_sent_in_halves(
+    case: Case, tmp_path: Path
+) -> None:
+    """A request over the server's ``--max-message-bytes`` (REQUEST_TOO_LARGE: grpc's own
+    RESOURCE_EXHAUSTED, or the bridge's 413 for it) goes in halves until each passes."""
+    write_catalog_entry(tmp_path / "catalog", fake_entry("fake/small-messages"))
+    items = [Item(text=f"{i} " + "x" * 2500) for i in range(8)]  # 20 kB against 8 kB
+    async with (
+        serving([tmp_path / "catalog"], ["fake/small-messages"], max_message_bytes=8192) as small,
+        bridged(small.address) as front,
+    ):
+        sdk = make_sdk(case, case.url(grpc_address=small.address, http_url=front.url))
+        try:
+            before = requests_ok(small, "fake/small-messages", "encode")
+            got = await sdk("encode", "fake/small-messages", items)
+            sent = requests_ok(small, "fake/small-messages", "encode") - before
+        finally:
+            await sdk.close()
+    assert [r["id"] for r in got] == [f"item-{i}" for i in range(8)]
+    assert all(r["dense"].shape == (2,) for r in got)
+    assert sent == 4, "8 items of 2.5 kB: halves (10 kB) are still too large, quarters pass"
+
+
+def test_smaller_bodies_split_only_a_refusal_for_size_that_splitting_helps() -> None:
     encode = Prepared(Operation(Kind.ENCODE, "m"), [], list, 1.0)
     score = Prepared(Operation(Kind.SCORE, "m"), [], list, 1.0)
     body = {"items": [{"text": str(i)} for i in range(7)], "params": {"output_types": ["dense"]}}
@@ -552,6 +575,12 @@ def test_smaller_bodies_split_only_an_encode_refused_with_a_count_that_helps() -
     assert smaller_bodies(encode, body, refusal(items_that_fit="x")) is None
     assert smaller_bodies(encode, body, refusal("QUEUE_FULL", items_that_fit="3")) is None
     assert smaller_bodies(score, body, refusal(items_that_fit="3")) is None
+    halves = smaller_bodies(encode, body, refusal("REQUEST_TOO_LARGE"))
+    assert halves is not None
+    assert [len(piece["items"]) for piece in halves] == [4, 3]
+    one = {"items": [{"text": "alone"}]}
+    assert smaller_bodies(encode, one, refusal("REQUEST_TOO_LARGE")) is None, "nothing to split"
+    assert smaller_bodies(score, body, refusal("REQUEST_TOO_LARGE")) is None, "ranked together"
 
 
 # ---- images ---------------------------------------------------------------------------------------------

@@ -101,23 +101,34 @@ def _chunks(items: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]
     return [items[i : i + size] for i in range(0, len(items), size)] or [[]]
 
 
+#: The operations whose results are one per item, in order, so that their items can go in
+#: several requests and the responses be read one after the other.
+_SPLITTABLE = (Kind.ENCODE, Kind.EXTRACT)
+
+
 def smaller_bodies(
     prepared: Prepared[Any], body: dict[str, Any] | None, error: SIEError
 ) -> list[dict[str, Any]] | None:
-    """``body``'s items in requests of as many as fit, when the server refused the encode
-    because its response would pass the message limit and said how many fit
-    (``ITEMS_THAT_FIT``); None when it is not that refusal or splitting cannot help. The server
-    counts fewer than the request's items, so splitting again ends at one item a request."""
-    if prepared.op.kind is not Kind.ENCODE or body is None or error.code != "INVALID_INPUT":
-        return None
-    try:
-        fit = int(error.details.get(ITEMS_THAT_FIT, ""))
-    except ValueError:
+    """``body``'s items in smaller requests, when the server refused it for its size and
+    smaller requests can pass: an encode whose response would pass the message limit goes in
+    requests of as many items as the server says fit (``ITEMS_THAT_FIT``); a request over the
+    request size limit (``REQUEST_TOO_LARGE``) goes in halves. None for any other refusal, or
+    one item. Each split has fewer items than the request, so splitting again ends."""
+    if prepared.op.kind not in _SPLITTABLE or body is None:
         return None
     items = body["items"]
-    if not 1 <= fit < len(items):
+    if error.code == "REQUEST_TOO_LARGE":
+        size = (len(items) + 1) // 2
+    elif error.code == "INVALID_INPUT" and ITEMS_THAT_FIT in error.details:
+        try:
+            size = int(error.details[ITEMS_THAT_FIT])
+        except ValueError:
+            return None
+    else:
         return None
-    return [{**body, "items": chunk} for chunk in _chunks(items, fit)]
+    if not 1 <= size < len(items):
+        return None
+    return [{**body, "items": chunk} for chunk in _chunks(items, size)]
 
 
 def _array_result(item: Mapping[str, Any], timing: Mapping[str, float] | None) -> EncodeResult:
