@@ -62,11 +62,12 @@ T = TypeVar("T")
 MEDIUM = json.loads((ROOT / "bench/data/bench-texts.json").read_text())["medium"]
 
 
-async def sdk_closed_loop(address: str, clients: int, seconds: float, throttle: float) -> int:
-    """Calls completed inside the window by ``clients`` closed loops of ``SIEAsyncClient``."""
+async def sdk_closed_loop(url: str, clients: int, seconds: float, throttle: float) -> int:
+    """Calls completed inside the window by ``clients`` closed loops of ``SIEAsyncClient`` on
+    ``url`` (a gRPC address, or the bridge's ``http://`` URL)."""
     completed = 0
     end = time.monotonic() + seconds
-    async with SIEAsyncClient(address, timeout_s=60, throttle_ratio=throttle) as sdk:
+    async with SIEAsyncClient(url, timeout_s=60, throttle_ratio=throttle) as sdk:
 
         async def client(n: int) -> None:
             nonlocal completed

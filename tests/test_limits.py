@@ -165,3 +165,7 @@ def test_an_error_repeats_little_of_a_long_input() -> None:
     assert info.metadata["model"] == shortened(name)
     assert shortened(name).startswith("m" * ECHO_CHARS + "... (50000 characters)")
     assert shortened("short/name") == "short/name"
+    wide = "\U0001f600" * 50_000  # four bytes each, percent-encoded to twelve in grpc-message
+    _, message, trailers = status_for(ModelNotFound(wide, model="m"))
+    assert len(message.encode()) <= MAX_MESSAGE_CHARS + 40
+    assert 3 * len(message.encode()) + sum(len(value) for _, value in trailers) < 12 * 1024

@@ -100,8 +100,8 @@ class Settings:
     #: Port of the Prometheus ``GET /metrics`` endpoint on ``host``; None: no endpoint, 0: a
     #: free port.
     metrics_port: int | None = None
-    #: Also serve gRPC on this Unix domain socket (a bridge or client on the same host: a call
-    #: costs less than over TCP loopback); None: the port only. Plaintext, so not with TLS.
+    #: Also serve gRPC on this Unix domain socket (a bridge or client on the same host, without
+    #: a TCP port); None: the port only. Plaintext, so not with TLS.
     uds: Path | None = None
     # Lifecycle.
     drain_delay_s: float = 1.0

@@ -89,8 +89,8 @@ class SIEAsyncClient(ClientBase[AsyncTransport]):
         gate = asyncio.Semaphore(self.config.max_concurrency)
 
         async def one(body: dict[str, Any] | None) -> list[Any]:
-            """The responses to ``body``: one, or one per smaller request where the server
-            said fewer items fit (``smaller_bodies``), in order."""
+            """The responses to ``body``: one, or one per smaller request, in order, where
+            the server refused it for its size (``smaller_bodies``)."""
             async with gate:
                 try:
                     return [await self._send(prepared.op, body, prepared)]

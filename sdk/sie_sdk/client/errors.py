@@ -24,8 +24,8 @@ column of ``sie_sdk.reasons.REASONS``, the table the server and the bridge read 
 ``code`` is the reason (``"QUEUE_FULL"``), ``status_code`` the HTTP status of its row (the same
 over gRPC, so handlers need not know the transport). ``retry_after`` is the server's hint in
 seconds where it gave one. ``details`` holds what else the server said of it (gRPC ErrorInfo
-metadata, the HTTP error body's other fields), e.g. ``items_that_fit``. Foreign exceptions are translated at the transport boundary and
-chained (``raise ... from exc``).
+metadata, the HTTP error body's other fields), e.g. ``items_that_fit``. Foreign exceptions are
+translated at the transport boundary and chained (``raise ... from exc``).
 """
 
 from __future__ import annotations

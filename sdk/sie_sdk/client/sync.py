@@ -72,8 +72,8 @@ class SIEClient(ClientBase[Transport]):
 
     def _run(self, prepared: Prepared[R]) -> R:
         def one(body: dict[str, Any] | None) -> list[Any]:
-            """The responses to ``body``: one, or one per smaller request where the server
-            said fewer items fit (``smaller_bodies``), in order."""
+            """The responses to ``body``: one, or one per smaller request, in order, where
+            the server refused it for its size (``smaller_bodies``)."""
             try:
                 return [self._send(prepared.op, body, prepared)]
             except SIEError as error:

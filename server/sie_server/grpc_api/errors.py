@@ -24,8 +24,9 @@ from sie_server.errors import SIEServerError, shortened
 from sie_server.observability.metrics import REQUESTS_TOTAL
 
 log = logging.getLogger(__name__)
-#: The longest message an error status carries: its trailers (the message, and again inside
-#: ``grpc-status-details-bin``) stay far below the 16 KiB clients accept.
+#: The longest message an error status carries, in characters (a quarter of it when the
+#: message is not ASCII, so at most this many bytes): its trailers (the message, percent-encoded,
+#: and again inside ``grpc-status-details-bin``) stay far below the 16 KiB clients accept.
 MAX_MESSAGE_CHARS = 2000
 
 
@@ -35,7 +36,8 @@ def status_for(
     """(code, message, trailing metadata) for a domain error; the message at most
     ``MAX_MESSAGE_CHARS`` (a safeguard: each error keeps its own short)."""
     code = reason(error.reason).grpc_code
-    message = shortened(error.message, MAX_MESSAGE_CHARS)
+    limit = MAX_MESSAGE_CHARS if error.message.isascii() else MAX_MESSAGE_CHARS // 4
+    message = shortened(error.message, limit)
     info = error_details_pb2.ErrorInfo(
         reason=error.reason,
         domain=ERROR_DOMAIN,
