@@ -89,7 +89,10 @@ async def test_a_live_servers_socket_is_not_taken(tmp_path: Path, sock: Path) ->
     [
         ("missing-folder/sie.sock", "its folder does not exist"),
         ("a-file", "a file is in the way"),
-        ("x" * MAX_SOCKET_PATH_BYTES, f"a Unix socket's allows {MAX_SOCKET_PATH_BYTES}"),
+        (
+            "x" * MAX_SOCKET_PATH_BYTES,
+            f"a Unix socket's path can have at most {MAX_SOCKET_PATH_BYTES}",
+        ),
     ],
 )
 async def test_a_socket_that_cannot_be_made_stops_the_start_with_why(

@@ -222,8 +222,8 @@ def _bind_socket(server: grpc.aio.Server, path: Path) -> None:
     size = len(os.fsencode(path.absolute()))
     if size > MAX_SOCKET_PATH_BYTES:
         raise SystemExit(
-            f"--uds {path}: the path is {size} bytes; a Unix socket's allows "
-            f"{MAX_SOCKET_PATH_BYTES}"
+            f"--uds {path}: the path is {size} bytes, and a Unix socket's path can have at "
+            f"most {MAX_SOCKET_PATH_BYTES}"
         )
     if path.is_socket():
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
