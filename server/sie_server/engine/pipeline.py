@@ -26,6 +26,7 @@ from sie_server.engine.executor import BatchExecutor
 from sie_server.engine.openmp import serially
 
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,14 +55,9 @@ async def run_job(
     prepare and finish on the loop, for a request too small to be worth the round trips to
     the pools (each costs a thread handoff both ways and a turn of the loop), with torch's
     operators serial there as on the pools' threads (openmp.py)."""
-    loop = asyncio.get_running_loop()
     started = time.perf_counter()
     with executor.preparing(items):
-        if inline:
-            with serially():
-                job = make_job()
-        else:
-            job = await loop.run_in_executor(prepare_pool, make_job)
+        job = await _step(prepare_pool, inline, make_job)
         prepared = time.perf_counter()
         if check is not None:
             check(job)
@@ -78,11 +74,7 @@ async def run_job(
         position += len(group)
     inferred = time.perf_counter()
 
-    if inline:
-        with serially():
-            result = job.finish(outputs)
-    else:
-        result = await loop.run_in_executor(finish_pool, job.finish, outputs)
+    result = await _step(finish_pool, inline, job.finish, outputs)
     done = time.perf_counter()
     work = [item for group in admitted for item in group]
     passes = {
@@ -100,6 +92,15 @@ async def run_job(
         postprocessing_ms=(done - inferred) * 1000.0,
     )
     return Outcome(result=result, timing=timing, tokens=job.tokens)
+
+
+async def _step(pool: Executor, inline: bool, work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)`` in ``pool``, or on the loop itself when ``inline``, with torch's
+    operators serial there as on the pools' threads."""
+    if inline:
+        with serially():
+            return work(*args)
+    return await asyncio.get_running_loop().run_in_executor(pool, work, *args)
 
 
 def covered_ms(passes: Iterable[tuple[float, float]]) -> float:
